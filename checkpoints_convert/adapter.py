@@ -1,0 +1,118 @@
+"""The one place that knows how native (stacked-expert) names map to Hugging Face bailing_moe names.
+
+Native names equal HF names except the routed experts of an MoE layer L:
+  model.layers.L.mlp.experts.w_gate_up  [E, 2I, H]  <- cat(experts.e.gate_proj.weight, experts.e.up_proj.weight) for e < E
+  model.layers.L.mlp.experts.w_down     [E, H, I]   <- experts.e.down_proj.weight for e < E
+
+The functions are pure and work one native tensor at a time, so a streaming converter holds at most
+one layer's experts (plus what it is writing) and never the model.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterator
+
+import torch
+
+from moe.config import BailingMoeConfig
+
+_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(w_gate_up|w_down)$")
+_HF_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def native_shapes(cfg: BailingMoeConfig) -> dict[str, tuple[int, ...]]:
+    """Every native tensor name with its shape, in model order."""
+    H, I, E, hd = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    out: dict[str, tuple[int, ...]] = {"model.word_embeddings.weight": (cfg.vocab_size, H)}
+    for L in range(cfg.num_hidden_layers):
+        p = f"model.layers.{L}."
+        out[p + "input_layernorm.weight"] = (H,)
+        out[p + "attention.query_key_value.weight"] = (q + 2 * kv, H)
+        if cfg.use_qkv_bias:
+            out[p + "attention.query_key_value.bias"] = (q + 2 * kv,)
+        out[p + "attention.dense.weight"] = (H, q)
+        if cfg.use_bias:
+            out[p + "attention.dense.bias"] = (H,)
+        out[p + "post_attention_layernorm.weight"] = (H,)
+        if cfg.is_moe_layer(L):
+            out[p + "mlp.gate.weight"] = (E, H)
+            out[p + "mlp.experts.w_gate_up"] = (E, 2 * I, H)
+            out[p + "mlp.experts.w_down"] = (E, H, I)
+            if cfg.num_shared_experts > 0:
+                S = I * cfg.num_shared_experts
+                for proj, shape in (("gate_proj", (S, H)), ("up_proj", (S, H)), ("down_proj", (H, S))):
+                    out[p + f"mlp.shared_experts.{proj}.weight"] = shape
+                    if cfg.use_bias:
+                        out[p + f"mlp.shared_experts.{proj}.bias"] = (shape[0],)
+        else:
+            D = cfg.intermediate_size
+            for proj, shape in (("gate_proj", (D, H)), ("up_proj", (D, H)), ("down_proj", (H, D))):
+                out[p + f"mlp.{proj}.weight"] = shape
+                if cfg.use_bias:
+                    out[p + f"mlp.{proj}.bias"] = (shape[0],)
+    out["model.norm.weight"] = (H,)
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (cfg.vocab_size, H)
+    return out
+
+
+def hf_names_for(native_name: str, cfg: BailingMoeConfig) -> list[str]:
+    """The HF tensors that make up one native tensor, in the order they are stacked."""
+    m = _EXPERT_RE.match(native_name)
+    if not m:
+        return [native_name]
+    L, kind = m.group(1), m.group(2)
+    base = f"model.layers.{L}.mlp.experts"
+    projs = ("gate_proj", "up_proj") if kind == "w_gate_up" else ("down_proj",)
+    return [f"{base}.{e}.{p}.weight" for e in range(cfg.num_experts) for p in projs]
+
+
+def hf_shapes(cfg: BailingMoeConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name with its shape."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in native_shapes(cfg).items():
+        m = _EXPERT_RE.match(name)
+        if not m:
+            out[name] = shape
+            continue
+        E, a, b = shape
+        for hf in hf_names_for(name, cfg):
+            out[hf] = (a // 2, b) if m.group(2) == "w_gate_up" else (a, b)
+    return out
+
+
+def native_from_hf(native_name: str, get_hf: Callable[[str], torch.Tensor], cfg: BailingMoeConfig) -> torch.Tensor:
+    """Build one native tensor, reading its HF pieces through ``get_hf(name)``."""
+    names = hf_names_for(native_name, cfg)
+    if len(names) == 1 and names[0] == native_name:
+        return get_hf(native_name)
+    per_expert = 2 if native_name.endswith("w_gate_up") else 1
+    rows = [get_hf(n) for n in names]
+    experts = [torch.cat(rows[e * per_expert:(e + 1) * per_expert], dim=0) for e in range(cfg.num_experts)]
+    return torch.stack(experts)
+
+
+def hf_from_native(native_name: str, tensor: torch.Tensor, cfg: BailingMoeConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Split one native tensor into its HF tensors (views; callers copy if they must own them)."""
+    names = hf_names_for(native_name, cfg)
+    if len(names) == 1 and names[0] == native_name:
+        yield native_name, tensor
+        return
+    if native_name.endswith("w_gate_up"):
+        I = tensor.shape[1] // 2
+        for e in range(cfg.num_experts):
+            yield names[2 * e], tensor[e, :I]
+            yield names[2 * e + 1], tensor[e, I:]
+    else:
+        for e in range(cfg.num_experts):
+            yield names[e], tensor[e]
+
+
+def native_name_of_hf(hf_name: str) -> str:
+    """The native tensor an HF tensor belongs to."""
+    m = _HF_EXPERT_RE.match(hf_name)
+    if not m:
+        return hf_name
+    kind = "w_down" if m.group(3) == "down_proj" else "w_gate_up"
+    return f"model.layers.{m.group(1)}.mlp.experts.{kind}"

@@ -1,0 +1,298 @@
+"""BailingMoeForCausalLM (Ling-Lite) in plain PyTorch, on one device.
+
+Legend: B batch, S sequence, T = B*S tokens, H hidden, E experts, K experts per token, V vocabulary.
+
+Numerics follow the Hugging Face reference (modeling_bailing_moe.py): RMSNorm in fp32 then cast back
+before the weight; RoPE "rotate half" on the full head dim with fp32 frequencies; router softmax in
+fp32 over all experts; one fused query_key_value projection split [heads, kv_heads, kv_heads].
+Parameter names equal the HF checkpoint's except the routed experts, stacked per layer as
+``mlp.experts.w_gate_up`` [E, 2I, H] and ``mlp.experts.w_down`` [E, H, I].
+
+Packed rows (several documents in one row) are given by ``document_ids`` [B, S] (padding = -1):
+attention stays inside a document and ``position_ids`` restart per document.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe.config import BailingMoeConfig
+from moe.experts import GroupedExperts
+from moe.losses import chunked_cross_entropy_sum, load_balancing_loss, sequence_load_balancing_loss, router_z_loss
+from moe.router import TopKRouter
+
+
+@dataclass
+class MoEStats:
+    """What one MoE layer reports for its router losses and for logging (all small)."""
+    probs_sum_E: torch.Tensor  # sum over counted tokens of router probabilities (differentiable)
+    counts_E: torch.Tensor  # int64 routed slots per expert over counted tokens
+    num_tokens: torch.Tensor  # counted (non-padding) tokens
+    z_loss: torch.Tensor  # mean logsumexp^2 over counted tokens (differentiable)
+    seq_aux: torch.Tensor | None = None  # sequence-level balance loss, when that form is chosen
+    logits: torch.Tensor | None = None  # [B, S, E], only when asked
+    topk_ids: torch.Tensor | None = None  # [B, S, K], only when asked
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None  # ce_sum / num_label_tokens
+    ce_sum: torch.Tensor | None = None  # summed token cross entropy (trainers normalise globally)
+    num_label_tokens: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # weighted balance loss (summed over MoE layers) + z-loss
+    router_logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    topk_ids: dict[int, torch.Tensor] = field(default_factory=dict)
+    expert_counts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E] int64
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rotary_cos_sin(position_ids_BS: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64,
+                                             device=position_ids_BS.device).float() / head_dim))
+    freqs = position_ids_BS.float()[..., None] * inv_freq  # [B, S, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x_BhSD, cos_BSD, sin_BSD):
+    cos, sin = cos_BSD[:, None], sin_BSD[:, None]
+    return x_BhSD * cos + _rotate_half(x_BhSD) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: BailingMoeConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.theta = cfg.rope_theta
+        self.query_key_value = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.use_qkv_bias)
+        self.dense = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.use_bias)
+
+    def forward(self, x_BSH, position_ids_BS, attn_mask):
+        B, S, _ = x_BSH.shape
+        qkv = self.query_key_value(x_BSH).view(B, S, self.nh + 2 * self.nkv, self.hd)
+        q, k, v = qkv.split([self.nh, self.nkv, self.nkv], dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        cos, sin = rotary_cos_sin(position_ids_BS, self.hd, self.theta, q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.nkv != self.nh:  # GQA: each kv head serves nh/nkv consecutive query heads
+            rep = self.nh // self.nkv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if attn_mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.dense(o.transpose(1, 2).reshape(B, S, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int, bias: bool):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, cfg: BailingMoeConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = TopKRouter(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.expert_backend)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts, cfg.use_bias)
+                               if cfg.num_shared_experts > 0 else None)
+
+    def forward(self, x_BSH, token_mask_BS, keep_router_outputs: bool):
+        B, S, H = x_BSH.shape
+        x = x_BSH.reshape(B * S, H)
+        mask_T = None if token_mask_BS is None else token_mask_BS.reshape(-1)
+        r = self.gate(x, mask_T)
+        y = self.experts(x, r.topk_ids_TK, r.topk_weights_TK)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        probs = r.probs_TE if mask_T is None else r.probs_TE * mask_T[:, None]
+        ntok = (torch.tensor(B * S, device=x.device) if mask_T is None else mask_T.sum())
+        stats = MoEStats(
+            probs_sum_E=probs.sum(0), counts_E=r.counts_E, num_tokens=ntok,
+            z_loss=router_z_loss(r.logits_TE, mask_T) if self.cfg.z_loss_coef > 0 else x.new_zeros((), dtype=torch.float32),
+        )
+        if self.cfg.aux_loss_type == "sequence" and self.cfg.aux_loss_alpha > 0:
+            stats.seq_aux = sequence_load_balancing_loss(
+                r.probs_TE.view(B, S, -1), r.topk_ids_TK.view(B, S, -1), self.cfg.aux_loss_alpha, token_mask_BS)
+        if keep_router_outputs:
+            stats.logits = r.logits_TE.view(B, S, -1)
+            stats.topk_ids = r.topk_ids_TK.view(B, S, -1)
+        return y.view(B, S, H), stats
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: BailingMoeConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = (MoEBlock(cfg) if cfg.is_moe_layer(layer_idx)
+                    else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.use_bias))
+
+    def forward(self, h, position_ids, attn_mask, token_mask, keep_router_outputs: bool = False):
+        h = h + self.attention(self.input_layernorm(h), position_ids, attn_mask)
+        x = self.post_attention_layernorm(h)
+        if isinstance(self.mlp, MoEBlock):
+            y, stats = self.mlp(x, token_mask, keep_router_outputs)
+            return h + y, stats
+        return h + self.mlp(x), None
+
+
+def build_attention_mask(B: int, S: int, device, attention_mask=None, document_ids=None):
+    """Boolean [B, 1, S, S] mask (True = may attend), or None for plain causal attention."""
+    if attention_mask is None and document_ids is None:
+        return None
+    idx = torch.arange(S, device=device)
+    allowed = (idx[None, :] <= idx[:, None])[None]  # [1, S, S] causal
+    if document_ids is not None:
+        allowed = allowed & (document_ids[:, :, None] == document_ids[:, None, :])
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, :]
+    # A query with no visible key (left padding) would softmax over nothing: let it see itself.
+    allowed = allowed | torch.eye(S, dtype=torch.bool, device=device)[None]
+    return allowed[:, None]
+
+
+class BailingMoeModel(nn.Module):
+    def __init__(self, cfg: BailingMoeConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class BailingMoeForCausalLM(nn.Module):
+    def __init__(self, config: BailingMoeConfig):
+        super().__init__()
+        self.config = config
+        self.model = BailingMoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.word_embeddings.weight
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """From-scratch init: N(0, initializer_range) for matrices, ones for norms, zeros for biases.
+        Output projections (attention dense, expert/MLP down) are scaled by 1/sqrt(2*layers) so the
+        residual stream's variance does not grow with depth."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=next(self.parameters()).device).manual_seed(seed)
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                s = out_std if name.endswith(("dense.weight", "down_proj.weight", "w_down")) else std
+                p.normal_(0.0, s, generator=gen)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None, output_router_logits: bool = False,
+                return_logits: bool = True, balance_counts_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                ce_chunk_size: int | None = None) -> CausalLMOutput:
+        """
+        input_ids [B, S]; attention_mask [B, S] (1 = real token) and/or document_ids [B, S] (packed
+        rows, -1 = padding); position_ids [B, S] (default 0..S-1); labels [B, S] unshifted, -100 =
+        ignored (position i's logits predict labels[i+1]).
+        return_logits=False skips the [B, S, V] logits and computes the loss chunk by chunk.
+        balance_counts_fn maps the local expert counts [L_moe, E] to the counts the balance loss
+        should use (e.g. summed over data-parallel ranks for global-batch balancing).
+        """
+        cfg = self.config
+        B, S = input_ids.shape
+        dev = input_ids.device
+        if position_ids is None:
+            position_ids = torch.arange(S, device=dev)[None].expand(B, S)
+        token_mask = None
+        if document_ids is not None:
+            token_mask = document_ids >= 0
+        if attention_mask is not None:
+            token_mask = attention_mask.bool() if token_mask is None else token_mask & attention_mask.bool()
+        attn_mask = build_attention_mask(B, S, dev, attention_mask, document_ids)
+
+        h = self.model.word_embeddings(input_ids)
+        stats: dict[int, MoEStats] = {}
+        for layer in self.model.layers:
+            h, st = layer(h, position_ids, attn_mask, token_mask, output_router_logits)
+            if st is not None:
+                stats[layer.layer_idx] = st
+        h = self.model.norm(h)
+
+        out = CausalLMOutput()
+        w_head = self.lm_head.weight
+        if cfg.norm_head:
+            w_head = w_head / w_head.norm(dim=0, keepdim=True).clamp_min(1e-7)
+        if return_logits or labels is None:
+            out.logits = F.linear(h, w_head)
+        if labels is not None:
+            shifted = torch.cat([labels[:, 1:], labels.new_full((B, 1), -100)], dim=1).reshape(-1)
+            if out.logits is not None and ce_chunk_size is None:
+                out.ce_sum = F.cross_entropy(out.logits.reshape(B * S, -1).float(), shifted,
+                                             ignore_index=-100, reduction="sum")
+            else:
+                out.ce_sum = chunked_cross_entropy_sum(h.reshape(B * S, -1), w_head, shifted, ce_chunk_size or 4096)
+            out.num_label_tokens = (shifted != -100).sum()
+            out.loss = out.ce_sum / out.num_label_tokens.clamp_min(1)
+        if stats:
+            out.aux_loss = self._router_loss(stats, balance_counts_fn)
+            out.expert_counts = {i: s.counts_E for i, s in stats.items()}
+            if output_router_logits:
+                out.router_logits = {i: s.logits for i, s in stats.items()}
+                out.topk_ids = {i: s.topk_ids for i, s in stats.items()}
+        return out
+
+    def _router_loss(self, stats: dict[int, MoEStats], balance_counts_fn) -> torch.Tensor:
+        cfg = self.config
+        layers = list(stats.values())
+        total = layers[0].probs_sum_E.new_zeros((), dtype=torch.float32)
+        if cfg.aux_loss_alpha > 0 and cfg.aux_loss_type == "micro":
+            counts = torch.stack([s.counts_E for s in layers])  # [L, E]
+            if balance_counts_fn is not None:
+                counts = balance_counts_fn(counts)
+            probs_sum = torch.stack([s.probs_sum_E for s in layers])
+            ntok = torch.stack([s.num_tokens for s in layers])
+            total = total + load_balancing_loss(probs_sum, ntok[:, None], counts, cfg.aux_loss_alpha).sum()
+        elif cfg.aux_loss_alpha > 0 and cfg.aux_loss_type == "sequence":
+            total = total + sum(s.seq_aux for s in layers)
+        if cfg.z_loss_coef > 0:
+            total = total + cfg.z_loss_coef * sum(s.z_loss for s in layers)
+        return total
