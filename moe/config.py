@@ -61,7 +61,7 @@ class BailingMoeConfig:
     aux_loss_type: str = "micro"  # "micro" (per micro-batch) | "sequence" | "none"
     aux_loss_alpha: float = 1e-3  # top-k load balancing; perfect balance contributes exactly alpha per layer
     z_loss_coef: float = 0.0  # router z-loss (ST-MoE), ~1e-3 when used
-    extra_hf: dict[str, Any] = field(default_factory=dict, repr=False)
+    extra_hf: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.head_dim is None:

@@ -40,13 +40,15 @@ class TopKRouter(nn.Module):
     def forward(self, x_TH: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> Routing:
         logits = F.linear(x_TH, self.weight)
         probs = logits.softmax(dim=-1, dtype=torch.float32)
+        # Ids come from topk, weights from gather, in every mode: the recompute then runs the same ops
+        # (checkpointing checks that saved tensors match) and only the ids are swapped in on replay.
         if self._mode == "replay" and self._saved:
             topk_ids = self._saved.popleft()
-            topk_w = probs.gather(-1, topk_ids)
         else:
-            topk_w, topk_ids = torch.topk(probs, self.top_k, dim=-1)
+            topk_ids = torch.topk(probs.detach(), self.top_k, dim=-1).indices
             if self._mode == "record":
-                self._saved.append(topk_ids.detach())
+                self._saved.append(topk_ids)
+        topk_w = probs.gather(-1, topk_ids)
         if self.norm_topk_prob and self.top_k > 1:
             topk_w = topk_w / (topk_w.sum(dim=-1, keepdim=True) + 1e-20)
         ids_for_count = topk_ids if token_mask_T is None else topk_ids[token_mask_T]

@@ -1,0 +1,88 @@
+"""Router losses and chunked cross entropy against hand-computed values."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe.losses import (chunked_cross_entropy_sum, load_balancing_loss, router_z_loss,
+                        sequence_load_balancing_loss, topk_load_balancing_loss)
+
+ALPHA = 0.01
+
+
+def test_perfect_balance_gives_alpha():
+    E, K, T = 8, 2, 16
+    probs = torch.full((T, E), 1.0 / E)
+    ids = torch.stack([torch.arange(T) % E, (torch.arange(T) + 1) % E], 1)  # every expert 4 slots
+    assert torch.bincount(ids.flatten(), minlength=E).eq(4).all()
+    assert topk_load_balancing_loss(probs, ids, ALPHA).item() == pytest.approx(ALPHA, rel=1e-6)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_everything_on_the_same_experts_gives_alpha_E_over_K(K):
+    E, T = 8, 10
+    probs = torch.zeros(T, E)
+    probs[:, :K] = 1.0 / K  # all mass on the chosen experts
+    ids = torch.arange(K).expand(T, K)
+    # f_i = 1/K on K experts, P_i = 1/K there: alpha * E * K * (1/K^2) = alpha * E / K.
+    assert topk_load_balancing_loss(probs, ids, ALPHA).item() == pytest.approx(ALPHA * E / K, rel=1e-6)
+
+
+def test_hand_example_and_global_counts():
+    # E=2, K=1, T=2: probs (0.75, 0.25) for both tokens, both routed to expert 0.
+    probs = torch.tensor([[0.75, 0.25], [0.75, 0.25]])
+    ids = torch.tensor([[0], [0]])
+    # f = (1, 0), P = (0.75, 0.25): alpha * 2 * 0.75
+    assert topk_load_balancing_loss(probs, ids, 1.0).item() == pytest.approx(1.5)
+    # Global counts from another rank that sent 2 tokens to expert 1: f = (0.5, 0.5) -> 2*(0.375+0.125)
+    g = load_balancing_loss(probs.sum(0), 2, torch.tensor([2, 2]), 1.0)
+    assert g.item() == pytest.approx(1.0)
+
+
+def test_balance_loss_gradient_reaches_probabilities_only():
+    logits = torch.randn(6, 4, requires_grad=True)
+    probs = logits.softmax(-1)
+    ids = probs.topk(2, -1).indices
+    loss = topk_load_balancing_loss(probs, ids, 1.0)
+    loss.backward()
+    # d/dlogits of alpha*E*sum f_i * mean p_i: check against a finite difference.
+    eps = 1e-3
+    with torch.no_grad():
+        l2 = logits.clone()
+        l2[0, 0] += eps
+        p2 = l2.softmax(-1)
+        num = (topk_load_balancing_loss(p2, ids, 1.0) - loss) / eps
+    assert logits.grad[0, 0].item() == pytest.approx(num.item(), rel=1e-2, abs=1e-4)
+
+
+def test_sequence_level_matches_per_sequence_mean():
+    torch.manual_seed(0)
+    probs = torch.rand(3, 5, 4).softmax(-1)
+    ids = probs.topk(2, -1).indices
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[2, 3:] = False
+    got = sequence_load_balancing_loss(probs, ids, ALPHA, mask)
+    per = [topk_load_balancing_loss(probs[b][mask[b]], ids[b][mask[b]], ALPHA) for b in range(3)]
+    assert got.item() == pytest.approx(sum(p.item() for p in per) / 3, rel=1e-6)
+
+
+def test_z_loss_hand_value():
+    # logsumexp(0, 0) = ln 2; logsumexp(ln 3, 0) = ln 4.
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    assert router_z_loss(logits).item() == pytest.approx((math.log(2) ** 2 + math.log(4) ** 2) / 2, rel=1e-6)
+    assert router_z_loss(logits, torch.tensor([True, False])).item() == pytest.approx(math.log(2) ** 2, rel=1e-6)
+
+
+def test_chunked_cross_entropy_equals_full():
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (37,))
+    labels[::5] = -100
+    full = F.cross_entropy(h @ w.t(), labels, ignore_index=-100, reduction="sum")
+    gh, gw = torch.autograd.grad(full, (h, w))
+    chunked = chunked_cross_entropy_sum(h, w, labels, chunk_size=8)
+    ch, cw = torch.autograd.grad(chunked, (h, w))
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-5)
+    assert torch.allclose(gh, ch, atol=1e-5) and torch.allclose(gw, cw, atol=1e-5)
