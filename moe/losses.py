@@ -82,3 +82,21 @@ def chunked_cross_entropy_sum(h_NH: torch.Tensor, w_VH: torch.Tensor, labels_N: 
         else:
             total = total + _ce_sum_chunk(h_NH[s:s + chunk_size], w_VH, lab)
     return total
+
+
+def _token_logps_chunk(h_NH: torch.Tensor, w_VH: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(F.linear(h_NH, w_VH).float(), dim=-1)
+    valid = labels_N != -100
+    picked = logp.gather(-1, labels_N.clamp_min(0)[:, None])[:, 0]
+    return torch.where(valid, picked, torch.zeros_like(picked))
+
+
+def chunked_token_logps(h_NH: torch.Tensor, w_VH: torch.Tensor, labels_N: torch.Tensor,
+                        chunk_size: int = 4096) -> torch.Tensor:
+    """log p(label) per token (0 where the label is -100), chunked and recomputed like the cross entropy."""
+    outs = []
+    for s in range(0, h_NH.shape[0], chunk_size):
+        args = (h_NH[s:s + chunk_size], w_VH, labels_N[s:s + chunk_size])
+        outs.append(checkpoint(_token_logps_chunk, *args, use_reentrant=False) if torch.is_grad_enabled()
+                    else _token_logps_chunk(*args))
+    return torch.cat(outs)

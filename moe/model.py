@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from moe.config import BailingMoeConfig
 from moe.experts import GroupedExperts
-from moe.losses import chunked_cross_entropy_sum, load_balancing_loss, sequence_load_balancing_loss, router_z_loss
+from moe.losses import (chunked_cross_entropy_sum, chunked_token_logps, load_balancing_loss, router_z_loss,
+                        sequence_load_balancing_loss)
 from moe.router import TopKRouter
 
 
@@ -39,12 +40,18 @@ class MoEStats:
     topk_ids: torch.Tensor | None = None  # [B, S, K], only when asked
 
 
+# A pytree node, so wrappers that walk a block's outputs (FSDP2's pre-backward hooks, checkpointing)
+# see these tensors: gradients of the router losses reach a block through them.
+torch.utils._pytree.register_dataclass(MoEStats)
+
+
 @dataclass
 class CausalLMOutput:
     logits: torch.Tensor | None = None
     loss: torch.Tensor | None = None  # ce_sum / num_label_tokens
     ce_sum: torch.Tensor | None = None  # summed token cross entropy (trainers normalise globally)
     num_label_tokens: torch.Tensor | None = None
+    token_logps: torch.Tensor | None = None  # [B, S] fp32 log p(labels[i+1] | ..i), 0 where ignored
     aux_loss: torch.Tensor | None = None  # weighted balance loss (summed over MoE layers) + z-loss
     router_logits: dict[int, torch.Tensor] = field(default_factory=dict)
     topk_ids: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -228,7 +235,7 @@ class BailingMoeForCausalLM(nn.Module):
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, output_router_logits: bool = False,
                 return_logits: bool = True, balance_counts_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                ce_chunk_size: int | None = None) -> CausalLMOutput:
+                ce_chunk_size: int | None = None, return_token_logps: bool = False) -> CausalLMOutput:
         """
         input_ids [B, S]; attention_mask [B, S] (1 = real token) and/or document_ids [B, S] (packed
         rows, -1 = padding); position_ids [B, S] (default 0..S-1); labels [B, S] unshifted, -100 =
@@ -236,6 +243,7 @@ class BailingMoeForCausalLM(nn.Module):
         return_logits=False skips the [B, S, V] logits and computes the loss chunk by chunk.
         balance_counts_fn maps the local expert counts [L_moe, E] to the counts the balance loss
         should use (e.g. summed over data-parallel ranks for global-batch balancing).
+        return_token_logps (with labels) gives per-token label log-probs instead of the loss (DPO).
         """
         cfg = self.config
         B, S = input_ids.shape
@@ -263,7 +271,10 @@ class BailingMoeForCausalLM(nn.Module):
             w_head = w_head / w_head.norm(dim=0, keepdim=True).clamp_min(1e-7)
         if return_logits or labels is None:
             out.logits = F.linear(h, w_head)
-        if labels is not None:
+        if labels is not None and return_token_logps:
+            shifted = torch.cat([labels[:, 1:], labels.new_full((B, 1), -100)], dim=1).reshape(-1)
+            out.token_logps = chunked_token_logps(h.reshape(B * S, -1), w_head, shifted, ce_chunk_size or 4096).view(B, S)
+        elif labels is not None:
             shifted = torch.cat([labels[:, 1:], labels.new_full((B, 1), -100)], dim=1).reshape(-1)
             if out.logits is not None and ce_chunk_size is None:
                 out.ce_sum = F.cross_entropy(out.logits.reshape(B * S, -1).float(), shifted,

@@ -1,0 +1,107 @@
+"""Resumable training checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout of <output-dir>/checkpoints/step_00000100/:
+  .metadata, __*.distcp     model and optimizer, sharded: every rank writes only its own shards
+  trainer.json              step, schedule position, consecutive bad steps (identical on all ranks)
+  rank_00000.pt ...         per-rank state that differs between ranks: data loader position, RNG
+  model_config.json         the model's BailingMoeConfig (what dcp_to_hf needs to export)
+  config.yaml               the resolved training configuration
+  COMPLETE                  written last
+
+A save goes to step_N.tmp/ and is renamed to step_N/ by rank 0 once every rank has finished, so a
+crash mid-save leaves the previous checkpoint whole and the partial one ignored (and removed later).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_dirs(root: str) -> list[tuple[int, str]]:
+    """Completed checkpoints under ``root``, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = _STEP_RE.match(name)
+        if m and os.path.exists(os.path.join(root, name, "COMPLETE")):
+            out.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(out)
+
+
+def latest_checkpoint(root: str) -> str | None:
+    dirs = checkpoint_dirs(root)
+    return dirs[-1][1] if dirs else None
+
+
+class Checkpointer:
+    def __init__(self, root: str, rank: int, keep_last: int = 2):
+        self.root, self.rank, self.keep_last = root, rank, keep_last
+
+    def save(self, step: int, model, optimizer, trainer_state: dict, rank_state: dict,
+             model_config: dict, config_yaml: str) -> str:
+        final = os.path.join(self.root, f"step_{step:08d}")
+        tmp = final + ".tmp"
+        if self.rank == 0:
+            os.makedirs(self.root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        _barrier()
+        msd, osd = get_state_dict(model, optimizer)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+        torch.save(rank_state, os.path.join(tmp, f"rank_{self.rank:05d}.pt"))
+        if self.rank == 0:
+            with open(os.path.join(tmp, "trainer.json"), "w") as f:
+                json.dump(trainer_state, f, indent=2)
+            with open(os.path.join(tmp, "model_config.json"), "w") as f:
+                json.dump(model_config, f, indent=2)
+            with open(os.path.join(tmp, "config.yaml"), "w") as f:
+                f.write(config_yaml)
+        _barrier()
+        if self.rank == 0:
+            with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+                f.write(f"{step}\n")
+            if os.path.exists(final):  # a re-save of the same step (e.g. SIGTERM right after a save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune()
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        dirs = checkpoint_dirs(self.root)
+        for _, path in dirs[:-self.keep_last] if self.keep_last > 0 else []:
+            shutil.rmtree(path, ignore_errors=True)
+        for name in os.listdir(self.root):  # leftovers of saves that crashed
+            if name.endswith(".tmp"):
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+
+    def load(self, path: str, model, optimizer) -> tuple[dict, dict]:
+        """Restore model and optimizer in place; returns (trainer_state, this rank's rank_state)."""
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=True))
+        with open(os.path.join(path, "trainer.json")) as f:
+            trainer_state = json.load(f)
+        rank_file = os.path.join(path, f"rank_{self.rank:05d}.pt")
+        if not os.path.exists(rank_file):
+            raise RuntimeError(f"{path}: no {os.path.basename(rank_file)}; resume with the same number of ranks "
+                               f"the checkpoint was written with")
+        rank_state = torch.load(rank_file, weights_only=False)
+        return trainer_state, rank_state

@@ -1,0 +1,244 @@
+"""Direct preference optimisation of a BailingMoe (Ling-Lite) model with FSDP2, on the SFT loop.
+
+    torchrun --nproc_per_node=N trainer/dpo.py [--config configs/ling_lite_dpo.yaml] [--section.key value ...]
+    python trainer/dpo.py                # one process; with no options: the tiny CPU demo
+
+With no options it starts from the SFT demo's export (runs/sft/hf) when there is one, otherwise it
+first runs a short SFT warm-up of the tiny model on the demo corpus, then optimises the demo
+preference pairs, whose rejected answers carry the formatting errors of the Ring-Lite-Distill
+report (unclosed <think>, unpaired <tool_call>, invalid tool JSON).
+
+Reference log-probs: by default a first pass computes log p_ref(y|x) for every pair with the same
+sharded model before training and stores them next to the prepared data, keyed by the data's and the
+initial model's hashes, so a single model is resident while training ("--dpo.reference live" keeps
+a frozen reference model instead). Chosen and rejected run in one forward pass; log-probs are summed
+over completion tokens only.
+
+Losses (margin d = beta * ((lp_w - ref_w) - (lp_l - ref_l))):
+  sigmoid  -log sigmoid(d)                                    (default, beta 0.1)
+  ipo      ((lp_w - ref_w)/|y_w| - (lp_l - ref_l)/|y_l| - 1/(2 beta))^2
+  hinge    relu(1 - d)
+plus dpo.nll_coef x the chosen answer's per-token NLL, and the policy's load-balancing loss.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a file (torchrun trainer/dpo.py): import from the repo root
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from trainer.loop import StepContext, build_model, run
+from trainer.options import DPO_SECTIONS, OptionsError, parse_options
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def dpo_loss(pol_w, pol_l, ref_w, ref_l, len_w, len_l, beta: float, loss_type: str = "sigmoid"):
+    """Per-pair loss and rewards. pol_*/ref_* are summed completion log-probs, len_* completion lengths."""
+    dw, dl = pol_w - ref_w, pol_l - ref_l
+    if loss_type == "sigmoid":
+        loss = -F.logsigmoid(beta * (dw - dl))
+    elif loss_type == "ipo":
+        loss = (dw / len_w - dl / len_l - 1.0 / (2.0 * beta)) ** 2
+    elif loss_type == "hinge":
+        loss = torch.relu(1.0 - beta * (dw - dl))
+    else:
+        raise ValueError(f"dpo.loss_type {loss_type!r} is not one of {LOSS_TYPES}")
+    return loss, beta * dw.detach(), beta * dl.detach()
+
+
+def _real_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Right-padded rows: real tokens run up to the last trained one (the answer's final EOS)."""
+    S = labels.shape[1]
+    pos = torch.arange(S, device=labels.device)
+    last = torch.where(labels != -100, pos, torch.full_like(pos, -1)).max(1).values
+    return pos[None] <= last[:, None]
+
+
+def _pad_to(t: torch.Tensor, S: int, value: int) -> torch.Tensor:
+    return t if t.shape[1] == S else F.pad(t, (0, S - t.shape[1]), value=value)
+
+
+def sequence_logps(model, b: dict, pad_id: int, balance_counts_fn=None, grad: bool = True):
+    """One forward over chosen and rejected stacked on the batch dimension.
+
+    Returns (logp_chosen [B], logp_rejected [B], len_chosen [B], len_rejected [B], model output)."""
+    S = max(b["chosen_input_ids"].shape[1], b["rejected_input_ids"].shape[1])
+    ids = torch.cat([_pad_to(b["chosen_input_ids"], S, pad_id), _pad_to(b["rejected_input_ids"], S, pad_id)])
+    labels = torch.cat([_pad_to(b["chosen_labels"], S, -100), _pad_to(b["rejected_labels"], S, -100)])
+    with torch.set_grad_enabled(grad):
+        out = model(ids, labels=labels, attention_mask=_real_mask(labels).long(), return_logits=False,
+                    return_token_logps=True, balance_counts_fn=balance_counts_fn)
+    lp = out.token_logps.sum(1)
+    n = (labels[:, 1:] != -100).sum(1).to(lp.dtype)
+    B = b["chosen_input_ids"].shape[0]
+    return lp[:B], lp[B:], n[:B], n[B:], out
+
+
+def _file_hash(paths: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        if os.path.exists(p):
+            with open(p, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+class DPOTask:
+    name = "dpo"
+
+    def __init__(self):
+        self.ref = None  # index -> (ref_w, ref_l) tensor [N, 2], or a live model
+
+    def adjust_model_config(self, opts, cfg):
+        import dataclasses
+
+        import data
+        from trainer.sources import check_vocab, prepared_sources
+
+        if opts.dpo.loss_type not in LOSS_TYPES:
+            raise SystemExit(f"error: dpo.loss_type {opts.dpo.loss_type!r} is not one of {LOSS_TYPES}")
+        if opts.dpo.reference not in ("precomputed", "live"):
+            raise SystemExit(f"error: dpo.reference {opts.dpo.reference!r} is not 'precomputed' or 'live'")
+        rank = int(os.environ.get("RANK", 0))
+        dirs, _, tok_dir = prepared_sources(opts, rank, "dpo", lambda p: ({"dpo": p["dpo"]}, {"dpo": 1.0}))
+        if len(dirs) != 1:
+            raise SystemExit("error: DPO takes exactly one data source (a JSONL of pairs or a prepared dpo directory)")
+        self.source = next(iter(dirs.values()))
+        self.tokenizer = data.load_tokenizer(tok_dir)
+        if not opts.model.init_from and "vocab_size" not in opts.model.overrides:
+            cfg = dataclasses.replace(cfg, vocab_size=(self.tokenizer.vocab_size + 63) // 64 * 64,
+                                      eos_token_id=self.tokenizer.eos_id, pad_token_id=self.tokenizer.pad_id)
+        check_vocab(dirs, cfg.vocab_size)
+        return cfg
+
+    def build_loader(self, opts, info, accum, cfg):
+        import data
+
+        self.pad_id = cfg.pad_token_id
+        self.loader = data.DPOLoader(self.source, opts.data.micro_batch_size, rank=info.rank,
+                                     world_size=info.world_size, seed=opts.train.seed, seq_len=opts.data.seq_len)
+        return self.loader
+
+    # ------------------------------------------------------------------ reference log-probs
+    def _model_hash(self, opts, cfg) -> str:
+        init = opts.model.init_from
+        parts = json.dumps({"init_from": os.path.abspath(init) if init else "", "cfg": cfg.to_dict(),
+                            "seed": opts.train.seed if not init else None}, sort_keys=True, default=str)
+        files = [os.path.join(init, n) for n in ("config.json", "model.safetensors.index.json")] if init else []
+        return hashlib.sha256((parts + _file_hash(files)).encode()).hexdigest()
+
+    @torch.no_grad()
+    def _precompute(self, ctx: StepContext, path: str) -> torch.Tensor:
+        """Every pair's reference log-probs: ranks split the pairs, then gather them on every rank."""
+        info, model = ctx.info, ctx.model
+        batches = list(self.loader.iter_all(ctx.opts.data.micro_batch_size))
+        mine = batches[info.rank::info.world_size]
+        # Every rank must run the same number of forwards (FSDP gathers weights collectively).
+        n_rounds = -(-len(batches) // info.world_size)
+        n = len(self.loader.dataset)
+        table = torch.full((n, 2), float("nan"), dtype=torch.float64)
+        was_training = model.training
+        model.eval()
+        for i in range(n_rounds):
+            b = mine[i] if i < len(mine) else (mine[-1] if mine else batches[0])
+            b = {k: v.to(info.device) for k, v in b.items()}
+            lw, ll, _, _, _ = sequence_logps(model, b, self.pad_id, grad=False)
+            if i < len(mine):
+                table[b["index"].cpu(), 0] = lw.double().cpu()
+                table[b["index"].cpu(), 1] = ll.double().cpu()
+        model.train(was_training)
+        if dist.is_initialized() and info.world_size > 1:
+            t = table.to(info.device)
+            t = torch.where(torch.isnan(t), torch.full_like(t, -float("inf")), t)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # each pair was computed by exactly one rank
+            table = t.cpu()
+        if info.is_main:
+            tmp = path + ".tmp"
+            torch.save(table, tmp)
+            os.replace(tmp, path)
+        if dist.is_initialized():
+            dist.barrier()
+        return table
+
+    def before_training(self, ctx: StepContext) -> None:
+        if ctx.opts.dpo.reference == "live":
+            ref, _ = build_model(ctx.opts, ctx.info, self)
+            ref.requires_grad_(False)
+            ref.eval()
+            self.ref = ref
+            return
+        key = f"ref_logps-{self.loader.data_hash[:12]}-{self._model_hash(ctx.opts, ctx.cfg)[:12]}.pt"
+        path = os.path.join(self.source, key) if os.access(self.source, os.W_OK) else \
+            os.path.join(ctx.opts.output_dir, key)
+        if os.path.exists(path):
+            self.ref = torch.load(path)
+            ctx.logger.info(f"reference log-probs: {path} (cached)")
+        else:
+            ctx.logger.info(f"reference log-probs: first pass over {len(self.loader.dataset)} pairs -> {path}")
+            self.ref = self._precompute(ctx, path)
+
+    # ------------------------------------------------------------------ the step
+    @staticmethod
+    def count(batch) -> torch.Tensor:
+        return torch.tensor(batch["index"].shape[0])
+
+    def micro_step(self, ctx: StepContext, b):
+        o = ctx.opts.dpo
+        pw, pl, nw, nl, out = sequence_logps(ctx.model, b, self.pad_id, ctx.balance_counts_fn)
+        if isinstance(self.ref, torch.Tensor):
+            r = self.ref[b["index"].cpu()].to(pw.device, pw.dtype)
+            rw, rl = r[:, 0], r[:, 1]
+        else:
+            rw, rl, _, _, _ = sequence_logps(self.ref, b, self.pad_id, grad=False)
+        losses, rew_w, rew_l = dpo_loss(pw, pl, rw, rl, nw, nl, o.beta, o.loss_type)
+        nll = -pw / nw.clamp_min(1)
+        total = losses.sum() + (o.nll_coef * nll.sum() if o.nll_coef > 0 else 0.0)
+        aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=pw.device)
+        loss = total * ctx.info.world_size / ctx.denom.to(total.dtype) + aux / ctx.accum
+        sums = {
+            "loss": losses.detach().sum(), "nll_chosen": nll.detach().sum(),
+            "rewards/chosen": rew_w.sum(), "rewards/rejected": rew_l.sum(),
+            "rewards/accuracies": (rew_w > rew_l).double().sum(), "rewards/margins": (rew_w - rew_l).sum(),
+            "logps/chosen": pw.detach().sum(), "logps/rejected": pl.detach().sum(),
+            "_tokens": int(_real_mask(b["chosen_labels"]).sum() + _real_mask(b["rejected_labels"]).sum()),
+        }
+        if out.expert_counts:
+            sums["_counts"] = torch.stack([out.expert_counts[i] for i in sorted(out.expert_counts)])
+        return loss, aux.detach(), sums
+
+
+DEMO_SFT_EXPORT = os.path.join("runs", "sft", "hf")
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        opts = parse_options(argv, "trainer/dpo.py", DPO_SECTIONS, __doc__, default_output="runs/dpo")
+    except OptionsError as e:
+        raise SystemExit(f"error: {e}") from None
+    if not opts.model.init_from and not opts.data.sources:
+        # The demo: start from an SFT-ed tiny model, trained now if the SFT demo has not been run.
+        if os.path.exists(os.path.join(DEMO_SFT_EXPORT, "config.json")):
+            opts.model.init_from = DEMO_SFT_EXPORT
+        else:
+            from trainer.sft import SFTTask
+            from trainer.options import SFT_SECTIONS
+
+            warm = os.path.join(opts.output_dir, "sft_warmup")
+            sft_opts = parse_options(["--train.steps", "150", "--output-dir", warm, "--train.progress",
+                                      str(opts.train.progress).lower()], "trainer/sft.py", SFT_SECTIONS, "", warm)
+            run(SFTTask(), sft_opts, shutdown=False)
+            opts.model.init_from = os.path.join(warm, "hf")
+    return run(DPOTask(), opts)
+
+
+if __name__ == "__main__":
+    main()

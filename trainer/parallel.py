@@ -1,0 +1,137 @@
+"""Process group, FSDP2 sharding, activation checkpointing and sharded weight materialisation.
+
+The model itself knows nothing of distribution; everything here is applied from outside:
+  init_distributed()          gloo on CPU, nccl on GPU; a one-rank group when not under torchrun
+  apply_activation_checkpointing(model)   per decoder block, routing recorded then replayed
+  shard_model(model, ...)     fully_shard per decoder block, then the root (FSDP2)
+  materialize(model, get_full)  each rank fills only its shards, one full tensor at a time
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from moe.router import checkpoint_context_fn
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: object
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Join (or, for a plain `python trainer/x.py`, create) the default process group."""
+    if "RANK" not in os.environ:  # single process: a group of one so every code path is the same
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, mesh)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder block in backward. The block's router records its top-k ids in the
+    forward and replays them in the recompute, so a token is never re-routed."""
+    for layer in model.model.layers:
+        inner = layer.forward
+
+        def forward(*args, _inner=inner, _layer=layer, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False,
+                              context_fn=lambda: checkpoint_context_fn(_layer), **kwargs)
+        layer.forward = forward
+
+
+def shard_model(model: nn.Module, mesh, param_dtype: torch.dtype | None, compile_blocks: bool = False) -> None:
+    """FSDP2: each decoder block its own unit (gathered just before use, freed after), then the root
+    (embeddings, final norm, lm_head). Mixed precision computes in ``param_dtype`` and reduces
+    gradients in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        if compile_blocks:
+            layer.compile()
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, device: torch.device, get_full) -> None:
+    """Allocate a meta-built (possibly sharded) model on ``device`` and fill it.
+
+    ``get_full(name, param) -> Tensor`` returns the full (unsharded) value of one parameter; each
+    rank keeps only its own shard of it, so peak memory is one full tensor, never the model.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    model.to_empty(device=device)
+    for name, p in model.named_parameters():
+        full = get_full(name, p)
+        if isinstance(p, DTensor):
+            local = distribute_tensor(full.to(device=device, dtype=p.dtype), p.device_mesh, p.placements,
+                                      src_data_rank=None).to_local()
+            p.to_local().copy_(local)
+        else:
+            p.copy_(full.to(device=device, dtype=p.dtype))
+
+
+def init_param_value(name: str, shape, cfg, seed: int) -> torch.Tensor:
+    """The from-scratch init of one parameter, seeded by its name so that any sharding (or none)
+    produces the same model: N(0, std) for matrices (output projections scaled by 1/sqrt(2L)),
+    ones for norms, zeros for biases."""
+    import hashlib
+    import math
+
+    if name.endswith("layernorm.weight") or name == "model.norm.weight":
+        return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    std = cfg.initializer_range
+    if name.endswith(("dense.weight", "down_proj.weight", "w_down")):
+        std = std / math.sqrt(2 * cfg.num_hidden_layers)
+    h = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+    g = torch.Generator().manual_seed(h)
+    return torch.randn(shape, generator=g) * std
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

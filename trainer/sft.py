@@ -1,0 +1,99 @@
+"""Supervised fine-tuning of a BailingMoe (Ling-Lite) model with FSDP2.
+
+    torchrun --nproc_per_node=N trainer/sft.py [--config configs/X.yaml] [--section.key value ...] [--output-dir DIR]
+    python trainer/sft.py                # one process; with no options: the tiny CPU demo
+
+With no options it trains the tiny preset on the generated demo corpus (general : reasoning mixed
+340 : 550 as in the Ring-Lite-Distill stage-2 recipe) for a few minutes on CPU, printing a falling
+loss, and writes runs/sft/{metrics.jsonl, config.yaml, checkpoints/, hf/}. Run again to resume;
+`--checkpoint.resume false` starts over. See configs/ for the Ling-Lite stage-1/2 recipes and
+`--help` for every option.
+
+Loss per step = (sum of token cross entropies over the step's trained tokens on all ranks) / (their
+count) + the load-balancing loss (expert counts summed over ranks for the 'global' form) + z-loss.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a file (torchrun trainer/sft.py): import from the repo root
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import torch
+
+from trainer.loop import StepContext, run
+from trainer.options import SFT_SECTIONS, OptionsError, parse_options
+
+
+def round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+class SFTTask:
+    name = "sft"
+
+    def __init__(self):
+        self.tokenizer = None
+        self.dirs = None
+
+    def adjust_model_config(self, opts, cfg):
+        import dataclasses
+
+        if opts.data.synthetic:
+            return cfg
+        import data
+        from trainer.sources import check_vocab, prepared_sources
+
+        rank = int(os.environ.get("RANK", 0))
+        self.dirs, self.weights, tok_dir = prepared_sources(
+            opts, rank, "sft", lambda p: ({"general": p["sft_general"], "reasoning": p["sft_reasoning"]},
+                                          {"general": p["mixture"]["sft_general"], "reasoning": p["mixture"]["sft_reasoning"]}))
+        self.tokenizer = data.load_tokenizer(tok_dir)
+        if not opts.model.init_from and "vocab_size" not in opts.model.overrides:
+            # From scratch: embed exactly the tokenizer's ids (rounded up for matmul-friendly shapes).
+            cfg = dataclasses.replace(cfg, vocab_size=round_up(self.tokenizer.vocab_size, 64),
+                                      eos_token_id=self.tokenizer.eos_id, pad_token_id=self.tokenizer.pad_id)
+        check_vocab(self.dirs, cfg.vocab_size)
+        return cfg
+
+    def build_loader(self, opts, info, accum, cfg):
+        if opts.data.synthetic:
+            from trainer.synthetic import SyntheticLoader
+
+            return SyntheticLoader(cfg.vocab_size, opts.data.seq_len, opts.data.micro_batch_size, accum,
+                                   info.rank, info.world_size, opts.train.seed)
+        import data
+
+        return data.SFTLoader(self.dirs, opts.data.seq_len, opts.data.micro_batch_size, rank=info.rank,
+                              world_size=info.world_size, seed=opts.train.seed, weights=self.weights)
+
+    def before_training(self, ctx: StepContext) -> None:
+        pass
+
+    @staticmethod
+    def count(batch) -> torch.Tensor:
+        return (batch["labels"][:, 1:] != -100).sum()
+
+    def micro_step(self, ctx: StepContext, b):
+        out = ctx.model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"],
+                        document_ids=b["document_ids"], return_logits=False,
+                        balance_counts_fn=ctx.balance_counts_fn)
+        aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=out.ce_sum.device)
+        loss = out.ce_sum * ctx.info.world_size / ctx.denom.to(out.ce_sum.dtype) + aux / ctx.accum
+        sums = {"loss": out.ce_sum.detach(), "_tokens": (b["document_ids"] >= 0).sum().item()}
+        if out.expert_counts:
+            sums["_counts"] = torch.stack([out.expert_counts[i] for i in sorted(out.expert_counts)])
+        return loss, aux.detach(), sums
+
+
+def main(argv=None) -> dict:
+    try:
+        opts = parse_options(argv, "trainer/sft.py", SFT_SECTIONS, __doc__, default_output="runs/sft")
+    except OptionsError as e:
+        raise SystemExit(f"error: {e}") from None
+    return run(SFTTask(), opts)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Turn the data options into prepared directories and a tokenizer, once, before training starts.
+
+Rank 0 does any tokenizing (JSONL sources are prepared into the cache directory, keyed by the file's
+path, size, mtime and the tokenizer); the other ranks wait at a barrier and then only open the
+memory-mapped results. Problems (a missing file, a bad sample, token ids the model cannot embed)
+are reported here, before a single step runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch.distributed as dist
+
+DEMO_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "demo", "tokenizer")
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def resolve_tokenizer_dir(opts) -> str:
+    if opts.data.tokenizer:
+        return opts.data.tokenizer
+    init = opts.model.init_from
+    if init and os.path.exists(os.path.join(init, "tokenizer.json")):
+        return init
+    return DEMO_TOKENIZER
+
+
+def _cache_dir(opts) -> str:
+    return opts.data.cache_dir or os.path.join(opts.output_dir, "prepared")
+
+
+def _fingerprint(path: str, tokenizer_dir: str, kind: str) -> str:
+    st = os.stat(path)
+    h = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{kind}|".encode())
+    with open(os.path.join(tokenizer_dir, "tokenizer.json"), "rb") as f:
+        h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()[:16]
+
+
+def prepared_sources(opts, rank: int, kind: str, demo_key) -> tuple[dict[str, str], dict[str, float], str]:
+    """{name: prepared dir}, {name: weight} and the tokenizer directory for a run.
+
+    ``demo_key(paths) -> ({name: dir}, {name: weight})`` picks from the demo corpus when no sources are given.
+    """
+    import data
+
+    tok_dir = resolve_tokenizer_dir(opts)
+    if not opts.data.sources:
+        demo_dir = os.path.join(_cache_dir(opts), "demo")
+        if rank == 0:
+            paths = data.ensure_demo_data(demo_dir)
+        _barrier()
+        if rank != 0:
+            paths = data.ensure_demo_data(demo_dir)  # already written: only checks the stamp
+        dirs, weights = demo_key(paths)
+        return dirs, weights, paths["tokenizer"]
+
+    dirs, weights, todo = {}, {}, []
+    for i, src in enumerate(opts.data.sources):
+        if isinstance(src, str):
+            src = {"path": src}
+        if not isinstance(src, dict) or "path" not in src:
+            raise SystemExit(f"error: data.sources[{i}] must be a path or {{path: ..., weight: ...}}, got {src!r}")
+        path = src["path"]
+        name = src.get("name") or os.path.splitext(os.path.basename(path.rstrip("/")))[0]
+        if name in dirs:
+            name = f"{name}_{i}"
+        if not os.path.exists(path):
+            raise SystemExit(f"error: data.sources[{i}]: {path}: no such file or directory")
+        weights[name] = float(src.get("weight", 1.0))
+        if os.path.isdir(path) and os.path.exists(os.path.join(path, "manifest.json")):
+            dirs[name] = path
+        else:
+            out = os.path.join(_cache_dir(opts), f"{name}-{_fingerprint(path, tok_dir, kind)}")
+            dirs[name] = out
+            todo.append((path, out))
+    failure = None
+    if rank == 0:
+        tokenizer = data.load_tokenizer(tok_dir)
+        for path, out in todo:
+            if os.path.exists(os.path.join(out, "manifest.json")):
+                continue
+            try:
+                manifest = data.prepare([path], tokenizer, out, kind=kind, skip_bad=opts.data.skip_bad, progress=True)
+                print(data.prepare_summary(manifest) if hasattr(data, "prepare_summary") else
+                      f"prepared {path}: {manifest['num_samples']} samples, {manifest['num_skipped']} skipped")
+            except data.DataError as e:
+                failure = str(e)
+                break
+    # Every rank learns of a failure on rank 0, so none is left waiting in a collective.
+    flag = [failure]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(flag, src=0)
+    if flag[0]:
+        raise SystemExit(f"error: {flag[0]}" + ("" if opts.data.skip_bad else " (data.skip_bad true skips and counts bad samples)"))
+    return dirs, weights, tok_dir
+
+
+def check_vocab(dirs: dict[str, str], vocab_size: int) -> None:
+    """Token ids must fit the model's embedding: checked from each manifest's tokenizer record."""
+    for name, d in dirs.items():
+        with open(os.path.join(d, "manifest.json")) as f:
+            tv = json.load(f)["tokenizer"]["vocab_size"]
+        if tv > vocab_size:
+            raise SystemExit(f"error: data source {name!r} ({d}) was tokenized with a vocabulary of {tv} ids, "
+                             f"but the model embeds only {vocab_size}; use the model's tokenizer (data.tokenizer)")
