@@ -59,7 +59,8 @@ def _conversations(rec, kind):
     return [(side, rec["prompt"] + [{"role": "assistant", "content": rec[side]}]) for side in ("chosen", "rejected")]
 
 
-def inspect_jsonl(path, n, tokenizer=None, color=False, out=sys.stdout, skip_bad=False):
+def inspect_jsonl(path, n, tokenizer=None, color=False, out=None, skip_bad=False):
+    out = out or sys.stdout
     kind = detect_kind(path)
     bad = []
     shown = 0
@@ -93,7 +94,8 @@ def inspect_jsonl(path, n, tokenizer=None, color=False, out=sys.stdout, skip_bad
         print(f"skipped {len(bad)} bad records (first: {bad[0][0]}:{bad[0][1]}: {bad[0][2]})", file=out)
 
 
-def inspect_prepared(directory, n, tokenizer, color=False, out=sys.stdout):
+def inspect_prepared(directory, n, tokenizer, color=False, out=None):
+    out = out or sys.stdout
     from .dataset import open_prepared
     ds = open_prepared(directory)
     print(f"=== {directory}: {ds.manifest['kind']} samples={len(ds)} hash={ds.data_hash[:16]}", file=out)

@@ -224,13 +224,13 @@ class DPOLoader:
     right-padded with pad id / -100; labels -100 on the prompt) and index (int64 [B], the pair's
     position in the prepared data, stable across runs, for looking up reference log-probs).
 
-    With ``seq_len`` every batch is padded to it and longer sides are truncated (or the pair
-    dropped, ``overlong="drop"``), counted in ``counters``; without it batches pad to their
-    longest sequence. The global order is epoch after epoch of permutation(seed, epoch); rank r
+    With an integer ``seq_len`` every batch is padded to it and longer sides are truncated (or
+    the pair dropped, ``overlong="drop"``), counted in ``counters``; with ``seq_len=None``
+    batches pad to their longest sequence (fewer wasted tokens, shapes vary). The global order is epoch after epoch of permutation(seed, epoch); rank r
     takes positions r, r + W, ...
     """
 
-    def __init__(self, source, micro_batch_size, rank=0, world_size=1, seed=0, seq_len=None,
+    def __init__(self, source, seq_len, micro_batch_size, rank=0, world_size=1, seed=0,
                  overlong="truncate", pad_id=None):
         _check_rank(rank, world_size)
         self.dataset = source if isinstance(source, PreparedDPO) else PreparedDPO(source)

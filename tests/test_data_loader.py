@@ -145,7 +145,7 @@ def test_dpo_batch_matches_encoding(demo):
     tok = load_tokenizer(demo["tokenizer"])
     with open(demo["jsonl"]["dpo"], encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
-    l = DPOLoader(demo["dpo"], micro_batch_size=4, seed=0)
+    l = DPOLoader(demo["dpo"], None, micro_batch_size=4, seed=0)
     b = next(l)
     assert set(b) == {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels", "index"}
     S = b["chosen_input_ids"].shape[1]
@@ -157,7 +157,7 @@ def test_dpo_batch_matches_encoding(demo):
             assert b[f"{side}_labels"][r].tolist() == labels + [M] * (S - len(labels))
     assert S == max(len(encode_dpo_pair(tok, records[i])[s][0]) for i in b["index"].tolist()
                     for s in ("chosen", "rejected"))
-    fixed = next(DPOLoader(demo["dpo"], micro_batch_size=2, seed=0, seq_len=128))
+    fixed = next(DPOLoader(demo["dpo"], 128, micro_batch_size=2, seed=0))
     assert fixed["chosen_input_ids"].shape == (2, 128) and fixed["index"].dtype == torch.int64
 
 
@@ -165,18 +165,18 @@ def test_dpo_ranks_resume_and_hash(demo):
     n = len(PreparedDPO(demo["dpo"]))
     seen = []
     for rank in range(2):
-        l = DPOLoader(demo["dpo"], micro_batch_size=5, rank=rank, world_size=2, seed=9)
+        l = DPOLoader(demo["dpo"], None, 5, rank=rank, world_size=2, seed=9)
         seen.append([i for _ in range(n // 10) for i in next(l)["index"].tolist()])
     assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(n))
-    a = DPOLoader(demo["dpo"], micro_batch_size=3, seed=1, seq_len=64)
+    a = DPOLoader(demo["dpo"], 64, micro_batch_size=3, seed=1)
     for _ in range(400):  # past one epoch
         next(a)
     st = json.loads(json.dumps(a.state_dict()))
     cont = [next(a) for _ in range(5)]
-    b = DPOLoader(demo["dpo"], micro_batch_size=3, seed=1, seq_len=64)
+    b = DPOLoader(demo["dpo"], 64, micro_batch_size=3, seed=1)
     b.load_state_dict(st)
     assert all(_same(x, next(b)) for x in cont)
     assert a.data_hash == PreparedDPO(demo["dpo"]).data_hash == PreparedDPO(demo["dpo"]).manifest["data_hash"]
     assert a.counters["truncated"] > 0  # some pairs exceed 64 tokens in the demo data
-    all_idx = [i for batch in DPOLoader(demo["dpo"], micro_batch_size=64).iter_all() for i in batch["index"].tolist()]
+    all_idx = [i for batch in DPOLoader(demo["dpo"], None, 64).iter_all() for i in batch["index"].tolist()]
     assert all_idx == list(range(n))
