@@ -1,0 +1,30 @@
+"""lingmoe data pipeline: bailing chat template, prepared shards, packing, mixtures, DPO pairs.
+
+Importing this package only defines names; nothing is read, trained or written until called.
+"""
+from .errors import DataError
+from .tokenizer import Tokenizer, load_tokenizer
+from .template import (render_chat, encode_chat, encode_prompt, encode_dpo_pair, chat_segments,
+                       validate_messages, IGNORE_INDEX, SPECIAL_TOKENS, EOS_TOKEN)
+from .formats import read_jsonl, normalize_sft, normalize_dpo
+from .format_check import format_check
+from .packing import pack_documents, best_fit_decreasing, BATCH_KEYS
+from .prepare import prepare
+from .dataset import PreparedSFT, PreparedDPO, open_prepared
+from .mixture import SampleStream, parse_weights
+from .loader import SFTLoader, DPOLoader, collate_dpo
+
+
+def ensure_demo_data(out_dir="demo_data", **kwargs):
+    """See data.demo.ensure_demo_data (imported lazily: the demo module is not needed otherwise)."""
+    from .demo import ensure_demo_data as _ensure
+    return _ensure(out_dir, **kwargs)
+
+
+__all__ = [
+    "DataError", "Tokenizer", "load_tokenizer", "render_chat", "encode_chat", "encode_prompt", "encode_dpo_pair",
+    "chat_segments", "validate_messages", "IGNORE_INDEX", "SPECIAL_TOKENS", "EOS_TOKEN", "read_jsonl",
+    "normalize_sft", "normalize_dpo", "format_check", "pack_documents", "best_fit_decreasing", "BATCH_KEYS",
+    "prepare", "PreparedSFT", "PreparedDPO", "open_prepared", "SampleStream", "parse_weights", "SFTLoader",
+    "DPOLoader", "collate_dpo", "ensure_demo_data",
+]

@@ -1,0 +1,399 @@
+"""Deterministic demo corpora and tokenizer, small enough for a tiny model on a CPU.
+
+Three kinds of SFT samples (reasoning word problems with <think> steps, templated general
+instructions, tool calls answered by a tool turn) and DPO pairs whose rejected side carries a
+structural format error. Everything derives from one integer seed, so the shipped tokenizer in
+data/demo/tokenizer/ can be rebuilt bit for bit with ``python -m data.demo build-tokenizer``.
+
+Trainers call ``ensure_demo_data(out_dir)`` to get JSONL plus prepared shards in a few seconds.
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+
+from .format_check import format_check
+from .template import SPECIAL_TOKENS, EOS_TOKEN, THINK_OPEN, THINK_CLOSE, TOOL_OPEN, TOOL_CLOSE, render_chat
+
+GENERATOR_VERSION = 1
+DEFAULT_SEED = 1234
+SIZES = {"general": 1500, "tool": 500, "reasoning": 2000, "dpo": 1000}
+MIXTURE = {"sft_general": 340, "sft_reasoning": 550}  # the stage-2 SFT general : reasoning ratio
+TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "tokenizer")
+VOCAB_SIZE = 2000
+
+NAMES = ["Ada", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivan", "Jill", "Kofi", "Lena", "Mo", "Nina"]
+ITEMS = ["apples", "pencils", "stickers", "marbles", "books", "cookies", "stamps", "shells", "coins", "cards"]
+WORDS = ["river", "garden", "planet", "window", "silver", "rocket", "pencil", "forest", "candle", "bridge",
+         "orange", "market", "castle", "winter", "yellow", "dragon", "button", "jacket", "mirror", "tunnel",
+         "violin", "harbor", "meadow", "puzzle", "lantern", "cactus", "island", "saddle", "thunder", "marble"]
+CITIES = ["Paris", "Tokyo", "Lima", "Cairo", "Oslo", "Quito", "Hanoi", "Dakar", "Perth", "Riga"]
+CONDITIONS = ["sunny", "cloudy", "rainy", "windy", "snowy", "foggy"]
+SYSTEMS = ["You are a helpful assistant.", "You are a concise assistant. Answer briefly.",
+           "You are a careful tutor."]
+TOOL_SYSTEM = ("You can call tools by writing <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>. "
+               "Tools: calculator(expression), get_weather(city).")
+
+
+# ---------------------------------------------------------------- reasoning
+
+def _reasoning(rng):
+    """(question, think steps, final answer text, numeric answer)."""
+    kind = rng.randrange(4)
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    if kind == 0:
+        a, b = rng.randint(2, 40), rng.randint(2, 30)
+        c = rng.randint(1, a + b)
+        friend = rng.choice([n for n in NAMES if n != name])
+        r = a + b - c
+        q = (f"{name} has {a} {item}. {name} buys {b} more and then gives {c} to {friend}. "
+             f"How many {item} does {name} have now?")
+        steps = [f"{name} starts with {a} {item}.", f"After buying {b} more: {a} + {b} = {a + b}.",
+                 f"After giving away {c}: {a + b} - {c} = {r}."]
+        ans = f"{name} has {r} {item}."
+    elif kind == 1:
+        a, b, k = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 6)
+        r = a * b * k
+        q = f"A box holds {a} rows of {b} {item}. How many {item} are in {k} boxes?"
+        steps = [f"One box holds {a} x {b} = {a * b} {item}.", f"{k} boxes hold {a * b} x {k} = {r} {item}."]
+        ans = f"There are {r} {item} in {k} boxes."
+    elif kind == 2:
+        per, days = rng.randint(5, 30), rng.randint(2, 9)
+        total = per * days + rng.randint(1, 120)
+        r = total - per * days
+        q = f"{name} reads {per} pages a day for {days} days. The book has {total} pages. How many pages are left?"
+        steps = [f"Pages read: {per} x {days} = {per * days}.", f"Pages left: {total} - {per * days} = {r}."]
+        ans = f"{r} pages are left."
+    else:
+        a, b, c = rng.randint(1, 20), rng.randint(1, 20), rng.randint(2, 9)
+        r = (a + b) * c
+        q = f"Compute ({a} + {b}) x {c}."
+        steps = [f"First the parentheses: {a} + {b} = {a + b}.", f"Then multiply: {a + b} x {c} = {r}."]
+        ans = f"The answer is {r}."
+    return q, steps, ans, r
+
+
+def _think(steps, answer):
+    return f"{THINK_OPEN}\n" + "\n".join(steps) + f"\n{THINK_CLOSE}\n{answer}"
+
+
+def reasoning_sample(rng):
+    q, steps, ans, r = _reasoning(rng)
+    msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": _think(steps, ans)}]
+    if rng.random() < 0.2:
+        msgs.insert(0, {"role": "system", "content": SYSTEMS[2]})
+    return {"messages": msgs, "domain": "reasoning", "tags": ["math", "think"], "answer": str(r)}
+
+
+# ---------------------------------------------------------------- general
+
+def _task(rng):
+    kind = rng.randrange(6)
+    if kind == 0:
+        w = rng.choice(WORDS)
+        return "reverse", f"Reverse the word \"{w}\".", w[::-1]
+    if kind == 1:
+        ws = rng.sample(WORDS, rng.randint(2, 4))
+        phrase = " ".join(ws)
+        return "uppercase", f"Write \"{phrase}\" in capital letters.", phrase.upper()
+    if kind == 2:
+        nums = [rng.randint(0, 99) for _ in range(rng.randint(3, 7))]
+        return ("sort", "Sort these numbers from smallest to largest: " + ", ".join(map(str, nums)) + ".",
+                ", ".join(map(str, sorted(nums))))
+    if kind == 3:
+        w = rng.choice(WORDS)
+        return "count", f"How many letters are in the word \"{w}\"?", f"The word \"{w}\" has {len(w)} letters."
+    if kind == 4:
+        a, b = rng.sample(range(0, 1000), 2)
+        return "compare", f"Which is larger, {a} or {b}?", f"{max(a, b)} is larger."
+    ws = rng.sample(WORDS, rng.randint(3, 5))
+    return ("alphabetize", "Put these words in alphabetical order: " + ", ".join(ws) + ".",
+            ", ".join(sorted(ws)))
+
+
+def general_sample(rng):
+    tag, q, a = _task(rng)
+    msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    tags = [tag]
+    if rng.random() < 0.25:
+        tag2, q2, a2 = _task(rng)
+        msgs += [{"role": "user", "content": q2}, {"role": "assistant", "content": a2}]
+        tags.append(tag2)
+        tags.append("multi_turn")
+    if rng.random() < 0.3:
+        msgs.insert(0, {"role": "system", "content": rng.choice(SYSTEMS[:2])})
+    if rng.random() < 0.25:
+        # Exercise the ShareGPT reader with some of the demo corpus.
+        names = {"system": "system", "user": "human", "assistant": "gpt"}
+        return {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in msgs],
+                "domain": "general", "tags": tags}
+    return {"messages": msgs, "domain": "general", "tags": tags}
+
+
+# ---------------------------------------------------------------- tools
+
+def _call(name, arguments):
+    return TOOL_OPEN + json.dumps({"name": name, "arguments": arguments}) + TOOL_CLOSE
+
+
+def _tool_exchange(rng):
+    """(user question, call text, tool result text, final answer)."""
+    if rng.random() < 0.5:
+        a, b = rng.randint(10, 999), rng.randint(2, 99)
+        op, sym, val = rng.choice([("times", "*", a * b), ("plus", "+", a + b), ("minus", "-", a - b)])
+        q = f"What is {a} {op} {b}? Use the calculator."
+        return q, _call("calculator", {"expression": f"{a}{sym}{b}"}), json.dumps({"result": val}), \
+            f"{a} {op} {b} is {val}."
+    city, t, cond = rng.choice(CITIES), rng.randint(-10, 35), rng.choice(CONDITIONS)
+    q = f"What is the weather in {city} right now?"
+    return q, _call("get_weather", {"city": city}), json.dumps({"city": city, "temperature_c": t, "condition": cond}), \
+        f"It is {cond} in {city} and {t} degrees Celsius."
+
+
+def tool_sample(rng):
+    q, call, result, final = _tool_exchange(rng)
+    msgs = [{"role": "system", "content": TOOL_SYSTEM}, {"role": "user", "content": q},
+            {"role": "assistant", "content": call}, {"role": "tool", "content": result},
+            {"role": "assistant", "content": final}]
+    return {"messages": msgs, "domain": "tool", "tags": ["tool_call"]}
+
+
+# ---------------------------------------------------------------- DPO
+
+def _corrupt(rng, chosen, kinds):
+    kind = rng.choice(kinds)
+    if kind == "unclosed_think":
+        bad = chosen.replace(THINK_CLOSE, "", 1)
+    elif kind == "missing_think_open":
+        bad = chosen.replace(THINK_OPEN, "", 1)
+    elif kind == "unpaired_tool_call":
+        bad = chosen.replace(TOOL_CLOSE, "", 1)
+    elif kind == "invalid_json":
+        body = chosen[len(TOOL_OPEN):-len(TOOL_CLOSE)]
+        broken = body.replace('"', "'") if rng.random() < 0.5 else body[:-1]
+        bad = TOOL_OPEN + broken + TOOL_CLOSE
+    elif kind == "text_after_eos":
+        bad = chosen + EOS_TOKEN + rng.choice([" Anything else?", " I hope this helps.", "\nHUMAN: thanks"])
+    elif kind == "misnested":
+        # <think><tool_call> ... </think></tool_call>: each tag paired, but crossed.
+        bad = chosen.replace(THINK_OPEN, THINK_OPEN + TOOL_OPEN, 1).replace(THINK_CLOSE, THINK_CLOSE + TOOL_CLOSE, 1)
+    else:
+        raise ValueError(kind)
+    return kind, bad
+
+
+def dpo_pair(rng):
+    if rng.random() < 0.5:
+        q, steps, ans, r = _reasoning(rng)
+        prompt = [{"role": "user", "content": q}]
+        chosen = _think(steps, ans)
+        kinds = ["unclosed_think", "missing_think_open", "text_after_eos", "misnested"]
+        domain = "reasoning"
+    else:
+        q, call, _, _ = _tool_exchange(rng)
+        prompt = [{"role": "system", "content": TOOL_SYSTEM}, {"role": "user", "content": q}]
+        chosen = call
+        kinds = ["unpaired_tool_call", "invalid_json", "text_after_eos"]
+        domain = "tool"
+    kind, rejected = _corrupt(rng, chosen, kinds)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "domain": domain, "tags": ["rejected:" + kind]}
+
+
+# ---------------------------------------------------------------- corpus
+
+def generate(seed=DEFAULT_SEED, sizes=None):
+    """{"sft_general": [...], "sft_reasoning": [...], "dpo": [...]} of JSON-ready records."""
+    sizes = dict(SIZES, **(sizes or {}))
+    # Separate generators per part, so changing one size leaves the other parts unchanged.
+    rg, rt, rr, rd = (random.Random(f"{seed}:{part}") for part in ("general", "tool", "reasoning", "dpo"))
+    general = [general_sample(rg) for _ in range(sizes["general"])]
+    tools = [tool_sample(rt) for _ in range(sizes["tool"])]
+    mixed = general + tools
+    random.Random(f"{seed}:mix").shuffle(mixed)
+    return {"sft_general": mixed,
+            "sft_reasoning": [reasoning_sample(rr) for _ in range(sizes["reasoning"])],
+            "dpo": [dpo_pair(rd) for _ in range(sizes["dpo"])]}
+
+
+def _record_texts(corpus):
+    from .formats import normalize_sft, normalize_dpo
+    for rec in corpus["sft_general"] + corpus["sft_reasoning"]:
+        yield render_chat(normalize_sft(rec)["messages"])
+    for rec in corpus["dpo"]:
+        ex = normalize_dpo(rec)
+        for side in ("chosen", "rejected"):
+            yield render_chat(ex["prompt"] + [{"role": "assistant", "content": ex[side]}])
+
+
+def train_tokenizer(corpus=None, seed=DEFAULT_SEED, vocab_size=VOCAB_SIZE):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on the rendered demo corpus."""
+    from tokenizers import Tokenizer, models, trainers, pre_tokenizers, decoders
+
+    corpus = corpus or generate(seed)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(_record_texts(corpus)), trainer=trainer)
+    return tok
+
+
+def tokenizer_config():
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN,
+            "bos_token": None, "model_max_length": 4096,
+            "additional_special_tokens": [t for t in SPECIAL_TOKENS if t != EOS_TOKEN]}
+
+
+def save_tokenizer(tok, out_dir):
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=parent)
+    try:
+        tok.save(os.path.join(tmp, "tokenizer.json"), pretty=True)
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(tokenizer_config(), f, indent=2)
+            f.write("\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shipped directory should not be
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_jsonl(records, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _stamp(seed, sizes, tokenizer):
+    return {"generator_version": GENERATOR_VERSION, "seed": seed, "sizes": sizes,
+            "tokenizer_fingerprint": tokenizer.fingerprint()}
+
+
+def _paths(out_dir):
+    return {"dir": out_dir, "tokenizer": TOKENIZER_DIR,
+            "jsonl": {k: os.path.join(out_dir, k + ".jsonl") for k in ("sft_general", "sft_reasoning", "dpo")},
+            "sft_general": os.path.join(out_dir, "prepared", "sft_general"),
+            "sft_reasoning": os.path.join(out_dir, "prepared", "sft_reasoning"),
+            "dpo": os.path.join(out_dir, "prepared", "dpo"),
+            "mixture": dict(MIXTURE)}
+
+
+def _up_to_date(out_dir, expect):
+    from .dataset import read_manifest
+    try:
+        with open(os.path.join(out_dir, "demo.json"), encoding="utf-8") as f:
+            stamp = json.load(f)
+        if {k: stamp.get(k) for k in expect} != expect:
+            return False
+        paths = _paths(out_dir)
+        for name, h in stamp["data_hashes"].items():
+            m = read_manifest(paths[name])
+            if m["data_hash"] != h:
+                return False
+            for arr, info in m["arrays"].items():
+                size = os.path.getsize(os.path.join(paths[name], arr + ".bin"))
+                if size != info["length"] * int(info["dtype"][-1]):
+                    return False
+        return all(os.path.exists(p) for p in paths["jsonl"].values())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+class _Lock:
+    """Exclusive lock on a file, so ranks calling ensure_demo_data together build once."""
+
+    def __init__(self, path):
+        self.path, self.f = path, None
+
+    def __enter__(self):
+        self.f = open(self.path, "a")
+        try:
+            import fcntl
+            fcntl.flock(self.f, fcntl.LOCK_EX)
+        except ImportError:  # non-POSIX: no cross-process lock, building twice is merely slower
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def ensure_demo_data(out_dir="demo_data", seed=DEFAULT_SEED, sizes=None, force=False, quiet=True):
+    """Write the demo JSONL and prepared shards under ``out_dir`` unless already there and intact.
+
+    Returns {"dir", "tokenizer", "jsonl": {...}, "sft_general", "sft_reasoning", "dpo", "mixture"}:
+    prepared directories for SFTLoader/DPOLoader and the 340:550 general:reasoning weights.
+    """
+    from .prepare import prepare
+    from .tokenizer import load_tokenizer
+
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(os.path.join(out_dir, "prepared"), exist_ok=True)
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    sizes = dict(SIZES, **(sizes or {}))
+    expect = _stamp(seed, sizes, tokenizer)
+    paths = _paths(out_dir)
+    with _Lock(os.path.join(out_dir, ".lock")):
+        if not force and _up_to_date(out_dir, expect):
+            return paths
+        corpus = generate(seed, sizes)
+        hashes = {}
+        for name, records in corpus.items():
+            write_jsonl(records, paths["jsonl"][name])
+            kind = "dpo" if name == "dpo" else "sft"
+            m = prepare([paths["jsonl"][name]], tokenizer, paths[name], kind=kind, progress=not quiet)
+            hashes[name] = m["data_hash"]
+        with open(os.path.join(out_dir, "demo.json"), "w", encoding="utf-8") as f:
+            json.dump(dict(expect, data_hashes=hashes), f, indent=1)
+    return paths
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m data.demo",
+                                description="Deterministic demo corpora (reasoning, general, tool calls, DPO pairs) "
+                                            "and the demo byte-level BPE tokenizer.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("build-tokenizer", help="train the demo tokenizer from the demo corpus and save it")
+    t.add_argument("--out", default=TOKENIZER_DIR, help=f"tokenizer directory to write (default {TOKENIZER_DIR})")
+    t.add_argument("--seed", type=int, default=DEFAULT_SEED, help="corpus seed (default %(default)s)")
+    t.add_argument("--vocab-size", type=int, default=VOCAB_SIZE, help="BPE vocabulary size (default %(default)s)")
+    g = sub.add_parser("generate", help="write the demo JSONL files only")
+    g.add_argument("--out", required=True, help="directory for sft_general/sft_reasoning/dpo .jsonl")
+    g.add_argument("--seed", type=int, default=DEFAULT_SEED, help="corpus seed (default %(default)s)")
+    e = sub.add_parser("ensure", help="write JSONL and prepared shards (skipped when already intact)")
+    e.add_argument("--out", default="demo_data", help="output directory (default %(default)s)")
+    e.add_argument("--seed", type=int, default=DEFAULT_SEED, help="corpus seed (default %(default)s)")
+    e.add_argument("--force", action="store_true", help="rebuild even if the existing data is intact")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.cmd == "build-tokenizer":
+        tok = train_tokenizer(seed=args.seed, vocab_size=args.vocab_size)
+        save_tokenizer(tok, args.out)
+        print(f"wrote {args.out} (vocab {tok.get_vocab_size()})")
+    elif args.cmd == "generate":
+        os.makedirs(args.out, exist_ok=True)
+        for name, records in generate(args.seed).items():
+            path = os.path.join(args.out, name + ".jsonl")
+            write_jsonl(records, path)
+            print(f"wrote {path} ({len(records)} records)")
+    else:
+        paths = ensure_demo_data(args.out, seed=args.seed, force=args.force, quiet=False)
+        print(json.dumps(paths, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

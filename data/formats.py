@@ -1,0 +1,181 @@
+"""JSONL input formats, normalized to one internal shape, with located errors.
+
+SFT records (one JSON object per line), either
+    {"messages": [{"role": "system|user|assistant|tool", "content": str, "tool_calls"?: [...]}, ...]}
+or ShareGPT style
+    {"conversations": [{"from": "human|gpt|system|observation|function_call|...", "value": str}, ...],
+     "system"?: str}
+DPO records
+    {"prompt": str | [messages], "chosen": str | message | [messages], "rejected": same as chosen}
+Both may carry "domain": str and "tags": [str], kept for mixtures and statistics.
+"""
+import json
+
+from .errors import DataError
+from .template import validate_messages, render_tool_call, TOOL_OPEN
+
+# ShareGPT "from" values seen in the wild, mapped onto our four roles.
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bot": "assistant",
+    "model": "assistant", "function_call": "assistant",
+    "observation": "tool", "tool": "tool", "function": "tool", "function_response": "tool",
+    "ipython": "tool",
+}
+
+
+def _meta(obj):
+    domain = obj.get("domain")
+    if domain is not None and not isinstance(domain, str):
+        raise DataError(f"'domain' must be a string, got {type(domain).__name__}")
+    tags = obj.get("tags")
+    if tags is None:
+        tags = []
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise DataError("'tags' must be a list of strings")
+    return domain, tags
+
+
+def _function_call_text(value):
+    # ShareGPT function_call turns hold the call as JSON; the bailing/Ling format wraps each call
+    # in <tool_call> tags, so render it that way unless the text already does.
+    if TOOL_OPEN in value:
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        raise DataError("function_call value is not valid JSON") from None
+    calls = parsed if isinstance(parsed, list) else [parsed]
+    return "".join(render_tool_call(c) for c in calls)
+
+
+def sharegpt_to_messages(conversations, system=None):
+    if not isinstance(conversations, list):
+        raise DataError(f"'conversations' must be a list, got {type(conversations).__name__}")
+    messages = []
+    if system is not None:
+        if not isinstance(system, str):
+            raise DataError("'system' must be a string")
+        if system:
+            messages.append({"role": "system", "content": system})
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict):
+            raise DataError(f"turn {i} must be an object, got {type(turn).__name__}")
+        if "from" not in turn or "value" not in turn:
+            raise DataError(f"turn {i} needs 'from' and 'value'")
+        src, value = turn["from"], turn["value"]
+        if src not in SHAREGPT_ROLES:
+            raise DataError(f"turn {i} has unknown 'from' {src!r}")
+        if not isinstance(value, str):
+            raise DataError(f"turn {i} value must be a string, got {type(value).__name__}")
+        if src == "function_call":
+            value = _function_call_text(value)
+        messages.append({"role": SHAREGPT_ROLES[src], "content": value})
+    return messages
+
+
+def _to_messages(obj, field):
+    """A message list from either message dicts or ShareGPT turns."""
+    if isinstance(obj, list) and obj and isinstance(obj[0], dict) and "from" in obj[0]:
+        return sharegpt_to_messages(obj)
+    if not isinstance(obj, list):
+        raise DataError(f"'{field}' must be a list of messages, got {type(obj).__name__}")
+    return obj
+
+
+def normalize_sft(obj):
+    """{"messages", "domain", "tags"} from one SFT record, or DataError."""
+    if not isinstance(obj, dict):
+        raise DataError(f"record must be a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        messages = _to_messages(obj["messages"], "messages")
+    elif "conversations" in obj:
+        messages = sharegpt_to_messages(obj["conversations"], obj.get("system"))
+    else:
+        raise DataError("record has neither 'messages' nor 'conversations'")
+    if isinstance(messages, list) and not messages:
+        raise DataError("empty conversation")
+    validate_messages(messages)
+    domain, tags = _meta(obj)
+    return {"messages": messages, "domain": domain, "tags": tags}
+
+
+def _answer_text(value, field):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list):
+        if not value:
+            raise DataError(f"'{field}' is an empty list")
+        msgs = _to_messages(value, field)
+        parts = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") != "assistant":
+                raise DataError(f"'{field}' message {i} must be an assistant message")
+            if not isinstance(m.get("content"), str):
+                raise DataError(f"'{field}' message {i} content must be a string")
+            parts.append(m["content"] + "".join(render_tool_call(c) for c in m.get("tool_calls") or []))
+        return "".join(parts)
+    raise DataError(f"'{field}' must be a string or assistant message(s), got {type(value).__name__}")
+
+
+def normalize_dpo(obj):
+    """{"prompt": messages, "chosen": str, "rejected": str, "domain", "tags"} or DataError."""
+    if not isinstance(obj, dict):
+        raise DataError(f"record must be a JSON object, got {type(obj).__name__}")
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in obj:
+            raise DataError(f"DPO record has no '{key}'")
+    prompt = obj["prompt"]
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    else:
+        prompt = _to_messages(prompt, "prompt")
+    validate_messages(prompt, require_final_assistant=False)
+    chosen = _answer_text(obj["chosen"], "chosen")
+    rejected = _answer_text(obj["rejected"], "rejected")
+    domain, tags = _meta(obj)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "domain": domain, "tags": tags}
+
+
+def read_jsonl(path, kind="sft", skip_bad=False, bad=None):
+    """Yield (line_number, normalized record) from a JSONL file.
+
+    Bad records raise DataError naming file and line; with ``skip_bad`` they are appended to the
+    ``bad`` list as (file, line, problem) instead, so the caller can count and report them.
+    Blank lines are not records and are passed over.
+    """
+    normalize = {"sft": normalize_sft, "dpo": normalize_dpo}[kind]
+    path = str(path)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+                rec = normalize(obj)
+            except DataError as e:
+                if not skip_bad:
+                    raise e.located(path, lineno) from None
+                if bad is not None:
+                    bad.append((path, lineno, e.problem))
+                continue
+            yield lineno, rec
+
+
+def detect_kind(path):
+    """'dpo' if the first record looks like a preference pair, else 'sft'."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    return "sft"
+                return "dpo" if isinstance(obj, dict) and "chosen" in obj else "sft"
+    return "sft"

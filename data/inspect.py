@@ -1,0 +1,151 @@
+"""Show samples as the model sees them, with the trained spans marked.
+
+Reads JSONL (SFT or DPO, detected from the first record) or a prepared directory. Trained text
+is wrapped in [[ ]] (or shown green on a terminal); with a tokenizer the marks come from the
+actual label mask, so this is a direct check of what the loss is computed on.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from .errors import DataError
+from .formats import read_jsonl, detect_kind
+from .format_check import format_check
+from .template import chat_segments, encode_chat, IGNORE_INDEX
+
+_GREEN, _RESET = "\033[32m", "\033[0m"
+
+
+def _mark(text, trained, color):
+    if not trained or not text:
+        return text
+    return f"{_GREEN}{text}{_RESET}" if color else f"[[{text}]]"
+
+
+def mark_segments(segments, color=False):
+    """Template segments joined, with adjacent trained segments marked as one span."""
+    out, run, run_trained = [], [], None
+    for text, trained in segments:
+        if run and trained != run_trained:
+            out.append(_mark("".join(run), run_trained, color))
+            run = []
+        run.append(text)
+        run_trained = trained
+    if run:
+        out.append(_mark("".join(run), run_trained, color))
+    return "".join(out)
+
+
+def mark_tokens(tokenizer, ids, labels, color=False):
+    """Decode ids, grouping runs of trained / untrained tokens and marking the trained runs."""
+    out, run, run_trained = [], [], None
+    for tok, lab in zip(ids, labels):
+        t = lab != IGNORE_INDEX
+        if run and t != run_trained:
+            out.append(_mark(tokenizer.decode(run), run_trained, color))
+            run = []
+        run.append(int(tok))
+        run_trained = t
+    if run:
+        out.append(_mark(tokenizer.decode(run), run_trained, color))
+    return "".join(out)
+
+
+def _conversations(rec, kind):
+    if kind == "sft":
+        return [("", rec["messages"])]
+    return [(side, rec["prompt"] + [{"role": "assistant", "content": rec[side]}]) for side in ("chosen", "rejected")]
+
+
+def inspect_jsonl(path, n, tokenizer=None, color=False, out=None, skip_bad=False):
+    out = out or sys.stdout
+    kind = detect_kind(path)
+    bad = []
+    shown = 0
+    totals = {"tokens": 0, "trained": 0}
+    for lineno, rec in read_jsonl(path, kind=kind, skip_bad=skip_bad, bad=bad):
+        if shown >= n:
+            break
+        meta = f"domain={rec['domain']} tags={','.join(rec['tags'])}" if rec["domain"] or rec["tags"] else ""
+        print(f"=== {path}:{lineno} ({kind}) {meta}", file=out)
+        for side, msgs in _conversations(rec, kind):
+            if side:
+                print(f"--- {side}", file=out)
+            if tokenizer is None:
+                print(mark_segments(chat_segments(msgs), color), file=out)
+            else:
+                ids, labels = encode_chat(tokenizer, msgs)
+                trained = sum(1 for x in labels if x != IGNORE_INDEX)
+                totals["tokens"] += len(ids)
+                totals["trained"] += trained
+                print(mark_tokens(tokenizer, ids, labels, color), file=out)
+                print(f"    tokens={len(ids)} trained={trained}", file=out)
+            answer = msgs[-1]["content"]
+            errs = format_check(answer)
+            if errs:
+                print("    format errors: " + "; ".join(errs), file=out)
+        shown += 1
+    if tokenizer is not None and shown:
+        print(f"shown {shown} samples: {totals['tokens']} tokens, {totals['trained']} trained "
+              f"({100.0 * totals['trained'] / max(1, totals['tokens']):.1f}%)", file=out)
+    if bad:
+        print(f"skipped {len(bad)} bad records (first: {bad[0][0]}:{bad[0][1]}: {bad[0][2]})", file=out)
+
+
+def inspect_prepared(directory, n, tokenizer, color=False, out=None):
+    out = out or sys.stdout
+    from .dataset import open_prepared
+    ds = open_prepared(directory)
+    print(f"=== {directory}: {ds.manifest['kind']} samples={len(ds)} hash={ds.data_hash[:16]}", file=out)
+    names = ds.domains
+    dom = ds.domain_ids()
+    for i in range(min(n, len(ds))):
+        print(f"--- sample {i} domain={names[dom[i]]}", file=out)
+        sides = [("", ds[i])] if ds.manifest["kind"] == "sft" else list(ds[i].items())
+        for side, (ids, labels) in sides:
+            if side:
+                print(f"  [{side}]", file=out)
+            print(mark_tokens(tokenizer, ids, labels, color), file=out)
+            print(f"    tokens={len(ids)} trained={int(np.sum(labels != IGNORE_INDEX))}", file=out)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m data.inspect",
+                                description="Print rendered samples with trained spans marked ([[...]] or green on a "
+                                            "terminal) and token statistics.")
+    p.add_argument("file", metavar="FILE", help="a JSONL file (SFT or DPO) or a prepared directory")
+    p.add_argument("-n", type=int, default=3, help="number of samples to show (default %(default)s)")
+    p.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="tokenizer directory; marks come from the real label mask and token counts are shown "
+                        "(required for a prepared directory). Without it, marks are per template segment.")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="colour trained text instead of brackets (default auto: only on a terminal)")
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of stopping")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    try:
+        tok = None
+        if args.tokenizer:
+            from .tokenizer import load_tokenizer
+            tok = load_tokenizer(args.tokenizer)
+        if os.path.isdir(args.file):
+            if tok is None:
+                print("error: a prepared directory needs --tokenizer to decode", file=sys.stderr)
+                return 2
+            inspect_prepared(args.file, args.n, tok, color)
+        else:
+            inspect_jsonl(args.file, args.n, tok, color, skip_bad=args.skip_bad)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

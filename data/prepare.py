@@ -1,0 +1,315 @@
+"""Tokenize JSONL once into memory-mapped shards that every loader rank reads without parsing text.
+
+Layout of a prepared directory (all arrays are raw little-endian files read with np.memmap; their
+dtype and length are in manifest.json):
+
+    SFT  tokens.bin  int32  all samples' token ids, concatenated
+         mask.bin    uint8  1 where the token is trained (its label is the token itself), else 0
+         offsets.bin int64  num_samples + 1 start offsets into tokens/mask
+         domain.bin  int16  domain id per sample (names in manifest "domains")
+    DPO  chosen_{tokens,mask,offsets}.bin and rejected_{...}.bin as above, plus domain.bin
+
+manifest.json also carries ``data_hash``, a SHA-256 over the arrays and the special ids, so a
+trainer can key caches (e.g. precomputed reference log-probs) by the exact prepared content.
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+
+from .errors import DataError
+from .formats import read_jsonl
+from .packing import fit_document
+from .template import chat_segments, EOS_TOKEN, IGNORE_INDEX
+from .tokenizer import load_tokenizer
+
+FORMAT_NAME = "lingmoe-prepared"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_CHUNK = 256  # records per encode_batch call; amortizes the Rust call overhead
+
+
+class _ArrayWriter:
+    """Appends to one raw array file while hashing exactly the bytes written."""
+
+    def __init__(self, directory, name, dtype):
+        self.name, self.dtype = name, np.dtype(dtype).newbyteorder("<")
+        self.f = open(os.path.join(directory, name + ".bin"), "wb")
+        self.hash = hashlib.sha256()
+        self.count = 0
+
+    def write(self, values):
+        arr = np.asarray(values, dtype=self.dtype)
+        b = arr.tobytes()
+        self.f.write(b)
+        self.hash.update(b)
+        self.count += arr.size
+
+    def close(self):
+        self.f.close()
+        return {"dtype": self.dtype.str, "length": self.count, "sha256": self.hash.hexdigest()}
+
+
+class _Sequences:
+    """tokens/mask/offsets triple for one stream of sequences (SFT, or one DPO side)."""
+
+    def __init__(self, directory, prefix):
+        self.tokens = _ArrayWriter(directory, prefix + "tokens", np.int32)
+        self.mask = _ArrayWriter(directory, prefix + "mask", np.uint8)
+        self.offsets = _ArrayWriter(directory, prefix + "offsets", np.int64)
+        self.offsets.write([0])
+        self.total = 0
+        self.trained = 0
+
+    def add(self, ids, labels):
+        labels = np.asarray(labels, dtype=np.int64)
+        mask = (labels != IGNORE_INDEX).astype(np.uint8)
+        self.tokens.write(ids)
+        self.mask.write(mask)
+        self.total += len(ids)
+        self.trained += int(mask.sum())
+        self.offsets.write([self.total])
+
+    def close(self):
+        return [self.tokens.close(), self.mask.close(), self.offsets.close()]
+
+
+def _encode_many(tokenizer, conversations):
+    """encode_chat over many conversations with one batched tokenizer call."""
+    seg_lists = [chat_segments(msgs) for msgs in conversations]
+    flat = [t for segs in seg_lists for t, _ in segs]
+    pieces = tokenizer.encode_batch(flat)
+    out, k = [], 0
+    for segs in seg_lists:
+        ids, labels = [], []
+        for _, trained in segs:
+            p = pieces[k]
+            k += 1
+            ids.extend(p)
+            labels.extend(p if trained else [IGNORE_INDEX] * len(p))
+        out.append((ids, labels))
+    return out
+
+
+def _count_lines(path):
+    n = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            n += block.count(b"\n")
+    return n
+
+
+def _atomic_output(out_dir):
+    """A fresh temp dir beside ``out_dir`` (same filesystem, so the final rename is atomic)."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise DataError("output exists and is not a directory", file=out_dir)
+        if os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, MANIFEST)):
+            # Refuse to replace a directory we did not write.
+            raise DataError("output directory is not empty and holds no prepared data; refusing to replace it",
+                            file=out_dir)
+    return out_dir, tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".tmp-", dir=parent)
+
+
+def _publish(tmp, out_dir):
+    old = None
+    if os.path.exists(out_dir):
+        old = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".old-", dir=os.path.dirname(out_dir))
+        os.rmdir(old)
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare(files, tokenizer, out_dir, kind="sft", skip_bad=False, max_len=None, overlong="truncate",
+            default_domain=None, progress=False):
+    """Tokenize ``files`` into ``out_dir``; returns the manifest dict.
+
+    ``tokenizer`` is a Tokenizer or a tokenizer directory. Raises DataError on the first bad
+    record unless ``skip_bad``; either way nothing is left at ``out_dir`` unless it all worked.
+    """
+    if kind not in ("sft", "dpo"):
+        raise ValueError(f"kind must be 'sft' or 'dpo', got {kind!r}")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
+    if tokenizer.eos_id is None or tokenizer.token_to_id(EOS_TOKEN) != tokenizer.eos_id:
+        raise DataError(f"tokenizer eos must be {EOS_TOKEN!r} for the bailing template", file=tokenizer.name)
+    if tokenizer.vocab_size >= 2 ** 31:
+        raise DataError("vocabulary too large for int32 token storage")
+    files = [str(f) for f in files]
+    for f in files:
+        if not os.path.isfile(f):
+            raise DataError("input file not found", file=f)
+    out_dir, tmp = _atomic_output(out_dir)
+    try:
+        manifest = _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, default_domain, progress)
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, default_domain, progress):
+    from tqdm import tqdm
+
+    sides = [""] if kind == "sft" else ["chosen_", "rejected_"]
+    seqs = {s: _Sequences(tmp, s) for s in sides}
+    domain_w = _ArrayWriter(tmp, "domain", np.int16)
+    domains, domain_counts, tag_counts = [], {}, {}
+    bad, sources = [], []
+    stats = {"truncated": 0, "dropped_long": 0}
+    n_samples = 0
+    bar = tqdm(total=sum(_count_lines(f) for f in files) if progress else None, unit="rec", desc="prepare",
+               disable=not progress, file=sys.stderr)
+
+    def flush(chunk):
+        nonlocal n_samples
+        if not chunk:
+            return
+        if kind == "sft":
+            convs = [[r["messages"]] for r in chunk]
+        else:
+            convs = [[r["prompt"] + [{"role": "assistant", "content": r[s]}] for s in ("chosen", "rejected")]
+                     for r in chunk]
+        flat = _encode_many(tokenizer, [c for group in convs for c in group])
+        per = len(sides)
+        for i, rec in enumerate(chunk):
+            encoded = flat[i * per:(i + 1) * per]
+            fitted, status = [], "ok"
+            for ids, labels in encoded:
+                if max_len is not None:
+                    ids, labels, st = fit_document(ids, labels, max_len, overlong)
+                    if st == "dropped":
+                        status = "dropped"
+                    elif st == "truncated" and status == "ok":
+                        status = "truncated"
+                fitted.append((ids, labels))
+            if status == "dropped":
+                stats["dropped_long"] += 1
+                continue
+            if status == "truncated":
+                stats["truncated"] += 1
+            for s, (ids, labels) in zip(sides, fitted):
+                seqs[s].add(ids, labels)
+            name = rec["domain"] or default_domain or "default"
+            if name not in domains:
+                if len(domains) >= 2 ** 15 - 1:
+                    raise DataError("too many distinct domains (int16 ids)")
+                domains.append(name)
+            domain_w.write([domains.index(name)])
+            domain_counts[name] = domain_counts.get(name, 0) + 1
+            for t in rec["tags"]:
+                tag_counts[t] = tag_counts.get(t, 0) + 1
+            n_samples += 1
+
+    for f in files:
+        bad_before, records = len(bad), 0
+        chunk = []
+        for _, rec in read_jsonl(f, kind=kind, skip_bad=skip_bad, bad=bad):
+            records += 1
+            chunk.append(rec)
+            if len(chunk) >= _CHUNK:
+                flush(chunk)
+                bar.update(len(chunk))
+                chunk = []
+        flush(chunk)
+        bar.update(len(chunk))
+        sources.append({"file": os.path.abspath(f), "records": records, "skipped": len(bad) - bad_before})
+    bar.close()
+
+    arrays = {}
+    for s in sides:
+        for info, w in zip(seqs[s].close(), (seqs[s].tokens, seqs[s].mask, seqs[s].offsets)):
+            arrays[w.name] = info
+    arrays["domain"] = domain_w.close()
+    if n_samples == 0:
+        raise DataError("no usable samples in " + ", ".join(files))
+
+    h = hashlib.sha256()
+    h.update(json.dumps({"kind": kind, "domains": domains, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
+                         "version": FORMAT_VERSION}, sort_keys=True).encode())
+    for name in sorted(arrays):
+        h.update(name.encode() + arrays[name]["sha256"].encode())
+    manifest = {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "kind": kind,
+        "num_samples": n_samples,
+        "num_tokens": {s.rstrip("_") or "tokens": seqs[s].total for s in sides},
+        "num_trained_tokens": {s.rstrip("_") or "tokens": seqs[s].trained for s in sides},
+        "domains": domains, "domain_counts": domain_counts, "tag_counts": tag_counts,
+        "tokenizer": {"fingerprint": tokenizer.fingerprint(), "vocab_size": tokenizer.vocab_size,
+                      "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id},
+        "max_len": max_len, "overlong": overlong if max_len is not None else None,
+        "truncated": stats["truncated"], "dropped_long": stats["dropped_long"],
+        "num_skipped": len(bad),
+        "skipped": [{"file": f, "line": ln, "problem": p} for f, ln, p in bad[:1000]],
+        "sources": sources, "arrays": arrays, "data_hash": h.hexdigest(),
+    }
+    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
+        json.dump(manifest, fh, indent=1, sort_keys=True)
+    return manifest
+
+
+def summary(manifest):
+    """A few human lines describing a prepared directory."""
+    lines = [f"kind={manifest['kind']} samples={manifest['num_samples']} hash={manifest['data_hash'][:16]}"]
+    for name, n in manifest["num_tokens"].items():
+        lines.append(f"  {name}: {n} tokens, {manifest['num_trained_tokens'][name]} trained")
+    lines.append("  domains: " + ", ".join(f"{d}={c}" for d, c in sorted(manifest["domain_counts"].items())))
+    lines.append(f"  truncated={manifest['truncated']} dropped_long={manifest['dropped_long']} "
+                 f"skipped_bad={manifest['num_skipped']}")
+    for s in manifest["skipped"][:10]:
+        lines.append(f"    skipped {s['file']}:{s['line']}: {s['problem']}")
+    if manifest["num_skipped"] > 10:
+        lines.append(f"    ... and {manifest['num_skipped'] - 10} more (see manifest.json)")
+    return "\n".join(lines)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m data.prepare",
+        description="Tokenize chat JSONL (SFT or DPO pairs) with the bailing template into memory-mapped "
+                    "shards plus manifest.json. Output is written to a temp dir and renamed at the end.")
+    p.add_argument("files", nargs="+", metavar="FILE", help="input JSONL files, read in the given order")
+    p.add_argument("--tokenizer", required=True, metavar="DIR",
+                   help="Hugging Face tokenizer directory (tokenizer.json [+ tokenizer_config.json])")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced if it holds prepared data)")
+    p.add_argument("--kind", choices=("sft", "dpo"), default="sft",
+                   help="sft: messages/conversations records; dpo: prompt/chosen/rejected pairs (default sft)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip and count malformed records instead of stopping at the first one")
+    p.add_argument("--max-len", type=int, default=None, metavar="N",
+                   help="cut samples (each DPO side) longer than N tokens; counted in the summary")
+    p.add_argument("--overlong", choices=("truncate", "drop"), default="truncate",
+                   help="with --max-len: truncate long samples to N tokens or drop them (default truncate)")
+    p.add_argument("--domain", default=None,
+                   help="domain name for records without a 'domain' field (default 'default')")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        manifest = prepare(args.files, args.tokenizer, args.out, kind=args.kind, skip_bad=args.skip_bad,
+                           max_len=args.max_len, overlong=args.overlong, default_domain=args.domain,
+                           progress=not args.quiet)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {os.path.abspath(args.out)}")
+    print(summary(manifest))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The "bailing" chat template (Ling / Ling-Lite), with assistant-only labels.
+
+Rendered form, turn by turn::
+
+    system     <role>SYSTEM</role>{content}
+    user       <role>HUMAN</role>{content}<role>ASSISTANT</role>
+    tool       <role>OBSERVATION</role>{content}<role>ASSISTANT</role>
+    assistant  {content}
+    (end)      <|endoftext|>   -- once, right after the last assistant turn
+
+Labels are -100 everywhere except assistant content and the final EOS. An assistant turn that
+is followed by another turn ends where the next ``<role>`` begins; that ``<role>`` token is part of
+the following turn's prefix and is not trained.
+
+We tokenize each segment separately and concatenate the ids; the concatenation is exactly what
+we train on. That is what makes label boundaries exact. With the bailing markers every segment
+boundary sits next to a special token (which the tokenizer splits out before BPE anyway), so for
+such tokenizers this equals tokenizing the rendered string in one go; a test checks that on the
+shipped demo tokenizer.
+"""
+import json
+
+from .errors import DataError
+
+ROLE_OPEN = "<role>"
+ROLE_CLOSE = "</role>"
+EOS_TOKEN = "<|endoftext|>"
+ROLE_END = "<|role_end|>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+
+SYSTEM_PREFIX = "<role>SYSTEM</role>"
+USER_PREFIX = "<role>HUMAN</role>"
+TOOL_PREFIX = "<role>OBSERVATION</role>"
+ASSISTANT_PREFIX = "<role>ASSISTANT</role>"
+
+SPECIAL_TOKENS = [EOS_TOKEN, ROLE_OPEN, ROLE_CLOSE, ROLE_END, THINK_OPEN, THINK_CLOSE, TOOL_OPEN, TOOL_CLOSE]
+ROLES = ("system", "user", "assistant", "tool")
+IGNORE_INDEX = -100
+
+
+def render_tool_call(call):
+    """One ``<tool_call>{json}</tool_call>`` from {"name", "arguments"} (or OpenAI's {"function": ...})."""
+    if isinstance(call, dict) and isinstance(call.get("function"), dict):
+        call = call["function"]
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        raise DataError("a tool call must be an object with a string 'name'")
+    args = call.get("arguments", {})
+    if isinstance(args, str):
+        # OpenAI stores arguments as a JSON string; keep the object form so the rendered JSON is
+        # one canonical object rather than a string containing JSON.
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            raise DataError("tool call 'arguments' is a string that is not valid JSON") from None
+    body = json.dumps({"name": call["name"], "arguments": args}, ensure_ascii=False)
+    return f"{TOOL_OPEN}{body}{TOOL_CLOSE}"
+
+
+def _assistant_text(msg):
+    text = msg["content"]
+    for call in msg.get("tool_calls") or []:
+        text += render_tool_call(call)
+    return text
+
+
+def validate_messages(messages, require_final_assistant=True):
+    """Check structure; raise DataError (without file/line, the reader adds those)."""
+    if not isinstance(messages, list):
+        raise DataError(f"messages must be a list, got {type(messages).__name__}")
+    if not messages:
+        raise DataError("empty conversation")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DataError(f"message {i} must be an object, got {type(m).__name__}")
+        if "role" not in m:
+            raise DataError(f"message {i} has no 'role'")
+        if "content" not in m:
+            raise DataError(f"message {i} has no 'content'")
+        role, content = m["role"], m["content"]
+        if role not in ROLES:
+            raise DataError(f"message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(content, str):
+            raise DataError(f"message {i} content must be a string, got {type(content).__name__}")
+        if role == "system" and i != 0:
+            raise DataError(f"message {i}: a system message may only come first")
+        if m.get("tool_calls") is not None:
+            if role != "assistant" or not isinstance(m["tool_calls"], list):
+                raise DataError(f"message {i}: 'tool_calls' must be a list on an assistant message")
+            for call in m["tool_calls"]:
+                render_tool_call(call)
+    if require_final_assistant:
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"conversation must end with an assistant message, ends with {messages[-1]['role']!r}")
+    elif messages[-1]["role"] not in ("user", "tool"):
+        raise DataError(f"a prompt must end with a user or tool message, ends with {messages[-1]['role']!r}")
+    if len(messages) == 1 and messages[0]["role"] == "system":
+        raise DataError("conversation has only a system message")
+
+
+def chat_segments(messages, add_eos=True):
+    """The rendered conversation as (text, trained) segments, in order."""
+    segs = []
+    last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    for i, m in enumerate(messages):
+        role = m["role"]
+        if role == "system":
+            segs.append((SYSTEM_PREFIX + m["content"], False))
+        elif role == "user":
+            segs.append((USER_PREFIX + m["content"] + ASSISTANT_PREFIX, False))
+        elif role == "tool":
+            segs.append((TOOL_PREFIX + m["content"] + ASSISTANT_PREFIX, False))
+        else:
+            segs.append((_assistant_text(m), True))
+            if add_eos and i == last_assistant and i == len(messages) - 1:
+                segs.append((EOS_TOKEN, True))
+    return segs
+
+
+def render_chat(messages, add_eos=True):
+    """The conversation as the exact string the model sees."""
+    # A conversation ending with a user/tool turn renders as a generation prompt.
+    ends_with_answer = isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+        and messages[-1].get("role") == "assistant"
+    validate_messages(messages, require_final_assistant=bool(ends_with_answer))
+    return "".join(text for text, _ in chat_segments(messages, add_eos=add_eos))
+
+
+def _encode_segments(tokenizer, segs):
+    texts = [t for t, _ in segs]
+    pieces = tokenizer.encode_batch(texts) if hasattr(tokenizer, "encode_batch") else [tokenizer.encode(t) for t in texts]
+    input_ids, labels = [], []
+    for (_, trained), ids in zip(segs, pieces):
+        input_ids.extend(ids)
+        labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
+    return input_ids, labels
+
+
+def encode_chat(tokenizer, messages):
+    """(input_ids, labels) for one SFT conversation; labels are unshifted (the model shifts)."""
+    validate_messages(messages)
+    eos = getattr(tokenizer, "eos_id", None)
+    if eos is None or tokenizer.token_to_id(EOS_TOKEN) != eos:
+        # The template writes the EOS as text; it must map to the tokenizer's eos id, or the
+        # model would be trained to stop on a token the generator never watches for.
+        raise DataError(f"tokenizer eos id {eos} is not the id of {EOS_TOKEN!r}")
+    return _encode_segments(tokenizer, chat_segments(messages))
+
+
+def encode_prompt(tokenizer, messages):
+    """Token ids of a generation prompt (ends with ``<role>ASSISTANT</role>``), nothing trained."""
+    validate_messages(messages, require_final_assistant=False)
+    ids, _ = _encode_segments(tokenizer, chat_segments(messages))
+    return ids
+
+
+def encode_dpo_pair(tokenizer, example):
+    """Encode {"prompt", "chosen", "rejected"} (strings or message lists; see formats.normalize_dpo).
+
+    Returns {"chosen": (ids, labels), "rejected": (ids, labels)}; each side is the prompt
+    (labels -100) followed by the answer and EOS (trained).
+    """
+    from .formats import normalize_dpo
+    ex = normalize_dpo(example)
+    out = {}
+    for side in ("chosen", "rejected"):
+        msgs = ex["prompt"] + [{"role": "assistant", "content": ex[side]}]
+        out[side] = encode_chat(tokenizer, msgs)
+    return out
