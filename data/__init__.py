@@ -9,10 +9,16 @@ from .template import (render_chat, encode_chat, encode_prompt, encode_dpo_pair,
 from .formats import read_jsonl, normalize_sft, normalize_dpo
 from .format_check import format_check
 from .packing import pack_documents, best_fit_decreasing, BATCH_KEYS
-from .prepare import prepare
 from .dataset import PreparedSFT, PreparedDPO, open_prepared
 from .mixture import SampleStream, parse_weights
 from .loader import SFTLoader, DPOLoader, collate_dpo
+
+
+def prepare_data(files, tokenizer, out_dir, **kwargs):
+    """data.prepare.prepare under a name that cannot clash with the data.prepare module; imported
+    on use so that `python -m data.prepare` does not find its module already loaded."""
+    from .prepare import prepare as _prepare
+    return _prepare(files, tokenizer, out_dir, **kwargs)
 
 
 def ensure_demo_data(out_dir="demo_data", **kwargs):
@@ -25,6 +31,6 @@ __all__ = [
     "DataError", "Tokenizer", "load_tokenizer", "render_chat", "encode_chat", "encode_prompt", "encode_dpo_pair",
     "chat_segments", "validate_messages", "IGNORE_INDEX", "SPECIAL_TOKENS", "EOS_TOKEN", "read_jsonl",
     "normalize_sft", "normalize_dpo", "format_check", "pack_documents", "best_fit_decreasing", "BATCH_KEYS",
-    "prepare", "PreparedSFT", "PreparedDPO", "open_prepared", "SampleStream", "parse_weights", "SFTLoader",
+    "prepare_data", "PreparedSFT", "PreparedDPO", "open_prepared", "SampleStream", "parse_weights", "SFTLoader",
     "DPOLoader", "collate_dpo", "ensure_demo_data",
 ]

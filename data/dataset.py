@@ -9,8 +9,11 @@ import os
 import numpy as np
 
 from .errors import DataError
-from .prepare import FORMAT_NAME, FORMAT_VERSION, MANIFEST
 from .template import IGNORE_INDEX
+
+FORMAT_NAME = "lingmoe-prepared"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
 
 
 def read_manifest(directory):

@@ -28,9 +28,7 @@ from .packing import fit_document
 from .template import chat_segments, EOS_TOKEN, IGNORE_INDEX
 from .tokenizer import load_tokenizer
 
-FORMAT_NAME = "lingmoe-prepared"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+from .dataset import FORMAT_NAME, FORMAT_VERSION, MANIFEST
 _CHUNK = 256  # records per encode_batch call; amortizes the Rust call overhead
 
 

@@ -10,7 +10,10 @@ from data.formats import normalize_sft, normalize_dpo
 from data import inspect as inspect_mod, stats as stats_mod
 from data.prepare import build_parser as prepare_parser
 from data.demo import build_parser as demo_parser
-from test_data_helpers import write_jsonl
+try:
+    from test_data_helpers import write_jsonl
+except ImportError:  # tests/ imported as a package
+    from tests.test_data_helpers import write_jsonl
 
 
 @pytest.fixture(scope="module")

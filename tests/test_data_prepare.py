@@ -4,10 +4,13 @@ import os
 import numpy as np
 import pytest
 
-from data import prepare, DataError, PreparedSFT, PreparedDPO, encode_chat, encode_dpo_pair
+from data import prepare_data as prepare, DataError, PreparedSFT, PreparedDPO, encode_chat, encode_dpo_pair
 from data.formats import normalize_sft
 from data.prepare import main as prepare_main
-from test_data_helpers import tiny_tokenizer, write_jsonl
+try:
+    from test_data_helpers import tiny_tokenizer, tiny_hf_tokenizer, write_jsonl
+except ImportError:  # tests/ imported as a package
+    from tests.test_data_helpers import tiny_tokenizer, tiny_hf_tokenizer, write_jsonl
 
 M = -100
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "domain": "a"}
@@ -15,7 +18,6 @@ GOOD2 = {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "val
 
 
 def _tok_dir(tmp_path):
-    from test_data_helpers import tiny_hf_tokenizer
     d = tmp_path / "tok"
     d.mkdir()
     tiny_hf_tokenizer().save(str(d / "tokenizer.json"))

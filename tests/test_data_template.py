@@ -3,7 +3,10 @@ import pytest
 from data import render_chat, encode_chat, encode_dpo_pair, encode_prompt, DataError, load_tokenizer
 from data.formats import normalize_sft, normalize_dpo
 from data.demo import TOKENIZER_DIR, generate
-from test_data_helpers import tiny_tokenizer
+try:
+    from test_data_helpers import tiny_tokenizer
+except ImportError:  # tests/ imported as a package
+    from tests.test_data_helpers import tiny_tokenizer
 
 M = -100
 
