@@ -275,6 +275,8 @@ def main(argv=None):
                             row["skipped"] = "no CUDA and Triton interpreter not active"
                         elif T * K * H * I > _INTERP_MAX_WORK:
                             row["skipped"] = "shape too large for the interpreter"
+                        elif dtype != torch.float32:
+                            row["skipped"] = "interpreter 16-bit math is wrong; use --dtype fp32"
                     if row["skipped"]:
                         rows.append(row)
                         continue

@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 
 import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
+from kernels._grouped_gemm import pick_config  # noqa: E402
 from kernels.routing import build_routing, max_tiles  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -202,3 +203,22 @@ def test_bench_cli_rows(tmp_path):
             assert r["ok"] and r["max_rel_err"] < 1e-4
         if r["impl"] == "loop":
             assert r["speedup_vs_loop"] == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_rows", [6, 512 * 6, 16384 * 6])
+def test_gpu_config_heuristic_is_legal(monkeypatch, dtype, n_rows):
+    # The GPU branch of the heuristic cannot run here, but its legality can be checked:
+    # tl.dot needs power-of-two blocks >= 16, and every pipelined kernel must fit in the
+    # H100's 227 KB of shared memory per block with room to spare.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cfg = pick_config(n_rows, 64, dtype)
+    blocks = [cfg.block_m, cfg.block_n, cfg.block_n_gu, cfg.block_k,
+              cfg.wg_block_m, cfg.wg_block_n, cfg.wg_block_k]
+    assert all(b >= 16 and b & (b - 1) == 0 for b in blocks)
+    nbytes = torch.empty(0, dtype=dtype).element_size()
+    gate_up = (cfg.block_m * cfg.block_k + 2 * cfg.block_k * cfg.block_n_gu) * nbytes
+    rows = (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * nbytes
+    wgrad = (cfg.wg_block_m * cfg.wg_block_k + cfg.wg_block_k * cfg.wg_block_n) * nbytes
+    assert max(gate_up, rows, wgrad) * cfg.num_stages <= 160 * 1024
+    assert cfg.num_warps in (4, 8)
