@@ -1,0 +1,499 @@
+"""Triton grouped-GEMM kernels for the MoE expert MLP, and their launchers.
+
+Legend: T tokens, E experts, K top-k, H hidden, I expert width, N = T*K routed rows.
+Suffixes name shapes: x_TH [T, H], w_gate_up_E2IH [E, 2I, H] (rows [:I] gate, [I:] up),
+w_down_EHI [E, H, I], gu_N2I / h_NI / dgu_N2I are in *sorted* row order (see routing.py),
+o_NH / dx_NH are in *flat* (t*K + k) order so that a fixed-order sum over K combines them.
+
+Two kinds of grid:
+  * row-tile kernels: axis 0 walks the padded tile table (one BM-row tile of one expert,
+    padding tiles have expert -1 and exit at once), axis 1 walks output columns.
+  * weight-gradient kernel: one program per (expert, BM x BN output tile); it loops over
+    all of that expert's rows itself, so every dW element is written by exactly one
+    program with a fixed summation order (bitwise reproducible, no atomics).
+
+All accumulation is fp32. Launchers check shapes/dtypes, make operands contiguous,
+allocate outputs and compute grids; they hold no autograd state.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .routing import Routing
+
+__all__ = [
+    "KernelConfig", "pick_config", "interpreter_active",
+    "gate_up_fwd", "down_fwd", "down_bwd", "gate_up_bwd_dx", "down_wgrad", "gate_up_wgrad",
+]
+
+
+# ----------------------------------------------------------------------------- configs
+
+class KernelConfig(NamedTuple):
+    block_m: int      # rows per tile (must equal Routing.block_m)
+    block_n: int      # output columns per program for the single-accumulator kernels
+    block_n_gu: int   # output columns per program for gate_up (it carries two accumulators)
+    block_k: int      # reduction step
+    wg_block_m: int   # weight-gradient tile rows
+    wg_block_n: int   # weight-gradient tile cols
+    wg_block_k: int   # weight-gradient reduction step (routed rows per iteration)
+    num_warps: int
+    num_stages: int
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pick_config(n_rows: int, num_experts: int, dtype: torch.dtype) -> KernelConfig:
+    """Per-shape heuristic instead of @triton.autotune (multi-config autotune cannot run under
+    the interpreter, and a heuristic keeps the choice visible and deterministic)."""
+    if interpreter_active():
+        # The interpreter's cost is per program and per op, not per element; 16 is the
+        # smallest legal tl.dot size and keeps tiny test shapes multi-tile.
+        return KernelConfig(16, 16, 16, 16, 16, 16, 16, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        # fp32 tiles are twice as wide in shared memory; keep stages*tiles under ~100 KB.
+        return KernelConfig(64, 64, 32, 32, 64, 64, 32, num_warps=4, num_stages=2)
+    avg_rows = n_rows / max(num_experts, 1)
+    # Small per-expert loads waste most of a 128-row tile on padding.
+    bm = 128 if avg_rows >= 256 else 64
+    return KernelConfig(bm, 128, 64, 64, 128, 128, 64,
+                        num_warps=8 if bm == 128 else 4, num_stages=3)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs would silently run as tf32 on Ampere+ with the default; the fp32 path is
+    # the accuracy reference, so ask for full precision. Irrelevant for 16-bit inputs.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _silu_parts(g):
+    # Returns sigmoid(g) and silu(g) in fp32; the backward needs both.
+    s = 1.0 / (1.0 + tl.exp(-g))
+    return s, g * s
+
+
+@triton.jit
+def _gate_up_fwd_kernel(
+    x_ptr, w_ptr, h_ptr, gu_ptr,
+    tok_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
+    H, I,
+    stride_xt, stride_we, stride_wo, stride_h, stride_gu,
+    SAVE_GU: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + pid_m)
+    if e < 0:
+        return
+    row0 = tl.load(tile_row_ptr + pid_m)
+    row_end = tl.load(offsets_ptr + e + 1)
+    rows = row0 + tl.arange(0, BM)
+    rmask = rows < row_end
+    # Gather x rows while loading: the permuted copy x[sorted_token] is never materialised.
+    tok = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < I
+    ks = tl.arange(0, BK)
+
+    a_ptrs = x_ptr + tok[:, None] * stride_xt + ks[None, :]
+    w_base = w_ptr + e.to(tl.int64) * stride_we
+    # B[k, n] = W[e, n, k]: nn.Linear layout read transposed, no copy.
+    bg_ptrs = w_base + cols[None, :].to(tl.int64) * stride_wo + ks[:, None]
+    bu_ptrs = bg_ptrs + I * stride_wo
+    acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+    acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        kmask = (k0 + ks) < H
+        a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        bmask = kmask[:, None] & cmask[None, :]
+        bg = tl.load(bg_ptrs, mask=bmask, other=0.0)
+        bu = tl.load(bu_ptrs, mask=bmask, other=0.0)
+        acc_g = tl.dot(a, bg, acc=acc_g, input_precision=DOT_PREC)
+        acc_u = tl.dot(a, bu, acc=acc_u, input_precision=DOT_PREC)
+        a_ptrs += BK
+        bg_ptrs += BK
+        bu_ptrs += BK
+
+    _, silu_g = _silu_parts(acc_g)
+    h = silu_g * acc_u
+    rows64 = rows.to(tl.int64)
+    omask = rmask[:, None] & cmask[None, :]
+    h_ptrs = h_ptr + rows64[:, None] * stride_h + cols[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=omask)
+    if SAVE_GU:
+        g_ptrs = gu_ptr + rows64[:, None] * stride_gu + cols[None, :]
+        tl.store(g_ptrs, acc_g.to(gu_ptr.dtype.element_ty), mask=omask)
+        tl.store(g_ptrs + I, acc_u.to(gu_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _rows_gemm_kernel(
+    a_ptr, b_ptr, out_ptr, tw_ptr,
+    tok_ptr, flat_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
+    N_OUT, K_RED,
+    stride_a, stride_be, stride_bk, stride_bn, stride_out,
+    A_GATHER: tl.constexpr, SCALE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """out[flat[r], :] = (scale_r *) A[r or tok[r], :] @ B_e for every routed row r.
+
+    B_e[k, n] = b_ptr[e*stride_be + k*stride_bk + n*stride_bn], so the same kernel reads
+    w_down transposed (forward) or w_gate_up as stored (dX backward).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + pid_m)
+    if e < 0:
+        return
+    row0 = tl.load(tile_row_ptr + pid_m)
+    row_end = tl.load(offsets_ptr + e + 1)
+    rows = row0 + tl.arange(0, BM)
+    rmask = rows < row_end
+    if A_GATHER:
+        arow = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    else:
+        arow = rows.to(tl.int64)
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < N_OUT
+    ks = tl.arange(0, BK)
+    a_ptrs = a_ptr + arow[:, None] * stride_a + ks[None, :]
+    b_ptrs = (b_ptr + e.to(tl.int64) * stride_be
+              + ks[:, None].to(tl.int64) * stride_bk + cols[None, :].to(tl.int64) * stride_bn)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K_RED, BK):
+        kmask = (k0 + ks) < K_RED
+        a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc=acc, input_precision=DOT_PREC)
+        a_ptrs += BK
+        b_ptrs += BK * stride_bk
+
+    flat = tl.load(flat_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    if SCALE:
+        tw = tl.load(tw_ptr + flat, mask=rmask, other=0.0).to(tl.float32)
+        acc = acc * tw[:, None]
+    # Scatter to the flat (t, k) slot: each slot is written once, and the caller's sum over
+    # K then runs in a fixed order (deterministic, unlike float atomics on y).
+    o_ptrs = out_ptr + flat[:, None] * stride_out + cols[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _down_bwd_kernel(
+    dy_ptr, w_ptr, gu_ptr, tw_ptr, dgu_ptr, dtw_part_ptr,
+    tok_ptr, flat_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
+    H, I,
+    stride_dy, stride_we, stride_wo, stride_gu, stride_dgu, stride_part,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """dh_r = dy[tok_r] @ W_down[e] (unweighted), then in the epilogue:
+    partial d(topk_w)_r = <dh_r, h_r> over this column block, and the SwiGLU backward
+    dg = w_r*dh*u*silu'(g), du = w_r*dh*silu(g) written as dgu (sorted rows, [N, 2I])."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + pid_m)
+    if e < 0:
+        return
+    row0 = tl.load(tile_row_ptr + pid_m)
+    row_end = tl.load(offsets_ptr + e + 1)
+    rows = row0 + tl.arange(0, BM)
+    rmask = rows < row_end
+    tok = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < I
+    ks = tl.arange(0, BK)
+    a_ptrs = dy_ptr + tok[:, None] * stride_dy + ks[None, :]
+    # W_down[e] is [H, I]: B[k, n] = W[e, k, n], already the layout dh = dy @ W needs.
+    b_ptrs = w_ptr + e.to(tl.int64) * stride_we + ks[:, None].to(tl.int64) * stride_wo + cols[None, :]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        kmask = (k0 + ks) < H
+        a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc=acc, input_precision=DOT_PREC)
+        a_ptrs += BK
+        b_ptrs += BK * stride_wo
+
+    rows64 = rows.to(tl.int64)
+    omask = rmask[:, None] & cmask[None, :]
+    g_ptrs = gu_ptr + rows64[:, None] * stride_gu + cols[None, :]
+    g = tl.load(g_ptrs, mask=omask, other=0.0).to(tl.float32)
+    u = tl.load(g_ptrs + I, mask=omask, other=0.0).to(tl.float32)
+    sig, silu_g = _silu_parts(g)
+    h = silu_g * u
+    flat = tl.load(flat_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    # Masked columns hold acc = 0 and h = 0, so they add nothing to the partial dot.
+    part = tl.sum(acc * h, axis=1)
+    tl.store(dtw_part_ptr + flat * stride_part + pid_n, part, mask=rmask)
+    tw = tl.load(tw_ptr + flat, mask=rmask, other=0.0).to(tl.float32)
+    dh = acc * tw[:, None]
+    du = dh * silu_g
+    dg = dh * u * (sig + silu_g * (1.0 - sig))
+    d_ptrs = dgu_ptr + rows64[:, None] * stride_dgu + cols[None, :]
+    tl.store(d_ptrs, dg.to(dgu_ptr.dtype.element_ty), mask=omask)
+    tl.store(d_ptrs + I, du.to(dgu_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _expert_wgrad_kernel(
+    a_ptr, b_ptr, out_ptr, tw_ptr,
+    tok_ptr, flat_ptr, offsets_ptr,
+    M, N, B_HALF,
+    stride_a, stride_b, stride_oe, stride_om,
+    A_GATHER: tl.constexpr, A_SCALE: tl.constexpr,
+    B_GATHER: tl.constexpr, B_SWIGLU: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """dW[e] = sum over expert e's rows r of A_r^T B_r, with A_r / B_r optionally gathered by
+    token, A_r optionally scaled by topk_w, and B_r optionally h = silu(g)*u rebuilt from
+    the cached pre-activation (g at column n, u at column B_HALF + n)."""
+    e = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    r_begin = tl.load(offsets_ptr + e)
+    r_end = tl.load(offsets_ptr + e + 1)
+    ms = pid_m * BM + tl.arange(0, BM)
+    ns = pid_n * BN + tl.arange(0, BN)
+    mmask = ms < M
+    nmask = ns < N
+    rk = tl.arange(0, BK)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    # One program owns this output tile and walks the rows in sorted order: the fp32 sum has a
+    # fixed order, so dW is bitwise identical run to run. Empty experts store zeros.
+    for r0 in range(r_begin, r_end, BK):
+        rr = r0 + rk
+        rmask = rr < r_end
+        if A_GATHER:
+            arow = tl.load(tok_ptr + rr, mask=rmask, other=0).to(tl.int64)
+        else:
+            arow = rr.to(tl.int64)
+        if B_GATHER:
+            brow = tl.load(tok_ptr + rr, mask=rmask, other=0).to(tl.int64)
+        else:
+            brow = rr.to(tl.int64)
+        a_t = tl.load(a_ptr + arow[None, :] * stride_a + ms[:, None],
+                      mask=mmask[:, None] & rmask[None, :], other=0.0)
+        if A_SCALE:
+            flat = tl.load(flat_ptr + rr, mask=rmask, other=0).to(tl.int64)
+            tw = tl.load(tw_ptr + flat, mask=rmask, other=0.0).to(tl.float32)
+            a_t = (a_t.to(tl.float32) * tw[None, :]).to(a_ptr.dtype.element_ty)
+        bmask = rmask[:, None] & nmask[None, :]
+        if B_SWIGLU:
+            g_ptrs = b_ptr + brow[:, None] * stride_b + ns[None, :]
+            g = tl.load(g_ptrs, mask=bmask, other=0.0).to(tl.float32)
+            u = tl.load(g_ptrs + B_HALF, mask=bmask, other=0.0).to(tl.float32)
+            _, silu_g = _silu_parts(g)
+            b = (silu_g * u).to(b_ptr.dtype.element_ty)
+        else:
+            b = tl.load(b_ptr + brow[:, None] * stride_b + ns[None, :], mask=bmask, other=0.0)
+        acc = tl.dot(a_t, b, acc=acc, input_precision=DOT_PREC)
+    o_ptrs = out_ptr + e.to(tl.int64) * stride_oe + ms[:, None].to(tl.int64) * stride_om + ns[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _check_routing(routing: Routing, cfg: KernelConfig, n_rows: int) -> None:
+    if routing.block_m != cfg.block_m:
+        raise ValueError(f"routing built for block_m={routing.block_m}, kernels use {cfg.block_m}")
+    if routing.sorted_token_ids.numel() != n_rows:
+        raise ValueError("routing tables do not match the number of routed rows")
+
+
+def _check_device(*tensors: torch.Tensor) -> None:
+    dev = tensors[0].device
+    for t in tensors:
+        if t.device != dev:
+            raise ValueError(f"all tensors must be on one device, got {t.device} and {dev}")
+    if dev.type != "cuda" and not interpreter_active():
+        raise RuntimeError("Triton MoE kernels need a CUDA device or TRITON_INTERPRET=1 "
+                           "(set before importing triton)")
+
+
+def _tile_grid(routing: Routing, n_cols: int, block_n: int):
+    return (routing.tile_expert.numel(), triton.cdiv(n_cols, block_n))
+
+
+def gate_up_fwd(x_TH: torch.Tensor, w_gate_up_E2IH: torch.Tensor, routing: Routing,
+                cfg: KernelConfig, save_preact: bool):
+    """h_NI = silu(x[tok] @ Wg^T) * (x[tok] @ Wu^T) per sorted row; also gu_N2I = [g | u]
+    when save_preact (the backward needs the pre-activation)."""
+    x_TH = x_TH.contiguous()
+    w = w_gate_up_E2IH.contiguous()
+    _check_device(x_TH, w)
+    T, H = x_TH.shape
+    E, I2, H_w = w.shape
+    if H_w != H or I2 % 2:
+        raise ValueError(f"w_gate_up must be [E, 2I, {H}], got {tuple(w.shape)}")
+    if w.dtype != x_TH.dtype:
+        raise TypeError(f"w_gate_up dtype {w.dtype} != x dtype {x_TH.dtype}")
+    I = I2 // 2
+    n_rows = routing.sorted_token_ids.numel()
+    _check_routing(routing, cfg, n_rows)
+    h_NI = torch.empty(n_rows, I, dtype=x_TH.dtype, device=x_TH.device)
+    gu_N2I = torch.empty(n_rows, I2, dtype=x_TH.dtype, device=x_TH.device) if save_preact else h_NI
+    grid = _tile_grid(routing, I, cfg.block_n_gu)
+    _gate_up_fwd_kernel[grid](
+        x_TH, w, h_NI, gu_N2I,
+        routing.sorted_token_ids, routing.tile_expert, routing.tile_row_start, routing.expert_offsets,
+        H, I,
+        x_TH.stride(0), w.stride(0), w.stride(1), h_NI.stride(0), gu_N2I.stride(0),
+        SAVE_GU=save_preact,
+        BM=cfg.block_m, BN=cfg.block_n_gu, BK=cfg.block_k, DOT_PREC=_dot_precision(x_TH.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return h_NI, (gu_N2I if save_preact else None)
+
+
+def down_fwd(h_NI: torch.Tensor, w_down_EHI: torch.Tensor, topk_weights_N: torch.Tensor,
+             routing: Routing, cfg: KernelConfig) -> torch.Tensor:
+    """o_NH[flat(r)] = topk_w[flat(r)] * h_r @ W_down[e]^T, in flat (t*K + k) order."""
+    h_NI = h_NI.contiguous()
+    w = w_down_EHI.contiguous()
+    tw = topk_weights_N.contiguous().reshape(-1)
+    _check_device(h_NI, w, tw)
+    n_rows, I = h_NI.shape
+    E, H, I_w = w.shape
+    if I_w != I:
+        raise ValueError(f"w_down must be [E, H, {I}], got {tuple(w.shape)}")
+    if w.dtype != h_NI.dtype:
+        raise TypeError(f"w_down dtype {w.dtype} != activation dtype {h_NI.dtype}")
+    if tw.numel() != n_rows:
+        raise ValueError("topk_weights must have T*K elements")
+    _check_routing(routing, cfg, n_rows)
+    o_NH = torch.empty(n_rows, H, dtype=h_NI.dtype, device=h_NI.device)
+    grid = _tile_grid(routing, H, cfg.block_n)
+    _rows_gemm_kernel[grid](
+        h_NI, w, o_NH, tw,
+        routing.sorted_token_ids, routing.sorted_flat_ids, routing.tile_expert,
+        routing.tile_row_start, routing.expert_offsets,
+        H, I,
+        h_NI.stride(0), w.stride(0), w.stride(2), w.stride(1), o_NH.stride(0),
+        A_GATHER=False, SCALE=True,
+        BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, DOT_PREC=_dot_precision(h_NI.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return o_NH
+
+
+def down_bwd(dy_TH: torch.Tensor, w_down_EHI: torch.Tensor, gu_N2I: torch.Tensor,
+             topk_weights_N: torch.Tensor, routing: Routing, cfg: KernelConfig):
+    """Returns dgu_N2I (sorted rows, activation dtype) and dtw_part_NB (fp32, flat rows, one
+    column per I-block; the caller sums the columns in order to get d topk_weights)."""
+    dy_TH = dy_TH.contiguous()
+    w = w_down_EHI.contiguous()
+    gu_N2I = gu_N2I.contiguous()
+    tw = topk_weights_N.contiguous().reshape(-1)
+    _check_device(dy_TH, w, gu_N2I, tw)
+    T, H = dy_TH.shape
+    E, H_w, I = w.shape
+    n_rows = gu_N2I.shape[0]
+    if H_w != H or gu_N2I.shape[1] != 2 * I:
+        raise ValueError("down_bwd: inconsistent shapes")
+    if not (dy_TH.dtype == w.dtype == gu_N2I.dtype):
+        raise TypeError("down_bwd: dy, w_down and the cached pre-activation must share a dtype")
+    _check_routing(routing, cfg, n_rows)
+    n_blocks = triton.cdiv(I, cfg.block_n)
+    dgu_N2I = torch.empty_like(gu_N2I)
+    dtw_part_NB = torch.empty(n_rows, n_blocks, dtype=torch.float32, device=dy_TH.device)
+    grid = (routing.tile_expert.numel(), n_blocks)
+    _down_bwd_kernel[grid](
+        dy_TH, w, gu_N2I, tw, dgu_N2I, dtw_part_NB,
+        routing.sorted_token_ids, routing.sorted_flat_ids, routing.tile_expert,
+        routing.tile_row_start, routing.expert_offsets,
+        H, I,
+        dy_TH.stride(0), w.stride(0), w.stride(1), gu_N2I.stride(0), dgu_N2I.stride(0),
+        dtw_part_NB.stride(0),
+        BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, DOT_PREC=_dot_precision(dy_TH.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dgu_N2I, dtw_part_NB
+
+
+def gate_up_bwd_dx(dgu_N2I: torch.Tensor, w_gate_up_E2IH: torch.Tensor, routing: Routing,
+                   cfg: KernelConfig) -> torch.Tensor:
+    """dx_NH[flat(r)] = [dg_r | du_r] @ W_gate_up[e] (reduction over 2I), flat order."""
+    dgu_N2I = dgu_N2I.contiguous()
+    w = w_gate_up_E2IH.contiguous()
+    _check_device(dgu_N2I, w)
+    n_rows, I2 = dgu_N2I.shape
+    E, I2_w, H = w.shape
+    if I2_w != I2:
+        raise ValueError("gate_up_bwd_dx: inconsistent shapes")
+    if w.dtype != dgu_N2I.dtype:
+        raise TypeError("gate_up_bwd_dx: dtype mismatch")
+    _check_routing(routing, cfg, n_rows)
+    dx_NH = torch.empty(n_rows, H, dtype=dgu_N2I.dtype, device=dgu_N2I.device)
+    grid = _tile_grid(routing, H, cfg.block_n)
+    _rows_gemm_kernel[grid](
+        dgu_N2I, w, dx_NH, dgu_N2I,
+        routing.sorted_token_ids, routing.sorted_flat_ids, routing.tile_expert,
+        routing.tile_row_start, routing.expert_offsets,
+        H, I2,
+        dgu_N2I.stride(0), w.stride(0), w.stride(1), w.stride(2), dx_NH.stride(0),
+        A_GATHER=False, SCALE=False,
+        BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, DOT_PREC=_dot_precision(w.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dx_NH
+
+
+def _wgrad_launch(a, b, out, tw, routing, cfg, M, N, b_half, a_gather, a_scale, b_gather,
+                  b_swiglu):
+    E = out.shape[0]
+    grid = (E, triton.cdiv(M, cfg.wg_block_m), triton.cdiv(N, cfg.wg_block_n))
+    _expert_wgrad_kernel[grid](
+        a, b, out, tw,
+        routing.sorted_token_ids, routing.sorted_flat_ids, routing.expert_offsets,
+        M, N, b_half,
+        a.stride(0), b.stride(0), out.stride(0), out.stride(1),
+        A_GATHER=a_gather, A_SCALE=a_scale, B_GATHER=b_gather, B_SWIGLU=b_swiglu,
+        BM=cfg.wg_block_m, BN=cfg.wg_block_n, BK=cfg.wg_block_k,
+        DOT_PREC=_dot_precision(a.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def down_wgrad(dy_TH: torch.Tensor, gu_N2I: torch.Tensor, topk_weights_N: torch.Tensor,
+               routing: Routing, cfg: KernelConfig, num_experts: int,
+               out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """dW_down[e] = sum_r (w_r * dy[tok_r])^T h_r, h rebuilt from the cached g, u. [E, H, I]."""
+    dy_TH = dy_TH.contiguous()
+    gu_N2I = gu_N2I.contiguous()
+    tw = topk_weights_N.contiguous().reshape(-1)
+    _check_device(dy_TH, gu_N2I, tw)
+    if dy_TH.dtype != gu_N2I.dtype:
+        raise TypeError("down_wgrad: dtype mismatch")
+    H = dy_TH.shape[1]
+    I = gu_N2I.shape[1] // 2
+    out = torch.empty(num_experts, H, I, dtype=out_dtype or dy_TH.dtype, device=dy_TH.device)
+    return _wgrad_launch(dy_TH, gu_N2I, out, tw, routing, cfg, H, I, I,
+                         a_gather=True, a_scale=True, b_gather=False, b_swiglu=True)
+
+
+def gate_up_wgrad(dgu_N2I: torch.Tensor, x_TH: torch.Tensor, routing: Routing,
+                  cfg: KernelConfig, num_experts: int,
+                  out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """dW_gate_up[e] = sum_r [dg_r | du_r]^T x[tok_r]. [E, 2I, H]."""
+    dgu_N2I = dgu_N2I.contiguous()
+    x_TH = x_TH.contiguous()
+    _check_device(dgu_N2I, x_TH)
+    if dgu_N2I.dtype != x_TH.dtype:
+        raise TypeError("gate_up_wgrad: dtype mismatch")
+    I2 = dgu_N2I.shape[1]
+    H = x_TH.shape[1]
+    out = torch.empty(num_experts, I2, H, dtype=out_dtype or x_TH.dtype, device=x_TH.device)
+    return _wgrad_launch(dgu_N2I, x_TH, out, dgu_N2I, routing, cfg, I2, H, 0,
+                         a_gather=False, a_scale=False, b_gather=True, b_swiglu=False)

@@ -1,0 +1,351 @@
+"""Benchmark of MoE expert-MLP implementations: `python -m kernels.bench --help`.
+
+Legend: T tokens, E experts, K top-k, H hidden, I expert width, N = T*K routed rows.
+
+Implementations: "triton" (kernels.moe_mlp), "grouped_mm" (sort once + torch._grouped_mm),
+"loop" (per-expert loop, kernels.reference.moe_mlp) and "dense" (one dense SwiGLU MLP over
+N rows with the same FLOPs: the ceiling a perfectly balanced grouped GEMM could reach).
+FLOPs: 3 GEMMs of 2*H*I per routed row forward (6*N*H*I); forward+backward is 3x that.
+
+Every implementation is checked against the loop reference (in fp32) before it is timed;
+the relative error goes into each JSON row. On a CPU-only machine the torch paths run at
+small default shapes and "triton" runs only under the Triton interpreter
+(TRITON_INTERPRET=1 set before launch), which says nothing about GPU speed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+IMPLS = ("triton", "grouped_mm", "loop", "dense")
+PASSES = ("fwd", "fwd+bwd")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+# Largest N*H*I the interpreter is allowed to chew on; beyond it a single launch takes minutes.
+_INTERP_MAX_WORK = 2 ** 20
+
+
+def moe_flops(n_tokens: int, top_k: int, hidden: int, inter: int, pass_: str) -> int:
+    fwd = 3 * 2 * n_tokens * top_k * hidden * inter
+    return fwd if pass_ == "fwd" else 3 * fwd
+
+
+def _parse(argv):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(
+        prog="python -m kernels.bench",
+        description="Time MoE expert-MLP implementations (forward and forward+backward). "
+                    "Defaults are Ling-Lite shapes on a GPU and small shapes on CPU.")
+    p.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384] if cuda else [64],
+                   help="token counts T to sweep (default: 4096 8192 16384 on GPU, 64 on CPU)")
+    p.add_argument("--experts", type=int, default=64 if cuda else 8,
+                   help="number of routed experts E (default: 64 on GPU, 8 on CPU)")
+    p.add_argument("--topk", type=int, default=6 if cuda else 2,
+                   help="experts per token K (default: 6 on GPU, 2 on CPU)")
+    p.add_argument("--hidden", type=int, default=2048 if cuda else 64,
+                   help="model width H (default: 2048 on GPU, 64 on CPU)")
+    p.add_argument("--inter", type=int, default=1408 if cuda else 32,
+                   help="expert intermediate width I (default: 1408 on GPU, 32 on CPU)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16" if cuda else "fp32",
+                   help="activation/weight dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--skew", type=float, nargs="+", default=[0.0, 1.2],
+                   help="routing skews to sweep: 0 = uniform, s > 0 = Zipf(s) expert popularity "
+                        "(default: 0 1.2)")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
+                   help="implementations to run (default: all)")
+    p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES),
+                   help="passes to time (default: fwd fwd+bwd)")
+    p.add_argument("--reps", type=int, default=20 if cuda else 3,
+                   help="timed repetitions; the median is reported (default: 20 GPU, 3 CPU)")
+    p.add_argument("--warmup", type=int, default=5 if cuda else 1,
+                   help="untimed warm-up repetitions (default: 5 GPU, 1 CPU)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for inputs and routing")
+    p.add_argument("--json", default="benchmarks/moe_bench.json",
+                   help="where to write the JSON results (default: benchmarks/moe_bench.json)")
+    p.add_argument("--plot", default="benchmarks/moe_bench.png",
+                   help="where to write the PNG plot (default: benchmarks/moe_bench.png)")
+    p.add_argument("--no-plot", action="store_true", help="do not draw the PNG plot")
+    return p.parse_args(argv)
+
+
+def _route(T, E, K, skew, gen, device):
+    """[T, K] distinct experts per token: uniform, or Zipf(skew) popularity over experts."""
+    if skew <= 0:
+        probs = torch.ones(E)
+    else:
+        probs = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** skew
+    ids = torch.multinomial(probs.float().expand(T, E), K, replacement=False, generator=gen)
+    return ids.to(device)
+
+
+def _make_inputs(T, E, K, H, I, dtype, skew, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=gen)
+    w_gu = torch.randn(E, 2 * I, H, generator=gen) / math.sqrt(H)
+    w_d = torch.randn(E, H, I, generator=gen) / math.sqrt(I)
+    ids = _route(T, E, K, skew, gen, device)
+    tw = torch.softmax(torch.randn(T, K, generator=gen), dim=-1)
+    dy = torch.randn(T, H, generator=gen)
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(x), cast(w_gu), cast(w_d), ids, tw.to(device), cast(dy)
+
+
+def _impl_fn(name):
+    from . import reference
+    if name == "loop":
+        return reference.moe_mlp
+    if name == "grouped_mm":
+        return reference.grouped_mm_moe_mlp
+    if name == "triton":
+        from .moe_mlp import moe_mlp
+        return moe_mlp
+    raise ValueError(name)
+
+
+def _dense_fn(T, K, H, I, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(T * K, H, generator=gen).to(device, dtype)
+    w1 = (torch.randn(H, 2 * I, generator=gen) / math.sqrt(H)).to(device, dtype)
+    w2 = (torch.randn(I, H, generator=gen) / math.sqrt(I)).to(device, dtype)
+    dy = torch.randn(T * K, H, generator=gen).to(device, dtype)
+
+    def run(backward):
+        xs = [t.detach().requires_grad_(backward) for t in (x, w1, w2)]
+        g, u = (xs[0] @ xs[1]).chunk(2, dim=-1)
+        y = (F.silu(g) * u) @ xs[2]
+        if backward:
+            torch.autograd.grad(y, xs, dy)
+        return y
+    return run
+
+
+def _rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+def _check(fn, inputs, backward):
+    """Max relative error of the output (and the four gradients) against the loop
+    reference evaluated in fp32 on fp32 copies of the same inputs."""
+    from . import reference
+    x, w_gu, w_d, ids, tw, dy = inputs
+    ref_in = [t.detach().float().requires_grad_(backward) for t in (x, w_gu, w_d)]
+    ref_tw = tw.detach().float().requires_grad_(backward)
+    y_ref = reference.moe_mlp(ref_in[0], ref_in[1], ref_in[2], ids, ref_tw)
+    if y_ref.abs().max() == 0:
+        raise RuntimeError("reference output is all zeros: refusing to benchmark on it")
+    test_in = [t.detach().requires_grad_(backward) for t in (x, w_gu, w_d)]
+    test_tw = tw.detach().requires_grad_(backward)
+    with torch.set_grad_enabled(backward):
+        y = fn(test_in[0], test_in[1], test_in[2], ids, test_tw)
+    errs = [_rel_err(y, y_ref)]
+    if backward:
+        got = torch.autograd.grad(y, test_in + [test_tw], dy)
+        want = torch.autograd.grad(y_ref, ref_in + [ref_tw], dy.float())
+        errs += [_rel_err(a, b) for a, b in zip(got, want)]
+    return max(errs)
+
+
+def _moe_runner(fn, inputs, backward):
+    x, w_gu, w_d, ids, tw, dy = inputs
+
+    def run(_backward=backward):
+        if not _backward:
+            with torch.no_grad():
+                return fn(x, w_gu, w_d, ids, tw)
+        xs = [t.detach().requires_grad_(True) for t in (x, w_gu, w_d, tw)]
+        y = fn(xs[0], xs[1], xs[2], ids, xs[3])
+        torch.autograd.grad(y, xs, dy)
+        return y
+    return run
+
+
+def _time(run, reps, warmup, device):
+    for _ in range(warmup):
+        run()
+    times = []
+    if device.type == "cuda":
+        for _ in range(reps):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _git_commit():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def _device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def _plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: skipping the plot ({path})")
+        return
+    fig, axes = plt.subplots(1, len(PASSES), figsize=(12, 4.5), squeeze=False)
+    for ax, pass_ in zip(axes[0], PASSES):
+        series = {}
+        for r in rows:
+            if r["pass"] == pass_ and r["tflops"] is not None:
+                series.setdefault((r["impl"], r["skew"]), []).append((r["T"], r["tflops"]))
+        for (impl, skew), pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    label=f"{impl} skew={skew:g}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("TFLOP/s")
+        ax.set_title(pass_)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    args = _parse(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = _DTYPES[args.dtype]
+    from ._grouped_gemm import interpreter_active
+    interp = interpreter_active()
+    notes = []
+    if device.type == "cpu":
+        notes.append("CPU only: timings are CPU timings of small shapes, not GPU performance.")
+        if "triton" in args.impls:
+            notes.append("triton runs under the Triton interpreter (correctness only)." if interp
+                         else "triton skipped: no CUDA and TRITON_INTERPRET=1 was not set "
+                              "before launch (run `TRITON_INTERPRET=1 python -m kernels.bench`).")
+    from .reference import grouped_mm_available
+    if "grouped_mm" in args.impls:
+        probe = torch.empty(1, dtype=dtype, device=device)
+        if not grouped_mm_available(probe, with_backward=False):
+            notes.append("grouped_mm: torch._grouped_mm unavailable here, using its loop fallback.")
+        elif not grouped_mm_available(probe, with_backward=True):
+            notes.append("grouped_mm: torch._grouped_mm backward unavailable here; fwd+bwd "
+                         "uses its loop fallback.")
+    for n in notes:
+        print("note:", n)
+
+    E, K, H, I = args.experts, args.topk, args.hidden, args.inter
+    rows = []
+    for T in args.tokens:
+        for skew in args.skew:
+            inputs = _make_inputs(T, E, K, H, I, dtype, skew, device, args.seed)
+            for pass_ in args.passes:
+                backward = pass_ == "fwd+bwd"
+                flops = moe_flops(T, K, H, I, pass_)
+                for impl in args.impls:
+                    row = dict(impl=impl, **{"pass": pass_}, T=T, E=E, K=K, H=H, I=I,
+                               dtype=args.dtype, skew=skew, ms=None, tflops=None, flops=flops,
+                               max_rel_err=None, ok=None, skipped=None)
+                    if impl == "triton" and device.type == "cpu":
+                        if not interp:
+                            row["skipped"] = "no CUDA and Triton interpreter not active"
+                        elif T * K * H * I > _INTERP_MAX_WORK:
+                            row["skipped"] = "shape too large for the interpreter"
+                        elif dtype != torch.float32:
+                            row["skipped"] = "interpreter 16-bit math is wrong; use --dtype fp32"
+                    if row["skipped"]:
+                        rows.append(row)
+                        continue
+                    if impl == "dense":
+                        run = _dense_fn(T, K, H, I, dtype, device, args.seed)
+                        run_pass = lambda r=run, b=backward: r(b)  # noqa: E731
+                    else:
+                        fn = _impl_fn(impl)
+                        err = _check(fn, inputs, backward)
+                        row["max_rel_err"] = err
+                        row["ok"] = err <= _TOL[dtype]
+                        if not row["ok"]:
+                            print(f"WARNING: {impl} {pass_} T={T} skew={skew}: relative error "
+                                  f"{err:.3g} exceeds {_TOL[dtype]:g}")
+                        run_pass = _moe_runner(fn, inputs, backward)
+                    row["ms"] = _time(run_pass, args.reps, args.warmup, device)
+                    row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+                    rows.append(row)
+
+    _add_relative(rows)
+    _print_table(rows, device, notes)
+    meta = dict(device=_device_name(device), torch=torch.__version__, triton=_triton_version(),
+                git_commit=_git_commit(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                interpreter=interp, notes=notes, rows=rows)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(meta, f, indent=2)
+    print(f"wrote {args.json}")
+    if not args.no_plot:
+        _plot(rows, args.plot)
+    return meta
+
+
+def _triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def _add_relative(rows):
+    key = lambda r: (r["pass"], r["T"], r["skew"])  # noqa: E731
+    dense = {key(r): r for r in rows if r["impl"] == "dense" and r["ms"]}
+    loop = {key(r): r for r in rows if r["impl"] == "loop" and r["ms"]}
+    for r in rows:
+        d, lp = dense.get(key(r)), loop.get(key(r))
+        r["pct_of_dense"] = 100.0 * r["tflops"] / d["tflops"] if d and r["tflops"] else None
+        r["speedup_vs_loop"] = lp["ms"] / r["ms"] if lp and r["ms"] else None
+
+
+def _print_table(rows, device, notes):
+    print(f"\nMoE expert MLP on {_device_name(device)}")
+    hdr = (f"{'impl':<11}{'pass':<9}{'T':>7}{'skew':>6}{'ms':>11}{'TFLOP/s':>10}"
+           f"{'%dense':>8}{'x loop':>8}{'rel err':>10}")
+    print(hdr)
+    print("-" * len(hdr))
+    def fmt(v, width, spec):
+        return format(v, spec).rjust(width) if v is not None else "-".rjust(width)
+    for r in rows:
+        if r["skipped"]:
+            print(f"{r['impl']:<11}{r['pass']:<9}{r['T']:>7}{r['skew']:>6g}  skipped: {r['skipped']}")
+            continue
+        print(f"{r['impl']:<11}{r['pass']:<9}{r['T']:>7}{r['skew']:>6g}{fmt(r['ms'], 11, '.3f')}"
+              f"{fmt(r['tflops'], 10, '.3g')}{fmt(r['pct_of_dense'], 8, '.1f')}"
+              f"{fmt(r['speedup_vs_loop'], 8, '.2f')}{fmt(r['max_rel_err'], 10, '.2e')}")
+    print()
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
