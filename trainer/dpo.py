@@ -123,8 +123,8 @@ class DPOTask:
         import data
 
         self.pad_id = cfg.pad_token_id
-        self.loader = data.DPOLoader(self.source, opts.data.micro_batch_size, rank=info.rank,
-                                     world_size=info.world_size, seed=opts.train.seed, seq_len=opts.data.seq_len)
+        self.loader = data.DPOLoader(self.source, opts.data.seq_len, opts.data.micro_batch_size, rank=info.rank,
+                                     world_size=info.world_size, seed=opts.train.seed)
         return self.loader
 
     # ------------------------------------------------------------------ reference log-probs

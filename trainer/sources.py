@@ -86,9 +86,10 @@ def prepared_sources(opts, rank: int, kind: str, demo_key) -> tuple[dict[str, st
             if os.path.exists(os.path.join(out, "manifest.json")):
                 continue
             try:
-                manifest = data.prepare([path], tokenizer, out, kind=kind, skip_bad=opts.data.skip_bad, progress=True)
-                print(data.prepare_summary(manifest) if hasattr(data, "prepare_summary") else
-                      f"prepared {path}: {manifest['num_samples']} samples, {manifest['num_skipped']} skipped")
+                manifest = data.prepare_data([path], tokenizer, out, kind=kind, skip_bad=opts.data.skip_bad, progress=True)
+                from data.prepare import summary
+
+                print(f"prepared {path} -> {out}\n{summary(manifest)}", flush=True)
             except data.DataError as e:
                 failure = str(e)
                 break
