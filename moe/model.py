@@ -273,7 +273,7 @@ class BailingMoeForCausalLM(nn.Module):
             out.logits = F.linear(h, w_head)
         if labels is not None and return_token_logps:
             shifted = torch.cat([labels[:, 1:], labels.new_full((B, 1), -100)], dim=1).reshape(-1)
-            out.token_logps = chunked_token_logps(h.reshape(B * S, -1), w_head, shifted, ce_chunk_size or 4096).view(B, S)
+            out.token_logps = chunked_token_logps(h.reshape(B * S, -1), w_head, shifted, ce_chunk_size or 4096).view(B, S).clone()  # FSDP2 hooks outputs; a view would lose it
         elif labels is not None:
             shifted = torch.cat([labels[:, 1:], labels.new_full((B, 1), -100)], dim=1).reshape(-1)
             if out.logits is not None and ce_chunk_size is None:

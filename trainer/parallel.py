@@ -39,11 +39,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_OWN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_env_set_here = False
+
+
 def init_distributed() -> DistInfo:
     """Join (or, for a plain `python trainer/x.py`, create) the default process group."""
+    global _env_set_here
     if "RANK" not in os.environ:  # single process: a group of one so every code path is the same
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+        _env_set_here = True
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -61,8 +67,13 @@ def init_distributed() -> DistInfo:
 
 
 def shutdown_distributed() -> None:
+    global _env_set_here
     if dist.is_initialized():
         dist.destroy_process_group()
+    if _env_set_here:  # a later run in this process picks a fresh port
+        for k in _OWN_ENV:
+            os.environ.pop(k, None)
+        _env_set_here = False
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:

@@ -1,0 +1,174 @@
+"""SFT trainer: FSDP vs single process, accumulation invariance, resume, SIGTERM, router balance, CLI errors."""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.trainer_utils import ROOT, TINY, exported, metrics, run_inproc, run_torchrun
+from trainer.checkpoint import latest_checkpoint
+from trainer.optim import lr_lambda
+
+
+def _close(a, b, rtol=1e-5, atol=1e-6):
+    return abs(a - b) <= atol + rtol * abs(b)
+
+
+def test_two_rank_fsdp_equals_single_process(tmp_path):
+    common = TINY + ["--data.synthetic", "true", "--train.steps", "4", "--train.global_batch_size", "4",
+                     "--model.aux_loss_type", "global", "--model.aux_loss_alpha", "0.01", "--optim.lr", "3e-3",
+                     "--checkpoint.every", "0"]
+    run_inproc("sft", common + ["--data.micro_batch_size", "4", "--output-dir", str(tmp_path / "one")])
+    run_torchrun("sft", common + ["--data.micro_batch_size", "2", "--output-dir", str(tmp_path / "two")])
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2, 3, 4]
+    for a, b in zip(m1, m2):
+        print(f"step {a['step']}: loss {a['loss']:.6f} vs {b['loss']:.6f}, aux {a['aux_loss']:.6e} vs {b['aux_loss']:.6e}")
+        assert _close(a["loss"], b["loss"]) and _close(a["aux_loss"], b["aux_loss"]), (a, b)
+        assert _close(a["grad_norm"], b["grad_norm"], rtol=1e-4), (a["grad_norm"], b["grad_norm"])
+    w1, w2 = exported(tmp_path / "one"), exported(tmp_path / "two")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=2e-5), k
+    # The update moved the weights (the comparison above is not of two untouched inits).
+    assert m1[-1]["loss"] < m1[0]["loss"]
+
+
+def test_accumulation_split_gives_the_same_update(tmp_path):
+    # Sequence-level balance and z-loss are per row / per token, so they are split-invariant exactly.
+    common = TINY + ["--data.synthetic", "true", "--train.steps", "3", "--train.global_batch_size", "4",
+                     "--model.aux_loss_type", "sequence", "--model.aux_loss_alpha", "0.01",
+                     "--model.z_loss_coef", "0.001", "--optim.lr", "3e-3", "--checkpoint.every", "0"]
+    run_inproc("sft", common + ["--data.micro_batch_size", "4", "--output-dir", str(tmp_path / "a")])
+    run_inproc("sft", common + ["--data.micro_batch_size", "1", "--output-dir", str(tmp_path / "b")])
+    ma, mb = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    for a, b in zip(ma, mb):
+        assert _close(a["loss"], b["loss"]) and _close(a["aux_loss"], b["aux_loss"], rtol=1e-4), (a, b)
+    wa, wb = exported(tmp_path / "a"), exported(tmp_path / "b")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path):
+    args = TINY + ["--train.steps", "6", "--checkpoint.every", "3", "--checkpoint.keep_last", "3",
+                   "--train.global_batch_size", "4", "--data.micro_batch_size", "2",
+                   "--data.cache_dir", str(tmp_path / "cache")]
+    run_inproc("sft", args + ["--output-dir", str(tmp_path / "straight")])
+    crashed = tmp_path / "crashed"
+    run_inproc("sft", args + ["--output-dir", str(crashed)])
+    # Make it look as if the process died between step 3's and step 6's checkpoints, mid-save.
+    shutil.rmtree(crashed / "checkpoints" / "step_00000006")
+    shutil.rmtree(crashed / "hf")
+    (crashed / "checkpoints" / "step_00000006.tmp").mkdir()
+    with open(crashed / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 0.1')  # a line cut short by the crash
+    assert latest_checkpoint(str(crashed / "checkpoints")).endswith("step_00000003")
+    run_inproc("sft", args + ["--output-dir", str(crashed)])
+    straight, resumed = metrics(tmp_path / "straight"), metrics(crashed)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight, resumed):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], (a, b)
+    ws, wr = exported(tmp_path / "straight"), exported(crashed)
+    assert all(torch.equal(ws[k], wr[k]) for k in ws)
+    assert not (crashed / "checkpoints" / "step_00000006.tmp").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / "trainer" / "sft.py"), *TINY, "--data.synthetic", "true",
+           "--train.steps", "100000", "--checkpoint.every", "0", "--output-dir", str(out)]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-3000:]
+    assert "SIGTERM received" in err
+    last = metrics(out)[-1]["step"]
+    ckpt = latest_checkpoint(str(out / "checkpoints"))
+    assert ckpt is not None and ckpt.endswith(f"step_{last:08d}")
+
+
+def test_load_balancing_loss_evens_out_a_skewed_router(tmp_path):
+    from checkpoints_convert import save_hf
+    from moe import BailingMoeConfig, BailingMoeForCausalLM
+
+    cfg = BailingMoeConfig(vocab_size=2048, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=1,
+                           num_shared_experts=1, initializer_range=0.02, torch_dtype="float32", eos_token_id=0,
+                           pad_token_id=0)
+    torch.manual_seed(0)
+    model = BailingMoeForCausalLM(cfg)
+    with torch.no_grad():
+        # Every embedding shares a direction c, and expert 0's router row points along it: all tokens go there.
+        c = torch.randn(32)
+        model.model.word_embeddings.weight.add_(c)
+        model.model.layers[0].mlp.gate.weight[0] = c * 0.3
+    save_hf(model, tmp_path / "skewed")
+    loads = {}
+    for alpha in (0.0, 0.2):
+        out = tmp_path / f"alpha{alpha}"
+        run_inproc("sft", ["--model.init_from", str(tmp_path / "skewed"), "--data.synthetic", "true",
+                           "--train.steps", "30", "--optim.lr", "1e-2", "--optim.warmup_steps", "0",
+                           "--model.aux_loss_alpha", str(alpha), "--train.progress", "false",
+                           "--data.seq_len", "32", "--checkpoint.export_hf", "false", "--output-dir", str(out)])
+        m = metrics(out)
+        loads[alpha] = (m[0]["expert_load_max_over_mean"], sum(x["expert_load_max_over_mean"] for x in m[-5:]) / 5)
+    print("max/mean expert load (first step, mean of last 5):", loads)
+    assert loads[0.2][0] > 3.5  # K=1, E=4: everything on one expert is max/mean = 4
+    assert loads[0.2][1] < 0.75 * loads[0.2][0]
+    assert loads[0.2][1] < loads[0.0][1]
+
+
+def test_schedule_warmup_then_cosine_to_floor():
+    assert lr_lambda(0, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_lambda(9, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_lambda(10, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_lambda(55, 100, 10, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_lambda(100, 100, 10, 0.1) == pytest.approx(0.1)
+
+
+def _cli(args, timeout=120):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(ROOT / "trainer" / "sft.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_help_lists_every_option_and_rejects_unknown_ones(tmp_path):
+    from trainer.options import SFT_SECTIONS
+    import dataclasses
+
+    h = _cli(["--help"])
+    assert h.returncode == 0
+    for sec, cls in SFT_SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f"--{sec}.{f.name}" in h.stdout, f"--{sec}.{f.name} missing from --help"
+    bad = _cli(["--optim.learning_rate", "1e-4", "--output-dir", str(tmp_path / "x")])
+    assert bad.returncode == 2 and "--optim.lr" in bad.stderr and "learning_rate" in bad.stderr
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim:\n  lr: 1e-4\n  momentum: 0.9\n")
+    bad = _cli(["--config", str(recipe), "--output-dir", str(tmp_path / "y")])
+    assert bad.returncode != 0 and "unknown key optim.momentum" in bad.stderr and "'lr'" in bad.stderr
+    missing = _cli(["--data.sources", "[{path: /nonexistent/train.jsonl}]", "--output-dir", str(tmp_path / "z")])
+    assert missing.returncode != 0 and "/nonexistent/train.jsonl: no such file" in missing.stderr
+    assert not (tmp_path / "z" / "checkpoints").exists()
+
+
+def test_bad_sample_reported_with_file_and_line_before_training(tmp_path):
+    data = tmp_path / "train.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    data.write_text(json.dumps(good) + "\n" + '{"messages": [{"role": "wizard", "content": "x"}]}\n')
+    p = _cli(["--data.sources", f"[{{path: {data}}}]", "--output-dir", str(tmp_path / "run"), *TINY])
+    assert p.returncode != 0
+    assert f"{data}:2" in p.stderr and "wizard" in p.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

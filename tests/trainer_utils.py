@@ -1,0 +1,51 @@
+"""Helpers for the trainer tests: run a trainer in-process or under torchrun, read what it wrote."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# A model small enough for many short runs on 2 cores, with every structural feature kept.
+TINY = ["--model.overrides", "{hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, "
+        "intermediate_size: 64, moe_intermediate_size: 16, num_experts: 4, num_experts_per_tok: 2}",
+        "--train.progress", "false", "--data.seq_len", "32"]
+
+
+def run_inproc(script: str, args: list[str]) -> dict:
+    if script == "sft":
+        from trainer.sft import main
+    else:
+        from trainer.dpo import main
+    return main(args)
+
+
+def run_torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 240, check: bool = True):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+           str(ROOT / "trainer" / f"{script}.py"), *args]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def exported(run_dir) -> dict[str, torch.Tensor]:
+    hf = pathlib.Path(run_dir) / "hf"
+    out = {}
+    for f in sorted(hf.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
