@@ -230,6 +230,7 @@ def write_checkpoint(named_tensors: Iterable[tuple[str, torch.Tensor]], cfg: Bai
                 if layout == "hf":
                     for hf_name, piece in adapter.hf_from_native(name, t, cfg):
                         writer.add(hf_name, cast(piece, dtype))
+                    piece = None  # the last view would keep the whole stacked tensor alive
                 else:
                     writer.add(name, cast(t, dtype))
                 del t
