@@ -90,8 +90,9 @@ def compare_tensors(name: str, a: torch.Tensor, b: torch.Tensor, atol: float = 0
 
 
 def verify(path_a: str, path_b: str, atol: float = 0.0, ignore_dtype: bool = False, max_report: int = 10,
-           out=sys.stdout, progress: bool = False) -> int:
+           out=None, progress: bool = False) -> int:
     """Print differences between two checkpoints; 0 when identical, 1 otherwise."""
+    out = sys.stdout if out is None else out
     with open_checkpoint(path_a) as a, open_checkpoint(path_b) as b:
         print(f"A: {path_a} ({a.kind})\nB: {path_b} ({b.kind})", file=out)
         diffs: list[Difference] = []
