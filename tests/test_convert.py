@@ -355,3 +355,22 @@ def test_bad_native_input(capsys, tmp_path, converted):
 def test_verify_error_exit_2(capsys, tmp_path):
     rc, _, err = run_inproc(verify.main, capsys, str(TINY_HF), str(tmp_path / "nope"))
     assert rc == 2 and "nope" in err and err.startswith("error: ")
+
+
+def test_single_file_hf_input_and_stream_order_checked(capsys, tmp_path, golden):
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(TINY_HF / "config.json", single / "config.json")
+    save_file(golden, str(single / "model.safetensors"), metadata={"format": "pt"})
+    rc, _, err = run_inproc(hf_to_native.main, capsys, "--hf", str(single), "--out", str(tmp_path / "n"), "--quiet")
+    assert rc == 0, err
+    rc, out, _ = run_inproc(verify.main, capsys, str(TINY_HF), str(tmp_path / "n"))
+    assert rc == 0, out
+    with checkpoint.open_checkpoint(TINY_HF) as ck:
+        items = list(ck.iter_native())
+        items[3], items[4] = items[4], items[3]
+        with pytest.raises(CheckpointError, match="arrived where"):
+            write_checkpoint(iter(items), ck.cfg, tmp_path / "o", "native", source_dtypes=ck.dtypes)
+        with pytest.raises(CheckpointError, match="planned for bfloat16"):
+            write_checkpoint(ck.iter_native(), ck.cfg, tmp_path / "o", "hf", source_dtypes=torch.bfloat16)
+    assert not (tmp_path / "o").exists()
