@@ -68,29 +68,51 @@ def hf_names_for(native_name: str, cfg: BailingMoeConfig) -> list[str]:
     return [f"{base}.{e}.{p}.weight" for e in range(cfg.num_experts) for p in projs]
 
 
+def hf_shapes_for(native_name: str, cfg: BailingMoeConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """The HF tensors (name, shape) that make up one native tensor, in the order they are stacked."""
+    shape = native_shapes(cfg).get(native_name)
+    if shape is None:
+        raise KeyError(f"{native_name!r} is not a tensor of this model")
+    m = _EXPERT_RE.match(native_name)
+    if not m:
+        return [(native_name, shape)]
+    _, a, b = shape
+    piece = (a // 2, b) if m.group(2) == "w_gate_up" else (a, b)
+    return [(n, piece) for n in hf_names_for(native_name, cfg)]
+
+
 def hf_shapes(cfg: BailingMoeConfig) -> dict[str, tuple[int, ...]]:
     """Every HF tensor name with its shape."""
     out: dict[str, tuple[int, ...]] = {}
-    for name, shape in native_shapes(cfg).items():
-        m = _EXPERT_RE.match(name)
-        if not m:
-            out[name] = shape
-            continue
-        E, a, b = shape
-        for hf in hf_names_for(name, cfg):
-            out[hf] = (a // 2, b) if m.group(2) == "w_gate_up" else (a, b)
+    for name in native_shapes(cfg):
+        out.update(hf_shapes_for(name, cfg))
     return out
 
 
 def native_from_hf(native_name: str, get_hf: Callable[[str], torch.Tensor], cfg: BailingMoeConfig) -> torch.Tensor:
-    """Build one native tensor, reading its HF pieces through ``get_hf(name)``."""
+    """Build one native tensor, reading its HF pieces through ``get_hf(name)``.
+
+    Stacked experts are filled piece by piece into one preallocated tensor, so building a layer's
+    w_gate_up holds that tensor plus a single expert's matrix.
+    """
     names = hf_names_for(native_name, cfg)
     if len(names) == 1 and names[0] == native_name:
         return get_hf(native_name)
+    out = None
     per_expert = 2 if native_name.endswith("w_gate_up") else 1
-    rows = [get_hf(n) for n in names]
-    experts = [torch.cat(rows[e * per_expert:(e + 1) * per_expert], dim=0) for e in range(cfg.num_experts)]
-    return torch.stack(experts)
+    for i, name in enumerate(names):
+        piece = get_hf(name)
+        e, part = divmod(i, per_expert)
+        if out is None:
+            rows = piece.shape[0]
+            out = torch.empty((cfg.num_experts, rows * per_expert, *piece.shape[1:]), dtype=piece.dtype)
+        if tuple(piece.shape) != (rows, *out.shape[2:]):
+            raise ValueError(f"{name} has shape {tuple(piece.shape)}, expected {(rows, *out.shape[2:])}")
+        if piece.dtype != out.dtype:
+            raise ValueError(f"{name} is {piece.dtype} but the other pieces of {native_name} are {out.dtype}")
+        out[e, part * rows:(part + 1) * rows].copy_(piece)
+        del piece
+    return out
 
 
 def hf_from_native(native_name: str, tensor: torch.Tensor, cfg: BailingMoeConfig) -> Iterator[tuple[str, torch.Tensor]]:
