@@ -19,7 +19,8 @@ import warnings
 import torch
 
 from checkpoints_convert import adapter
-from checkpoints_convert.io import CheckpointError, parse_dtype, write_hf_from_native
+from checkpoints_convert.checkpoint import write_hf_from_native
+from checkpoints_convert.io import CheckpointError, parse_dtype
 from moe.config import BailingMoeConfig
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
@@ -37,12 +38,27 @@ def _resolve(ckpt: str) -> str:
     return latest
 
 
+def _metadata(ckpt: str):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(ckpt).read_metadata().state_dict_metadata
+
+
+def stored_dtypes(ckpt: str, cfg: BailingMoeConfig) -> dict[str, torch.dtype]:
+    meta = _metadata(ckpt)
+    out = {}
+    for n in adapter.native_shapes(cfg):
+        if f"model.{n}" not in meta:
+            raise CheckpointError(f"{ckpt}: checkpoint has no tensor {n!r}")
+        out[n] = meta[f"model.{n}"].properties.dtype
+    return out
+
+
 def iter_native_tensors(ckpt: str, cfg: BailingMoeConfig):
     """Yield (native_name, tensor) in model order, loading one layer's tensors per DCP read."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
 
-    meta = FileSystemReader(ckpt).read_metadata().state_dict_metadata
+    meta = _metadata(ckpt)
     groups: list[list[str]] = []
     last = None
     for name in adapter.native_shapes(cfg):
@@ -67,7 +83,7 @@ def iter_native_tensors(ckpt: str, cfg: BailingMoeConfig):
 
 
 def dcp_to_hf(ckpt: str, out: str, dtype: torch.dtype | str = "auto", shard_size: str = "5GB",
-              overwrite: bool = False) -> str:
+              overwrite: bool = False, progress: bool = False) -> str:
     """dtype: "auto" = the model config's torch_dtype (bf16 for Ling-Lite, not the fp32 master
     weights), "keep" = as stored, or a dtype / its name."""
     ckpt = _resolve(ckpt)
@@ -77,7 +93,8 @@ def dcp_to_hf(ckpt: str, out: str, dtype: torch.dtype | str = "auto", shard_size
         dtype = parse_dtype(cfg.torch_dtype)
     elif isinstance(dtype, str):
         dtype = parse_dtype(dtype)
-    write_hf_from_native(iter_native_tensors(ckpt, cfg), cfg, out, shard_size, dtype, overwrite)
+    write_hf_from_native(iter_native_tensors(ckpt, cfg), cfg, out, shard_size, dtype, overwrite,
+                         source_dtypes=stored_dtypes(ckpt, cfg), progress=progress)
     return ckpt
 
 
@@ -89,9 +106,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="auto", help="bf16 | fp32 | fp16 | keep | auto (default: auto = the model "
                                                    "config's torch_dtype)")
     p.add_argument("--shard-size", default="5GB", help="maximum bytes per output shard (default 5GB)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     try:
-        src = dcp_to_hf(a.ckpt, a.out, a.dtype, a.shard_size)
+        src = dcp_to_hf(a.ckpt, a.out, a.dtype, a.shard_size, progress=not a.quiet)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -36,8 +36,14 @@ def test_two_rank_fsdp_equals_single_process(tmp_path):
     assert w1.keys() == w2.keys()
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=2e-5), k
-    # The update moved the weights (the comparison above is not of two untouched inits).
-    assert m1[-1]["loss"] < m1[0]["loss"]
+    # The updates moved the weights: the comparison above is not of two untouched inits.
+    from trainer.parallel import init_param_value
+    from moe import BailingMoeConfig
+
+    name = "model.layers.1.mlp.experts.0.down_proj.weight"
+    cfg = BailingMoeConfig.preset("tiny", hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    init = init_param_value("model.layers.1.mlp.experts.w_down", (4, 32, 16), cfg, seed=1234)[0]
+    assert w1[name].shape == init.shape and not torch.allclose(w1[name], init, atol=1e-4)
 
 
 def test_accumulation_split_gives_the_same_update(tmp_path):
@@ -110,10 +116,11 @@ def test_load_balancing_loss_evens_out_a_skewed_router(tmp_path):
     torch.manual_seed(0)
     model = BailingMoeForCausalLM(cfg)
     with torch.no_grad():
-        # Every embedding shares a direction c, and expert 0's router row points along it: all tokens go there.
+        # Every embedding shares a direction c beside its own, and expert 0's router row points along c:
+        # nearly all tokens go there, yet tokens still differ, so balancing can separate them.
         c = torch.randn(32)
-        model.model.word_embeddings.weight.add_(c)
-        model.model.layers[0].mlp.gate.weight[0] = c * 0.3
+        model.model.word_embeddings.weight.normal_(0, 1).add_(c)
+        model.model.layers[0].mlp.gate.weight[0] = c * 0.2
     save_hf(model, tmp_path / "skewed")
     loads = {}
     for alpha in (0.0, 0.2):
@@ -125,7 +132,7 @@ def test_load_balancing_loss_evens_out_a_skewed_router(tmp_path):
         m = metrics(out)
         loads[alpha] = (m[0]["expert_load_max_over_mean"], sum(x["expert_load_max_over_mean"] for x in m[-5:]) / 5)
     print("max/mean expert load (first step, mean of last 5):", loads)
-    assert loads[0.2][0] > 3.5  # K=1, E=4: everything on one expert is max/mean = 4
+    assert loads[0.2][0] > 3.0  # K=1, E=4: everything on one expert would be max/mean = 4
     assert loads[0.2][1] < 0.75 * loads[0.2][0]
     assert loads[0.2][1] < loads[0.0][1]
 

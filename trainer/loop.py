@@ -14,7 +14,6 @@ ranks). The update is therefore the same however the step is split into micro-ba
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -64,18 +63,6 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def detect_checkpoint_kind(path: str) -> str:
-    """'hf' for a Hugging Face bailing_moe directory, 'native' for a lingmoe native one."""
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_path):
-        raise SystemExit(f"error: model.init_from {path!r}: no config.json there")
-    with open(cfg_path) as f:
-        raw = json.load(f)
-    if raw.get("format") == "lingmoe-native" or "lingmoe" in raw:
-        return "native"
-    return "hf"
-
-
 def model_config_from_options(opts: Options, device: torch.device) -> tuple[BailingMoeConfig, object]:
     """The model config and a ``get_full(name, param)`` for its initial weights."""
     m = opts.model
@@ -88,19 +75,13 @@ def model_config_from_options(opts: Options, device: torch.device) -> tuple[Bail
     if not m.init_from:
         cfg = BailingMoeConfig.preset(m.preset, **extra)
         return cfg, None
-    kind = detect_checkpoint_kind(m.init_from)
-    from checkpoints_convert import adapter
-    from checkpoints_convert.io import SafetensorsReader
+    from checkpoints_convert import CheckpointError, open_checkpoint
 
-    if kind == "hf":
-        cfg = BailingMoeConfig.from_hf(m.init_from, **extra)
-        reader = SafetensorsReader(m.init_from)
-        return cfg, lambda name, p: adapter.native_from_hf(name, reader.get, cfg)
-    from checkpoints_convert import read_native_config  # native format (checkpoints_convert.native)
-
-    cfg = dataclasses.replace(read_native_config(m.init_from), **extra)
-    reader = SafetensorsReader(m.init_from)
-    return cfg, lambda name, p: reader.get(name)
+    try:  # HF or native, validated (names, shapes, shard files) before anything is allocated
+        ckpt = open_checkpoint(m.init_from, **extra)
+    except CheckpointError as e:
+        raise SystemExit(f"error: model.init_from: {e}") from None
+    return ckpt.cfg, lambda name, p: ckpt.get_native(name)
 
 
 def build_model(opts: Options, info: parallel.DistInfo, task: Task) -> tuple[BailingMoeForCausalLM, BailingMoeConfig]:
