@@ -80,6 +80,24 @@ def test_backends_agree_in_outputs_and_gradients():
         assert torch.allclose(g, grads["torch"][n], rtol=1e-4, atol=1e-6), n
 
 
+def test_triton_backend_matches_torch_backend_with_gradients():
+    torch.manual_seed(3)
+    cfg = _tiny_cfg(first_k_dense_replace=0, num_hidden_layers=1, aux_loss_alpha=0.01)
+    ids = torch.randint(0, 97, (2, 9))
+    grads = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(3)
+        m = BailingMoeForCausalLM(dataclasses.replace(cfg, expert_backend=backend))
+        out = m(ids, labels=ids)
+        (out.loss + out.aux_loss).backward()
+        grads[backend] = {n: p.grad.clone() for n, p in m.named_parameters()}
+        grads[backend]["_logits"] = out.logits.detach()
+    for n, g in grads["torch"].items():
+        err = ((g - grads["triton"][n]).abs().max() / g.abs().max().clamp_min(1e-12)).item()
+        print(f"{n}: max rel err {err:.1e}")
+        assert err < 1e-4, n
+
+
 def test_checkpoint_recompute_replays_routing_and_matches_gradients():
     torch.manual_seed(2)
     cfg = _tiny_cfg(first_k_dense_replace=0)
