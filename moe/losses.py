@@ -25,11 +25,11 @@ def load_balancing_loss(probs_sum_E: torch.Tensor, num_tokens: torch.Tensor | in
     Returns 0 when no token was counted (an all-padding micro-batch).
     """
     E = probs_sum_E.shape[-1]
-    counts = counts_E.to(torch.float32)
+    dt = torch.promote_types(probs_sum_E.dtype, torch.float32)  # at least fp32
+    counts = counts_E.to(dt)
     total = counts.sum(-1, keepdim=True)
     f = counts / total.clamp_min(1)
-    P = probs_sum_E.float() / torch.as_tensor(num_tokens, dtype=torch.float32,
-                                               device=probs_sum_E.device).clamp_min(1)
+    P = probs_sum_E.to(dt) / torch.as_tensor(num_tokens, dtype=dt, device=probs_sum_E.device).clamp_min(1)
     return alpha * E * (f * P).sum(-1)
 
 
@@ -37,7 +37,7 @@ def topk_load_balancing_loss(probs_TE: torch.Tensor, topk_ids_TK: torch.Tensor, 
     """Micro-batch form straight from router outputs (all T tokens counted)."""
     E = probs_TE.shape[-1]
     counts = torch.bincount(topk_ids_TK.flatten(), minlength=E)
-    return load_balancing_loss(probs_TE.float().sum(0), probs_TE.shape[0], counts, alpha)
+    return load_balancing_loss(probs_TE.sum(0), probs_TE.shape[0], counts, alpha)
 
 
 def sequence_load_balancing_loss(probs_BSE: torch.Tensor, topk_ids_BSK: torch.Tensor, alpha: float,
