@@ -89,23 +89,32 @@ def hf_shapes(cfg: BailingMoeConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def native_from_hf(native_name: str, get_hf: Callable[[str], torch.Tensor], cfg: BailingMoeConfig) -> torch.Tensor:
+def native_from_hf(native_name: str, get_hf: Callable[..., torch.Tensor], cfg: BailingMoeConfig,
+                   rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Build one native tensor, reading its HF pieces through ``get_hf(name)``.
 
     Stacked experts are filled piece by piece into one preallocated tensor, so building a layer's
-    w_gate_up holds that tensor plus a single expert's matrix.
+    w_gate_up holds that tensor plus a single expert's matrix. ``rows=(start, stop)`` builds only
+    those rows of dim 0 (a data-parallel shard): experts start..stop of a stacked tensor, else
+    ``get_hf(name, rows)`` reads the row range.
     """
-    names = hf_names_for(native_name, cfg)
-    if len(names) == 1 and names[0] == native_name:
-        return get_hf(native_name)
-    out = None
+    all_names = hf_names_for(native_name, cfg)
+    if len(all_names) == 1 and all_names[0] == native_name:
+        return get_hf(native_name) if rows is None else get_hf(native_name, rows)
     per_expert = 2 if native_name.endswith("w_gate_up") else 1
+    first, last = (0, cfg.num_experts) if rows is None else rows
+    names = all_names[first * per_expert:last * per_expert]
+    out = None
+    if not names:  # an empty shard: shape and dtype from one expert's piece
+        piece = get_hf(all_names[0])
+        return piece.new_empty((0, piece.shape[0] * per_expert, *piece.shape[1:]))
     for i, name in enumerate(names):
         piece = get_hf(name)
         e, part = divmod(i, per_expert)
         if out is None:
-            rows = piece.shape[0]
-            out = torch.empty((cfg.num_experts, rows * per_expert, *piece.shape[1:]), dtype=piece.dtype)
+            rows_ = piece.shape[0]
+            out = torch.empty((last - first, rows_ * per_expert, *piece.shape[1:]), dtype=piece.dtype)
+        rows = rows_
         if tuple(piece.shape) != (rows, *out.shape[2:]):
             raise ValueError(f"{name} has shape {tuple(piece.shape)}, expected {(rows, *out.shape[2:])}")
         if piece.dtype != out.dtype:

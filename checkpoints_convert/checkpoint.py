@@ -142,11 +142,13 @@ class Checkpoint:
         return sum(nbytes_of(shapes[n], dtype if dtype is not None and d.is_floating_point else d)
                    for n, d in self.dtypes.items())
 
-    def get_native(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One native tensor, cast piece by piece to ``dtype`` (None keeps the stored dtype)."""
+    def get_native(self, name: str, dtype: torch.dtype | None = None,
+                   rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """One native tensor, cast piece by piece to ``dtype`` (None keeps the stored dtype).
+        ``rows=(start, stop)`` reads only those rows of dim 0 (for stacked experts: those experts)."""
         if self.kind == "native":
-            return cast(self.reader.get(name), dtype)
-        return adapter.native_from_hf(name, lambda n: cast(self.reader.get(n), dtype), self.cfg)
+            return cast(self.reader.get(name, rows), dtype)
+        return adapter.native_from_hf(name, lambda n, r=None: cast(self.reader.get(n, r), dtype), self.cfg, rows)
 
     def iter_native(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names:

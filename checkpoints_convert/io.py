@@ -177,16 +177,24 @@ class SafetensorsReader:
             raise CheckpointError(f"{self.file_of(name)}: tensor {name!r} has unsupported dtype {st}")
         return TORCH_DTYPES[st]
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or only rows ``start:stop`` of its first dim (one contiguous byte range)."""
         info = self._info(name)
-        t = torch.empty(self.shape(name), dtype=self.dtype(name))
+        shape = self.shape(name)
+        t = torch.empty(shape, dtype=self.dtype(name))
         begin, end = info["data_offsets"]
-        if t.numel() == 0:
-            return t
-        buf = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        buf = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B") if t.numel() else b""
         if len(buf) != end - begin:
             raise CheckpointError(f"{self.file_of(name)}: tensor {name!r} spans {end - begin} bytes, "
                                   f"its shape and dtype need {len(buf)}")
+        if rows is not None:
+            start, stop = rows
+            row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
+            t = torch.empty((stop - start, *shape[1:]), dtype=t.dtype)
+            begin, end = begin + start * row_bytes, begin + stop * row_bytes
+            buf = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B") if t.numel() else b""
+        if t.numel() == 0:
+            return t
         f = self._files[self.weight_map[name]]
         done = 0
         while done < len(buf):

@@ -43,6 +43,14 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether torch._grouped_mm runs forward and backward for this device and dtype (probed once)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
+    # The first call can come from inside a checkpointed block: identity saved-tensor hooks keep the
+    # probe's tensors out of the checkpoint's record (else the recompute, which skips the probe,
+    # would save fewer tensors than the forward did), and grad is forced on for its backward.
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), torch.enable_grad():
+        return _probe_grouped_mm(device_type, dtype)
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     try:
         a = torch.randn(32, 16, device=device_type, dtype=dtype, requires_grad=True)
         b = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)

@@ -119,6 +119,9 @@ def test_checkpoint_recompute_replays_routing_and_matches_gradients():
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False,
                                                  context_fn=lambda: checkpoint_context_fn(layer))
     layer.forward = ckpt_forward
+    # The backend's one-time capability probe must not run inside the checkpoint's record.
+    from moe.experts import _grouped_mm_works
+    _grouped_mm_works.cache_clear()
     out2 = model(ids, labels=ids)
     assert len(router._saved) == 1  # recorded during the forward
     out2.loss.backward()
@@ -181,3 +184,13 @@ def test_config_hf_round_trip_and_bad_model_type(tmp_path):
     bad.write_text(json.dumps({**raw, "model_type": "llama"}))
     with pytest.raises(ConfigError, match="model_type is 'llama', expected 'bailing_moe'"):
         BailingMoeConfig.from_hf(tmp_path)
+
+
+def test_grouped_mm_probe_is_not_fooled_by_no_grad():
+    from moe.experts import _grouped_mm_works
+
+    _grouped_mm_works.cache_clear()
+    with torch.no_grad():  # e.g. a reference-model pass runs first
+        first = _grouped_mm_works("cpu", torch.float32)
+    _grouped_mm_works.cache_clear()
+    assert first == _grouped_mm_works("cpu", torch.float32) == hasattr(torch, "_grouped_mm")

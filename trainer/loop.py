@@ -64,7 +64,7 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 
 def model_config_from_options(opts: Options, device: torch.device) -> tuple[BailingMoeConfig, object]:
-    """The model config and a ``get_full(name, param)`` for its initial weights."""
+    """The model config and a ``get_value(name, param, rows)`` for its initial weights (None: from scratch)."""
     m = opts.model
     backend = resolve_backend(m.expert_backend, device)
     aux_type = {"global": "micro", "micro": "micro", "sequence": "sequence", "none": "none"}.get(m.aux_loss_type)
@@ -81,7 +81,7 @@ def model_config_from_options(opts: Options, device: torch.device) -> tuple[Bail
         ckpt = open_checkpoint(m.init_from, **extra)
     except CheckpointError as e:
         raise SystemExit(f"error: model.init_from: {e}") from None
-    return ckpt.cfg, lambda name, p: ckpt.get_native(name)
+    return ckpt.cfg, lambda name, p, rows: ckpt.get_native(name, rows=rows)
 
 
 def build_model(opts: Options, info: parallel.DistInfo, task: Task) -> tuple[BailingMoeForCausalLM, BailingMoeConfig]:
@@ -96,7 +96,9 @@ def build_model(opts: Options, info: parallel.DistInfo, task: Task) -> tuple[Bai
     parallel.shard_model(model, info.mesh, param_dtype, compile_blocks=opts.model.compile)
     if get_full is None:
         seed = opts.train.seed
-        get_full = lambda name, p: parallel.init_param_value(name, tuple(p.shape), cfg, seed)  # noqa: E731
+        def get_full(name, p, rows):
+            full = parallel.init_param_value(name, tuple(p.shape), cfg, seed)
+            return full if rows is None else full[rows[0]:rows[1]]
     parallel.materialize(model, info.device, get_full)
     return model, cfg
 

@@ -4,7 +4,7 @@ The model itself knows nothing of distribution; everything here is applied from 
   init_distributed()          gloo on CPU, nccl on GPU; a one-rank group when not under torchrun
   apply_activation_checkpointing(model)   per decoder block, routing recorded then replayed
   shard_model(model, ...)     fully_shard per decoder block, then the root (FSDP2)
-  materialize(model, get_full)  each rank fills only its shards, one full tensor at a time
+  materialize(model, get_value)  each rank reads or generates only its own shard of each parameter
 """
 from __future__ import annotations
 
@@ -103,23 +103,31 @@ def shard_model(model: nn.Module, mesh, param_dtype: torch.dtype | None, compile
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, device: torch.device, get_full) -> None:
+def materialize(model: nn.Module, device: torch.device, get_value) -> None:
     """Allocate a meta-built (possibly sharded) model on ``device`` and fill it.
 
-    ``get_full(name, param) -> Tensor`` returns the full (unsharded) value of one parameter; each
-    rank keeps only its own shard of it, so peak memory is one full tensor, never the model.
+    ``get_value(name, param, rows)`` returns rows ``start:stop`` of dim 0 of one parameter's full
+    value, or all of it when ``rows`` is None. A parameter sharded on dim 0 (FSDP2's layout) asks
+    only for its own rows, so each rank reads only the part of a checkpoint it holds (for stacked
+    experts: only its experts) and memory peaks at one shard, never the model.
     """
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     model.to_empty(device=device)
     for name, p in model.named_parameters():
-        full = get_full(name, p)
-        if isinstance(p, DTensor):
+        if isinstance(p, DTensor) and p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),):
+            local = p.to_local()
+            n, W = p.shape[0], p.device_mesh.size()
+            start = min(n, p.device_mesh.get_local_rank() * -(-n // W))  # torch.chunk's split
+            value = get_value(name, p, (start, start + local.shape[0]))
+            local.copy_(value.to(device=device, dtype=local.dtype))
+        elif isinstance(p, DTensor):
+            full = get_value(name, p, None)
             local = distribute_tensor(full.to(device=device, dtype=p.dtype), p.device_mesh, p.placements,
                                       src_data_rank=None).to_local()
             p.to_local().copy_(local)
         else:
-            p.copy_(full.to(device=device, dtype=p.dtype))
+            p.copy_(get_value(name, p, None).to(device=device, dtype=p.dtype))
 
 
 def init_param_value(name: str, shape, cfg, seed: int) -> torch.Tensor:
