@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from checkpoints_convert import adapter
+from checkpoints_convert import _cli, adapter
 from checkpoints_convert.checkpoint import write_hf_from_native
 from checkpoints_convert.io import CheckpointError, parse_dtype
 from moe.config import BailingMoeConfig
@@ -100,22 +100,22 @@ def dcp_to_hf(ckpt: str, out: str, dtype: torch.dtype | str = "auto", shard_size
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m checkpoints_convert.dcp_to_hf", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Exit status: 0 on success, 2 on any error (message on stderr, no output left behind).")
     p.add_argument("ckpt", help="a step_N checkpoint directory, or a checkpoints/ directory (latest step)")
     p.add_argument("out", help="output HF directory (must not exist)")
-    p.add_argument("--dtype", default="auto", help="bf16 | fp32 | fp16 | keep | auto (default: auto = the model "
-                                                   "config's torch_dtype)")
-    p.add_argument("--shard-size", default="5GB", help="maximum bytes per output shard (default 5GB)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _cli.add_common(p)
+    p.set_defaults(dtype="auto")
+    for action in p._actions:
+        if action.dest == "dtype":
+            action.choices = ["auto", "keep", "bf16", "fp32", "fp16"]
+            action.help = ("dtype of the tensors written: auto (default: the model config's torch_dtype, bf16 for "
+                           "Ling-Lite, not the fp32 master weights), keep (as stored), bf16, fp32 or fp16")
     a = p.parse_args(argv)
-    try:
-        src = dcp_to_hf(a.ckpt, a.out, a.dtype, a.shard_size, progress=not a.quiet)
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    src = dcp_to_hf(a.ckpt, a.out, a.dtype, a.shard_size, progress=not a.quiet)
     print(f"exported {src} -> {a.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_cli.run(main))

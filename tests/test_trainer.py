@@ -1,5 +1,6 @@
 """SFT trainer: FSDP vs single process, accumulation invariance, resume, SIGTERM, router balance, CLI errors."""
 import json
+import pathlib
 import math
 import os
 import shutil
@@ -225,3 +226,22 @@ def test_token_ids_beyond_the_model_vocabulary_are_refused_before_training(tmp_p
     assert p.returncode != 0
     assert "vocabulary of 2000 ids, but the model embeds only 1000" in p.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_end_of_run_export_equals_the_checkpoint_and_loads_as_hf(tmp_path):
+    from checkpoints_convert import load_hf
+    from checkpoints_convert.dcp_to_hf import iter_native_tensors
+    from moe import BailingMoeConfig
+
+    run_inproc("sft", TINY + ["--data.synthetic", "true", "--train.steps", "2", "--output-dir", str(tmp_path)])
+    ckpt = latest_checkpoint(str(tmp_path / "checkpoints"))
+    cfg = BailingMoeConfig.from_dict(json.loads((pathlib.Path(ckpt) / "model_config.json").read_text()))
+    stored = dict(iter_native_tensors(ckpt, cfg))
+    model = load_hf(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "bailing_moe"
+    sd = model.state_dict()
+    assert sd.keys() == stored.keys()
+    assert all(torch.equal(sd[k], stored[k]) for k in sd)
+    bad = subprocess.run([sys.executable, "-m", "checkpoints_convert.dcp_to_hf", str(tmp_path / "nope"),
+                          str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "nope" in bad.stderr and not (tmp_path / "out").exists()

@@ -235,10 +235,12 @@ def run(task: Task, opts: Options, shutdown: bool = True) -> dict:
             grad_norm = _grad_norm(model, o.grad_clip)
             # One collective carries every metric, the finite check and the stop request.
             keys = sorted(sums)
-            vec = torch.stack([sums[k].to(info.device, torch.float64).reshape(()) for k in keys] +
-                              [aux_total.double(), torch.tensor(float(tokens), dtype=torch.float64, device=info.device),
-                               torch.tensor(float(stop.requested), dtype=torch.float64, device=info.device)])
-            vec = parallel.all_reduce_sum(vec)
+            counters = getattr(loader, "counters", {})
+            extra = [aux_total.double()] + [torch.tensor(float(v), dtype=torch.float64, device=info.device) for v in
+                                             (tokens, counters.get("truncated", 0), counters.get("dropped", 0),
+                                              stop.requested)]
+            vec = parallel.all_reduce_sum(torch.stack(
+                [sums[k].to(info.device, torch.float64).reshape(()) for k in keys] + extra))
             metrics = {k: (vec[i] / ctx.denom.clamp_min(1)).item() for i, k in enumerate(keys)}
             finite = math.isfinite(grad_norm.item()) and all(math.isfinite(v) for v in metrics.values())
             if finite:
@@ -257,7 +259,9 @@ def run(task: Task, opts: Options, shutdown: bool = True) -> dict:
             metrics.update(aux_loss=vec[len(keys)].item() / (accum * info.world_size),
                            lr=lr_used,
                            grad_norm=grad_norm.item(), tokens_per_s=global_tokens / dt, step_time_s=dt,
-                           skipped=int(not finite))
+                           skipped=int(not finite),
+                           # Documents cut to seq_len / left out as too long, so far (all ranks): never silent.
+                           data_truncated=int(vec[len(keys) + 2].item()), data_dropped=int(vec[len(keys) + 3].item()))
             if peak > 0:
                 metrics["mfu"] = fpt * global_tokens / dt / (peak * 1e12 * info.world_size)
             if info.device.type == "cuda":

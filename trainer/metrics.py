@@ -78,4 +78,6 @@ def format_metrics(step: int, total: int, m: dict) -> str:
                    ("tokens_per_s", ".0f"), ("mfu", ".1%"), ("expert_load_max_over_mean", ".2f")):
         if k in m and isinstance(m[k], (int, float)):
             parts.append(f"{k} {m[k]:{fmt}}")
+    if m.get("data_truncated") or m.get("data_dropped"):
+        parts.append(f"docs truncated {m.get('data_truncated', 0)}, dropped {m.get('data_dropped', 0)}")
     return " | ".join(parts)
