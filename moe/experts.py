@@ -66,7 +66,9 @@ def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
 def _grouped_matmul(x_NK: torch.Tensor, w_EKO: torch.Tensor, counts_E: torch.Tensor,
                     offs_E: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by expert, expert e's rows times w[e]; one kernel when _grouped_mm can."""
-    if _grouped_mm_works(x_NK.device.type, x_NK.dtype):
+    # Under torch.compile the op's fake-tensor rule accepts bf16 only, whatever the device runs.
+    traceable = x_NK.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+    if traceable and _grouped_mm_works(x_NK.device.type, x_NK.dtype):
         return torch._grouped_mm(x_NK, w_EKO, offs=offs_E)
     # The fallback needs segment sizes on the host (one sync); the Triton backend never does.
     pieces = torch.split(x_NK, counts_E.tolist())
@@ -92,6 +94,7 @@ def sorted_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_T
     return unsorted.view(T, K, H).sum(1).to(x_TH.dtype)
 
 
+@torch.compiler.disable  # our kernels run eagerly; a compiled block breaks its graph around them
 def triton_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK):
     import kernels  # imported lazily: Triton is needed only by this backend
 

@@ -158,7 +158,8 @@ def _coerce(sec: str, f: dataclasses.Field, v: Any, where: str) -> Any:
     return v
 
 
-def build_parser(prog: str, sections: dict[str, type], description: str) -> argparse.ArgumentParser:
+def build_parser(prog: str, sections: dict[str, type], description: str,
+                 defaults: dict | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML recipe; command-line options override it")
@@ -167,20 +168,23 @@ def build_parser(prog: str, sections: dict[str, type], description: str) -> argp
         g = p.add_argument_group(f"{sec} options")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = (defaults or {}).get(sec, {}).get(f.name, default)
             g.add_argument(f"--{sec}.{f.name}", dest=f"{sec}.{f.name}", default=None, metavar="V",
                            help=f"{f.metadata.get('help', '')} (default: {default!r})")
     return p
 
 
 def parse_options(argv: list[str] | None, prog: str, sections: dict[str, type], description: str,
-                  default_output: str) -> Options:
-    parser = build_parser(prog, sections, description)
+                  default_output: str, defaults: dict | None = None) -> Options:
+    """``defaults`` ({section: {key: value}}) replaces a script's field defaults (DPO's learning rate,
+    say) below the recipe and the command line, and is what --help shows."""
+    parser = build_parser(prog, sections, description, defaults)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         bad = [u for u in unknown if u.startswith("--")]
         valid = sorted(f"--{s}.{f.name}" for s, c in sections.items() for f in dataclasses.fields(c))
         parser.error(f"unknown option(s) {bad or unknown}; valid options: --config, --output-dir, " + ", ".join(valid))
-    values: dict[str, dict] = {}
+    values: dict[str, dict] = {sec: dict(body) for sec, body in (defaults or {}).items()}
     if args.config:
         try:
             with open(args.config) as f:
