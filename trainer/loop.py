@@ -266,6 +266,9 @@ def run(task: Task, opts: Options, shutdown: bool = True) -> dict:
                 metrics["mfu"] = fpt * global_tokens / dt / (peak * 1e12 * info.world_size)
             if info.device.type == "cuda":
                 metrics["memory_gib"] = torch.cuda.max_memory_allocated(info.device) / 2 ** 30
+            else:  # peak resident memory of this process (rank 0's, as it is rank 0 that logs)
+                import resource
+                metrics["memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
             if counts_total is not None:
                 load = parallel.all_reduce_sum(counts_total).double()  # [L, E]
                 mean = load.mean(1).clamp_min(1e-9)
