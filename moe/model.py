@@ -104,14 +104,49 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         cos, sin = rotary_cos_sin(position_ids_BS, self.hd, self.theta, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.nkv != self.nh:  # GQA: each kv head serves nh/nkv consecutive query heads
-            rep = self.nh // self.nkv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if attn_mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        flex = attn_mask is not None and not isinstance(attn_mask, torch.Tensor)  # a flex BlockMask
+        if flex:
+            o = _flex_attention()(q, k, v, block_mask=attn_mask, enable_gqa=self.nkv != self.nh)
         else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            if self.nkv != self.nh:  # GQA: each kv head serves nh/nkv consecutive query heads
+                rep = self.nh // self.nkv
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            if attn_mask is None:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.dense(o.transpose(1, 2).reshape(B, S, self.nh * self.hd))
+
+
+_FLEX = {}
+
+
+def _flex_attention():
+    """flex_attention, compiled once on CUDA (uncompiled it runs a slow reference path)."""
+    if "fn" not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+    return _FLEX["fn"]
+
+
+def build_flex_block_mask(B: int, S: int, device, attention_mask=None, document_ids=None):
+    """The same rule as build_attention_mask (causal, same document, real keys, a query always sees
+    itself) as a block-sparse flex BlockMask: blocks fully outside a document cost nothing."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc = document_ids
+    keep = attention_mask.bool() if attention_mask is not None else None
+
+    def mask_mod(b, h, q, kv):
+        ok = q >= kv
+        if doc is not None:
+            ok = ok & (doc[b, q] == doc[b, kv])
+        if keep is not None:
+            ok = ok & keep[b, kv]
+        return ok | (q == kv)
+
+    return create_block_mask(mask_mod, B, None, S, S, device=device)
 
 
 class MLP(nn.Module):
@@ -255,7 +290,10 @@ class BailingMoeForCausalLM(nn.Module):
             token_mask = document_ids >= 0
         if attention_mask is not None:
             token_mask = attention_mask.bool() if token_mask is None else token_mask & attention_mask.bool()
-        attn_mask = build_attention_mask(B, S, dev, attention_mask, document_ids)
+        if cfg.attn_implementation == "flex":
+            attn_mask = build_flex_block_mask(B, S, dev, attention_mask, document_ids)
+        else:
+            attn_mask = build_attention_mask(B, S, dev, attention_mask, document_ids)
 
         h = self.model.word_embeddings(input_ids)
         stats: dict[int, MoEStats] = {}

@@ -194,3 +194,24 @@ def test_grouped_mm_probe_is_not_fooled_by_no_grad():
         first = _grouped_mm_works("cpu", torch.float32)
     _grouped_mm_works.cache_clear()
     assert first == _grouped_mm_works("cpu", torch.float32) == hasattr(torch, "_grouped_mm")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # flex_attention warns that it runs uncompiled on CPU
+def test_flex_attention_matches_sdpa_on_packed_and_padded_rows():
+    torch.manual_seed(4)
+    cfg = _tiny_cfg()
+    sdpa = BailingMoeForCausalLM(cfg)
+    flex = BailingMoeForCausalLM(dataclasses.replace(cfg, attn_implementation="flex"))
+    flex.load_state_dict(sdpa.state_dict())
+    ids = torch.randint(0, 97, (2, 12))
+    doc = torch.tensor([[0] * 5 + [1] * 4 + [-1] * 3, [0] * 12])
+    pos = torch.tensor([list(range(5)) + list(range(4)) + [0] * 3, list(range(12))])
+    with torch.no_grad():  # flex_attention's CPU path has no backward
+        a = sdpa(ids, position_ids=pos, document_ids=doc).logits
+        b = flex(ids, position_ids=pos, document_ids=doc).logits
+        assert torch.allclose(a[doc >= 0], b[doc >= 0], atol=1e-5)
+        left = torch.tensor([[0, 0, 0] + [1] * 9, [1] * 12])  # left padding, as in batched generation
+        a = sdpa(ids, attention_mask=left).logits
+        b = flex(ids, attention_mask=left).logits
+        assert torch.allclose(a[left.bool()], b[left.bool()], atol=1e-5)
+        assert torch.allclose(sdpa(ids).logits, flex(ids).logits, atol=1e-5)
