@@ -13,6 +13,7 @@ attention stays inside a document and ``position_ids`` restart per document.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -234,6 +235,24 @@ class BailingMoeModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+def initial_value(name: str, shape: tuple[int, ...], cfg: BailingMoeConfig, seed: int) -> torch.Tensor:
+    """The from-scratch value of one parameter: N(0, initializer_range) for matrices, output
+    projections (attention dense, MLP/expert down) scaled by 1/sqrt(2 x layers) so the residual
+    stream's variance does not grow with depth, ones for norms, zeros for biases.
+
+    Each parameter's generator is seeded from (seed, name), so a model initialised whole, or shard by
+    shard on any number of ranks, gets the same values."""
+    if name.endswith("layernorm.weight") or name == "model.norm.weight":
+        return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    std = cfg.initializer_range
+    if name.endswith(("dense.weight", "down_proj.weight", "w_down")):
+        std = std / math.sqrt(2 * cfg.num_hidden_layers)
+    h = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+    return torch.randn(shape, generator=torch.Generator().manual_seed(h)) * std
+
+
 class BailingMoeForCausalLM(nn.Module):
     def __init__(self, config: BailingMoeConfig):
         super().__init__()
@@ -248,22 +267,11 @@ class BailingMoeForCausalLM(nn.Module):
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """From-scratch init: N(0, initializer_range) for matrices, ones for norms, zeros for biases.
-        Output projections (attention dense, expert/MLP down) are scaled by 1/sqrt(2*layers) so the
-        residual stream's variance does not grow with depth."""
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=next(self.parameters()).device).manual_seed(seed)
-        std = self.config.initializer_range
-        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        """From-scratch init (see ``initial_value``); ``seed=None`` draws one from torch's RNG."""
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 62, (1,)))
         for name, p in self.named_parameters():
-            if name.endswith("layernorm.weight") or name == "model.norm.weight":
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                s = out_std if name.endswith(("dense.weight", "down_proj.weight", "w_down")) else std
-                p.normal_(0.0, s, generator=gen)
+            p.copy_(initial_value(name, tuple(p.shape), self.config, seed))
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

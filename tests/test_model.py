@@ -157,6 +157,12 @@ def test_init_weights_after_materialising_meta_model():
     assert abs(std - 0.05) < 0.01
     out = m(torch.randint(0, 97, (1, 4)))
     assert torch.isfinite(out.logits).all()
+    # Name-seeded: the same seed gives the same model however it was built (sharded inits rely on it).
+    whole = BailingMoeForCausalLM(cfg)
+    whole.init_weights(seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), whole.state_dict().values()))
+    whole.init_weights(seed=1)
+    assert not torch.equal(m.lm_head.weight, whole.lm_head.weight)
 
 
 @pytest.mark.parametrize("kw,msg", [

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from moe.config import BailingMoeConfig
-from moe.model import BailingMoeForCausalLM
+from moe.model import BailingMoeForCausalLM, initial_value
 from trainer import parallel
 from trainer.checkpoint import Checkpointer, latest_checkpoint
 from trainer.metrics import RunLogger, format_metrics
@@ -97,7 +97,7 @@ def build_model(opts: Options, info: parallel.DistInfo, task: Task) -> tuple[Bai
     if get_full is None:
         seed = opts.train.seed
         def get_full(name, p, rows):
-            full = parallel.init_param_value(name, tuple(p.shape), cfg, seed)
+            full = initial_value(name, tuple(p.shape), cfg, seed)
             return full if rows is None else full[rows[0]:rows[1]]
     parallel.materialize(model, info.device, get_full)
     return model, cfg

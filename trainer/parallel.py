@@ -130,25 +130,6 @@ def materialize(model: nn.Module, device: torch.device, get_value) -> None:
             p.copy_(get_value(name, p, None).to(device=device, dtype=p.dtype))
 
 
-def init_param_value(name: str, shape, cfg, seed: int) -> torch.Tensor:
-    """The from-scratch init of one parameter, seeded by its name so that any sharding (or none)
-    produces the same model: N(0, std) for matrices (output projections scaled by 1/sqrt(2L)),
-    ones for norms, zeros for biases."""
-    import hashlib
-    import math
-
-    if name.endswith("layernorm.weight") or name == "model.norm.weight":
-        return torch.ones(shape)
-    if name.endswith(".bias"):
-        return torch.zeros(shape)
-    std = cfg.initializer_range
-    if name.endswith(("dense.weight", "down_proj.weight", "w_down")):
-        std = std / math.sqrt(2 * cfg.num_hidden_layers)
-    h = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
-    g = torch.Generator().manual_seed(h)
-    return torch.randn(shape, generator=g) * std
-
-
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         t = t.clone()
