@@ -63,6 +63,15 @@ def _combined_hash(datasets, weights):
     return h.hexdigest()
 
 
+def _check_state(state, kind, what, config):
+    """A saved loader state must come from the same kind of loader and the same settings and data."""
+    if state.get("version") != _STATE_VERSION or state.get("kind") != kind:
+        raise ValueError(f"not {what} state of this version")
+    diff = {k: (state["config"].get(k), v) for k, v in config.items() if state["config"].get(k) != v}
+    if diff:
+        raise ValueError(f"loader state was saved with different settings/data: {diff}")
+
+
 def _check_rank(rank, world_size):
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
@@ -183,12 +192,7 @@ class SFTLoader:
                 "counters": json.loads(json.dumps(self.counters))}
 
     def load_state_dict(self, state):
-        if state.get("version") != _STATE_VERSION or state.get("kind") != "sft":
-            raise ValueError("not an SFTLoader state of this version")
-        mine = self._config()
-        diff = {k: (state["config"].get(k), v) for k, v in mine.items() if state["config"].get(k) != v}
-        if diff:
-            raise ValueError(f"loader state was saved with different settings/data: {diff}")
+        _check_state(state, "sft", "an SFTLoader", self._config())
         self._stream.load_state_dict(state["stream"])
         self._window_no = int(state["window_no"])
         self._rows = [[[int(s), int(i)] for s, i in row] for row in state["rows"]]
@@ -300,12 +304,7 @@ class DPOLoader:
                 "counters": dict(self.counters)}
 
     def load_state_dict(self, state):
-        if state.get("version") != _STATE_VERSION or state.get("kind") != "dpo":
-            raise ValueError("not a DPOLoader state of this version")
-        mine = self._config()
-        diff = {k: (state["config"].get(k), v) for k, v in mine.items() if state["config"].get(k) != v}
-        if diff:
-            raise ValueError(f"loader state was saved with different settings/data: {diff}")
+        _check_state(state, "dpo", "a DPOLoader", self._config())
         self._g = int(state["g"])
         self.counters = dict(state["counters"])
 
