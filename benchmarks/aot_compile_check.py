@@ -1,16 +1,27 @@
 """Compile every Triton kernel variant for sm_90 (H100) without a GPU.
 
-Catches type and lowering errors the interpreter cannot see; uses the ptxas bundled with
-triton. Run: `PYTHONPATH=. python benchmarks/aot_compile_check.py`. Integer arguments carry no
-divisibility hints here, so the reported shared memory is the unpipelined worst case.
+Catches type and lowering errors the interpreter cannot see; uses the ptxas bundled with triton.
+Run: `PYTHONPATH=. python benchmarks/aot_compile_check.py [--check-no-spills]`. Arguments get the
+alignment hints the JIT gives at Ling-Lite shapes. Each line reports shared memory, registers, stack frame
+and, from the machine code (cuobjdump), the count of Hopper warpgroup MMAs (HGMMA), older MMAs
+(HMMA), async global->shared copies (LDGSTS) and local-memory loads/stores (LDL/STL: spills).
 Run without TRITON_INTERPRET (the kernels must be JIT functions, not interpreted ones).
 Takes about a minute with a cold triton cache.
 """
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
 import torch
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-import kernels._grouped_gemm as gg
+if __package__ in (None, ""):  # run as a file: import from the repo root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kernels._grouped_gemm as gg  # noqa: E402
 
 target = GPUTarget("cuda", 90, 32)
 
@@ -25,24 +36,98 @@ def sig_of(fn, ptr_types, consts):
             sig[name] = "i32"
     return sig
 
-def build(fn, ptr_types, consts, warps, stages):
-    src = ASTSource(fn, sig_of(fn, ptr_types, consts), constexprs=consts)
-    k = triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
-    print("ok", fn.__name__, {k_: v for k_, v in consts.items() if k_ not in ("BM","BN","BK")}, "smem", k.metadata.shared)
 
-for dt, tt in [(torch.bfloat16, "*bf16"), (torch.float16, "*fp16"), (torch.float32, "*fp32")]:
-    for nrows in (3072, 98304):
-        cfg = gg.pick_config(nrows, 64, dt)
-        prec = gg._dot_precision(dt)
-        W, S = cfg.num_warps, cfg.num_stages
-        act = {n: tt for n in ("x_ptr", "w_ptr", "h_ptr", "gu_ptr", "a_ptr", "b_ptr", "out_ptr", "dy_ptr", "dgu_ptr")}
-        act.update(tw_ptr="*fp32", dtw_part_ptr="*fp32")
+TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def sass_report(cubin: bytes) -> dict:
+    """Registers, spill bytes and the matrix instructions in the machine code, read with the
+    cuobjdump bundled with triton: HGMMA = Hopper warpgroup MMA (wgmma), HMMA = the older mma.sync."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        tool = os.path.join(TOOLS, "cuobjdump")
+        res = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "--dump-sass", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", res)
+    stack = re.search(r"STACK:(\d+)", res)
+    counts = {op: len(re.findall(rf"\b{op}[.\s]", sass)) for op in ("HGMMA", "HMMA", "LDGSTS", "LDL", "STL")}
+    text = (f"regs {regs.group(1) if regs else '?'} stack {stack.group(1) if stack else '?'} "
+            f"HGMMA {counts['HGMMA']} HMMA {counts['HMMA']} LDGSTS {counts['LDGSTS']} "
+            f"LDL {counts['LDL']} STL {counts['STL']}")
+    return dict(counts, text=text)
+
+
+def build(fn, ptr_types, consts, warps, stages) -> dict:
+    # What the JIT infers at Ling-Lite shapes: every pointer 16-byte aligned and every integer
+    # argument (H=2048, I=1408, the strides) a multiple of 16. Without these hints the loads
+    # cannot be 16-byte cp.async copies and the report would describe a kernel that never runs.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in consts}
+    src = ASTSource(fn, sig_of(fn, ptr_types, consts), constexprs=consts, attrs=attrs)
+    k = triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
+    flags = {k_: v for k_, v in consts.items() if k_ not in ("BM", "BN", "BK")}
+    tiles = "x".join(str(consts[n]) for n in ("BM", "BN", "BK"))
+    rep = sass_report(k.asm["cubin"])
+    print("ok", fn.__name__, tiles, flags, "smem", k.metadata.shared, rep["text"], flush=True)
+    return dict(rep, kernel=fn.__name__, tiles=tiles, flags=flags, smem=k.metadata.shared)
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+KERNELS = ("gate_up", "rows", "down_bwd", "wgrad")
+
+
+def check_config(dtype_name: str, nrows: int, kernels=KERNELS) -> list[dict]:
+    dt = DTYPES[dtype_name]
+    tt = "*" + dtype_name
+    cfg = gg.pick_config(nrows, 64, dt)
+    print(f"# {dtype_name}, {nrows} routed rows over 64 experts: {cfg}")
+    prec = gg._dot_precision(dt)
+    W, S = cfg.num_warps, cfg.num_stages
+    act = {n: tt for n in ("x_ptr", "w_ptr", "h_ptr", "gu_ptr", "a_ptr", "b_ptr", "out_ptr", "dy_ptr", "dgu_ptr")}
+    act.update(tw_ptr="*fp32", dtw_part_ptr="*fp32")
+    out = []
+    if "gate_up" in kernels:
         for save in (True, False):
-            build(gg._gate_up_fwd_kernel, act, dict(SAVE_GU=save, BM=cfg.block_m, BN=cfg.block_n_gu, BK=cfg.block_k, DOT_PREC=prec), W, S)
+            out.append(build(gg._gate_up_fwd_kernel, act, dict(SAVE_GU=save, BM=cfg.block_m, BN=cfg.block_n_gu,
+                                                               BK=cfg.block_k, DOT_PREC=prec), W, S))
+    if "rows" in kernels:
         for ag, sc in ((False, True), (False, False), (True, False)):
-            build(gg._rows_gemm_kernel, act, dict(A_GATHER=ag, SCALE=sc, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, DOT_PREC=prec), W, S)
-        build(gg._down_bwd_kernel, act, dict(BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, DOT_PREC=prec), W, S)
+            out.append(build(gg._rows_gemm_kernel, act, dict(A_GATHER=ag, SCALE=sc, BM=cfg.block_m, BN=cfg.block_n,
+                                                             BK=cfg.block_k, DOT_PREC=prec), W, S))
+    if "down_bwd" in kernels:
+        out.append(build(gg._down_bwd_kernel, act, dict(BM=cfg.block_m, BN=cfg.block_n_dbwd, BK=cfg.block_k,
+                                                        DOT_PREC=prec), W, S))
+    if "wgrad" in kernels:
         for flags in ((True, True, False, True), (False, False, True, False)):
             c = dict(zip(("A_GATHER", "A_SCALE", "B_GATHER", "B_SWIGLU"), flags))
             c.update(BM=cfg.wg_block_m, BN=cfg.wg_block_n, BK=cfg.wg_block_k, DOT_PREC=prec)
-            build(gg._expert_wgrad_kernel, act, c, W, S)
+            out.append(build(gg._expert_wgrad_kernel, act, c, W, S))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp16", "fp32"],
+                   help="operand dtypes (default: all three)")
+    p.add_argument("--rows", nargs="+", type=int, default=[3072, 98304],
+                   help="routed rows T*K, which pick the tile bucket (default: 3072 98304, i.e. T=512 and "
+                        "T=16384 at K=6)")
+    p.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS), help="kernels to build")
+    p.add_argument("--check-no-spills", action="store_true",
+                   help="exit 1 if a 16-bit kernel touches local memory (LDL/STL) or lacks HGMMA")
+    args = p.parse_args(argv)
+    print(f"# triton {triton.__version__}, torch {torch.__version__}, target sm_90")
+    bad = []
+    for d in args.dtypes:
+        for n in args.rows:
+            for r in check_config(d, n, args.kernels):
+                if d != "fp32" and (r["LDL"] or r["STL"] or not r["HGMMA"]):
+                    bad.append(f"{d} rows={n} {r['kernel']} {r['tiles']} {r['flags']}: {r['text']}")
+    if args.check_no_spills and bad:
+        print("kernels that spill or miss wgmma:\n  " + "\n  ".join(bad))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -38,6 +38,7 @@ class KernelConfig(NamedTuple):
     block_m: int      # rows per tile (must equal Routing.block_m)
     block_n: int      # output columns per program for the single-accumulator kernels
     block_n_gu: int   # output columns per program for gate_up (it carries two accumulators)
+    block_n_dbwd: int  # output columns per program for down_bwd (its SwiGLU-backward epilogue is wide)
     block_k: int      # reduction step
     wg_block_m: int   # weight-gradient tile rows
     wg_block_n: int   # weight-gradient tile cols
@@ -50,21 +51,51 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+CONFIG_ENV = "LINGMOE_TRITON_CONFIG"
+
+
 def pick_config(n_rows: int, num_experts: int, dtype: torch.dtype) -> KernelConfig:
     """Per-shape heuristic instead of @triton.autotune (multi-config autotune cannot run under
-    the interpreter, and a heuristic keeps the choice visible and deterministic)."""
+    the interpreter, and a heuristic keeps the choice visible and deterministic).
+
+    16-bit tiles are the largest that compile for sm_90 (triton 3.6 and 3.7) with no register
+    spills (benchmarks/aot_compile_check.py reads registers and local-memory traffic off the
+    machine code): with 4 warps a 64x128 single-accumulator tile and the fused dW tile at 128x128
+    spill, and down_bwd spills at 128x128 even with 8 warps, so the 64-row bucket uses 64-column
+    tiles and down_bwd 64 columns.
+    ``LINGMOE_TRITON_CONFIG="block_n=128,num_warps=8"`` overrides fields (tuning sweeps)."""
     if interpreter_active():
         # The interpreter's cost is per program and per op, not per element; 16 is the
         # smallest legal tl.dot size and keeps tiny test shapes multi-tile.
-        return KernelConfig(16, 16, 16, 16, 16, 16, 16, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
+        cfg = KernelConfig(16, 16, 16, 16, 16, 16, 16, 16, num_warps=4, num_stages=1)
+    elif dtype == torch.float32:
         # fp32 tiles are twice as wide in shared memory; keep stages*tiles under ~100 KB.
-        return KernelConfig(64, 64, 32, 32, 64, 64, 32, num_warps=4, num_stages=2)
-    avg_rows = n_rows / max(num_experts, 1)
-    # Small per-expert loads waste most of a 128-row tile on padding.
-    bm = 128 if avg_rows >= 256 else 64
-    return KernelConfig(bm, 128, 64, 64, 128, 128, 64,
-                        num_warps=8 if bm == 128 else 4, num_stages=3)
+        cfg = KernelConfig(64, 64, 32, 64, 32, 64, 64, 32, num_warps=4, num_stages=2)
+    else:
+        avg_rows = n_rows / max(num_experts, 1)
+        # Small per-expert loads waste most of a 128-row tile on padding.
+        if avg_rows >= 256:
+            cfg = KernelConfig(128, 128, 64, 64, 64, 128, 128, 64, num_warps=8, num_stages=3)
+        else:
+            cfg = KernelConfig(64, 64, 64, 64, 64, 128, 64, 64, num_warps=4, num_stages=3)
+    return _apply_override(cfg, os.environ.get(CONFIG_ENV, ""))
+
+
+def _apply_override(cfg: KernelConfig, spec: str) -> KernelConfig:
+    if not spec.strip():
+        return cfg
+    changes = {}
+    for item in spec.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in KernelConfig._fields:
+            raise ValueError(f"{CONFIG_ENV}={spec!r}: expected comma-separated field=value with fields from "
+                             f"{', '.join(KernelConfig._fields)}; got {item.strip()!r}")
+        try:
+            changes[key] = int(value)
+        except ValueError:
+            raise ValueError(f"{CONFIG_ENV}={spec!r}: {key} must be an integer, got {value.strip()!r}") from None
+    return cfg._replace(**changes)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -319,6 +350,23 @@ def _check_device(*tensors: torch.Tensor) -> None:
     if dev.type != "cuda" and not interpreter_active():
         raise RuntimeError("Triton MoE kernels need a CUDA device or TRITON_INTERPRET=1 "
                            "(set before importing triton)")
+    if interpreter_active():
+        _check_interpreter_versions()
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def _check_interpreter_versions() -> None:
+    import numpy
+
+    # triton 3.6's interpreter turns loop bounds into Python ints with int(1-element array),
+    # which NumPy 2.4 rejects ("only 0-dimensional arrays can be converted"); 3.7 squeezes first.
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        raise RuntimeError(f"the Triton interpreter of triton {triton.__version__} cannot run with NumPy "
+                           f"{numpy.__version__}: install triton>=3.7 (requirements.txt pins 3.7.1) or numpy<2.4")
 
 
 def _tile_grid(routing: Routing, n_cols: int, block_n: int):
@@ -404,7 +452,7 @@ def down_bwd(dy_TH: torch.Tensor, w_down_EHI: torch.Tensor, gu_N2I: torch.Tensor
     if not (dy_TH.dtype == w.dtype == gu_N2I.dtype):
         raise TypeError("down_bwd: dy, w_down and the cached pre-activation must share a dtype")
     _check_routing(routing, cfg, n_rows)
-    n_blocks = triton.cdiv(I, cfg.block_n)
+    n_blocks = triton.cdiv(I, cfg.block_n_dbwd)
     dgu_N2I = torch.empty_like(gu_N2I)
     dtw_part_NB = torch.empty(n_rows, n_blocks, dtype=torch.float32, device=dy_TH.device)
     grid = (routing.tile_expert.numel(), n_blocks)
@@ -415,7 +463,7 @@ def down_bwd(dy_TH: torch.Tensor, w_down_EHI: torch.Tensor, gu_N2I: torch.Tensor
         H, I,
         dy_TH.stride(0), w.stride(0), w.stride(1), gu_N2I.stride(0), dgu_N2I.stride(0),
         dtw_part_NB.stride(0),
-        BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, DOT_PREC=_dot_precision(dy_TH.dtype),
+        BM=cfg.block_m, BN=cfg.block_n_dbwd, BK=cfg.block_k, DOT_PREC=_dot_precision(dy_TH.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dgu_N2I, dtw_part_NB

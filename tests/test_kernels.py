@@ -213,12 +213,43 @@ def test_gpu_config_heuristic_is_legal(monkeypatch, dtype, n_rows):
     # H100's 227 KB of shared memory per block with room to spare.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     cfg = pick_config(n_rows, 64, dtype)
-    blocks = [cfg.block_m, cfg.block_n, cfg.block_n_gu, cfg.block_k,
+    blocks = [cfg.block_m, cfg.block_n, cfg.block_n_gu, cfg.block_n_dbwd, cfg.block_k,
               cfg.wg_block_m, cfg.wg_block_n, cfg.wg_block_k]
     assert all(b >= 16 and b & (b - 1) == 0 for b in blocks)
     nbytes = torch.empty(0, dtype=dtype).element_size()
     gate_up = (cfg.block_m * cfg.block_k + 2 * cfg.block_k * cfg.block_n_gu) * nbytes
-    rows = (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * nbytes
+    rows = (cfg.block_m * cfg.block_k + cfg.block_k * max(cfg.block_n, cfg.block_n_dbwd)) * nbytes
     wgrad = (cfg.wg_block_m * cfg.wg_block_k + cfg.wg_block_k * cfg.wg_block_n) * nbytes
     assert max(gate_up, rows, wgrad) * cfg.num_stages <= 160 * 1024
     assert cfg.num_warps in (4, 8)
+
+
+def test_config_override_from_environment(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    base = pick_config(8192 * 6, 64, torch.bfloat16)
+    monkeypatch.setenv("LINGMOE_TRITON_CONFIG", "block_n_dbwd=128, num_warps=4")
+    got = pick_config(8192 * 6, 64, torch.bfloat16)
+    assert got == base._replace(block_n_dbwd=128, num_warps=4) and got != base
+    for bad, msg in (("block_q=64", "block_q"), ("num_warps", "num_warps"), ("num_warps=eight", "integer")):
+        monkeypatch.setenv("LINGMOE_TRITON_CONFIG", bad)
+        with pytest.raises(ValueError, match=msg):
+            pick_config(8192 * 6, 64, torch.bfloat16)
+
+
+def test_bf16_tiles_compile_for_sm90_without_spills(tmp_path):
+    # Compiles the GPU configurations (both tile buckets) for the H100 with triton's own ptxas and
+    # reads the machine code: every 16-bit kernel must use wgmma and no local memory.
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        pytest.skip("this triton build ships no CUDA tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), LINGMOE_TRITON_CONFIG="")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                          "aot_compile_check.py")
+    p = subprocess.run([sys.executable, script, "--dtypes", "bf16", "--check-no-spills"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    built = [line for line in p.stdout.splitlines() if line.startswith("ok ")]
+    assert len(built) == 16 and all(" LDL 0 STL 0" in line and " HGMMA 0 " not in line for line in built)
