@@ -296,6 +296,8 @@ def run(task: Task, opts: Options, shutdown: bool = True) -> dict:
                 saved_at = step
         if bar is not None:
             bar.close()
+        if not opts.checkpoint.save_final:
+            return {"metrics": last_metrics, "step": step, "checkpoint": None}
         final = save() if saved_at != step else latest_checkpoint(ckpt_root)
         if opts.checkpoint.export_hf:
             hf_dir = os.path.join(opts.output_dir, "hf")

@@ -52,6 +52,8 @@ class DataOptions:
     cache_dir: str = opt("", "where prepared (tokenized) data is cached; empty = <output-dir>/prepared")
     skip_bad: bool = opt(False, "skip malformed samples (counted in the summary) instead of stopping")
     synthetic: bool = opt(False, "random token rows instead of real data (benchmarks and tests)")
+    synthetic_docs_per_row: int = opt(2, "documents packed in each synthetic row (1 or 2); 1 = one causal "
+                                         "sequence per row, which takes SDPA's plain causal kernel")
 
 
 @dataclass
@@ -85,6 +87,8 @@ class CheckpointOptions:
     keep_last: int = opt(2, "checkpoints to keep (older ones are deleted after a successful save)")
     resume: bool = opt(True, "resume from the latest checkpoint in <output-dir>/checkpoints when there is one")
     export_hf: bool = opt(True, "write an HF safetensors export to <output-dir>/hf at the end")
+    save_final: bool = opt(True, "save a checkpoint when training ends; false only for throughput "
+                                 "benchmarks (nothing is kept, so it needs export_hf false)")
 
 
 @dataclass
@@ -213,8 +217,18 @@ def parse_options(argv: list[str] | None, prog: str, sections: dict[str, type], 
         given = values.get(sec, {})
         kw = {k: _coerce(sec, fields[k], v, args.config or "command line") for k, v in given.items()}
         built[sec] = cls(**kw)
+    _check_combinations(built, args.config or "command line")
     out = args.output_dir or values.get("_", {}).get("output_dir") or default_output
     return Options(built, out)
+
+
+def _check_combinations(built: dict, where: str) -> None:
+    ck, data = built.get("checkpoint"), built.get("data")
+    if ck is not None and not ck.save_final and ck.export_hf:
+        raise OptionsError(f"{where}: checkpoint.save_final false needs checkpoint.export_hf false "
+                           f"(the HF export is written from the final checkpoint)")
+    if data is not None and data.synthetic_docs_per_row not in (1, 2):
+        raise OptionsError(f"{where}: data.synthetic_docs_per_row must be 1 or 2, got {data.synthetic_docs_per_row}")
 
 
 def dump_yaml(options: Options) -> str:

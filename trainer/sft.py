@@ -62,7 +62,8 @@ class SFTTask:
             from trainer.synthetic import SyntheticLoader
 
             return SyntheticLoader(cfg.vocab_size, opts.data.seq_len, opts.data.micro_batch_size, accum,
-                                   info.rank, info.world_size, opts.train.seed)
+                                   info.rank, info.world_size, opts.train.seed,
+                                   docs_per_row=opts.data.synthetic_docs_per_row)
         import data
 
         return data.SFTLoader(self.dirs, opts.data.seq_len, opts.data.micro_batch_size, rank=info.rank,
@@ -77,11 +78,13 @@ class SFTTask:
 
     def micro_step(self, ctx: StepContext, b):
         out = ctx.model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"],
-                        document_ids=b["document_ids"], return_logits=False,
+                        document_ids=b.get("document_ids"), return_logits=False,
                         balance_counts_fn=ctx.balance_counts_fn)
         aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=out.ce_sum.device)
         loss = out.ce_sum * ctx.info.world_size / ctx.denom.to(out.ce_sum.dtype) + aux / ctx.accum
-        sums = {"loss": out.ce_sum.detach(), "_tokens": (b["document_ids"] >= 0).sum().item()}
+        docs = b.get("document_ids")
+        sums = {"loss": out.ce_sum.detach(),
+                "_tokens": (docs >= 0).sum().item() if docs is not None else b["input_ids"].numel()}
         if out.expert_counts:
             sums["_counts"] = torch.stack([out.expert_counts[i] for i in sorted(out.expert_counts)])
         return loss, aux.detach(), sums

@@ -31,7 +31,10 @@ class SyntheticLoader:
         labels[0] = -100
         if cut < self.S:
             labels[cut] = -100  # a document's first token is never trained on the previous one
-        return {"input_ids": ids, "labels": labels, "position_ids": pos, "document_ids": doc}
+        row = {"input_ids": ids, "labels": labels, "position_ids": pos}
+        if self.docs > 1:  # one document per row: no document_ids, so attention is plain causal
+            row["document_ids"] = doc
+        return row
 
     def __iter__(self):
         return self

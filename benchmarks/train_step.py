@@ -1,0 +1,228 @@
+"""Time whole training steps (forward, backward, optimizer) per expert backend: tokens/s and MFU.
+
+    python benchmarks/train_step.py                        # GPU: Ling-Lite width, as many layers as fit
+    python benchmarks/train_step.py --backends torch loop  # CPU: the tiny preset, a quick check
+    python benchmarks/train_step.py --layers 4 -- --model.activation_checkpointing true
+
+Each backend runs the real trainer (trainer/sft.py) in a fresh process on synthetic rows of one causal
+document each (so SDPA takes its causal kernel and the attention FLOPs counted are the ones done),
+saving nothing. Options after ``--`` go to trainer/sft.py unchanged. The first --warmup steps
+(compilation, autotuning, allocator growth) are dropped and the median of the rest is reported.
+
+MFU = (6 x active parameters without the embedding + causal attention) FLOPs per token x tokens/s
+over the dense bf16 peak (trainer.loop.flops_per_token; the peak is the measured one for H100/H200,
+or --peak-tflops). Results go to a JSON file with the device, versions, commit and date.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+BACKEND_NAMES = {"triton": "triton", "torch": "grouped_mm", "loop": "loop"}  # trainer name -> kernel-bench impl
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def model_config(preset: str, layers: int):
+    import dataclasses
+
+    from moe.config import BailingMoeConfig
+
+    cfg = BailingMoeConfig.preset(preset)
+    return dataclasses.replace(cfg, num_hidden_layers=layers)
+
+
+def layers_that_fit(preset: str, seq_len: int, micro_batch: int, free_bytes: int) -> int:
+    """A first guess at the deepest model whose training state and activations fit in ``free_bytes``
+    of one GPU: 16 bytes per parameter (fp32 weight, fp32 gradient, two AdamW moments), ~90 KB of saved
+    activations per token and layer (bf16, no activation checkpointing) and the logits' fp32 copies.
+    The caller backs off by one layer per out-of-memory failure, so the guess may be a little high."""
+    one, two = model_config(preset, 1), model_config(preset, 2)
+    per_layer = 16 * (two.num_params() - one.num_params()) + 90_000 * seq_len * micro_batch
+    fixed = 16 * (one.num_params() - (two.num_params() - one.num_params()))
+    fixed += 3 * 4 * one.vocab_size * seq_len * micro_batch + (2 << 30)  # logits, their grad, CUDA context
+    return max(1, int((0.92 * free_bytes - fixed) // per_layer))
+
+
+def run_backend(backend: str, args, layers: int, trainer_args: list[str], workdir: str) -> dict:
+    out_dir = os.path.join(workdir, f"{backend}-L{layers}")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cmd = [sys.executable, os.path.join(ROOT, "trainer", "sft.py"),
+           "--model.preset", args.preset, "--model.overrides", json.dumps({"num_hidden_layers": layers}),
+           "--model.expert_backend", backend,
+           "--data.synthetic", "true", "--data.synthetic_docs_per_row", "1",
+           "--data.seq_len", str(args.seq_len), "--data.micro_batch_size", str(args.micro_batch),
+           "--train.global_batch_size", str(args.micro_batch), "--train.steps", str(args.warmup + args.steps),
+           "--train.progress", "false", "--checkpoint.every", "0", "--checkpoint.resume", "false",
+           "--checkpoint.save_final", "false", "--checkpoint.export_hf", "false",
+           "--output-dir", out_dir]
+    if args.peak_tflops:
+        cmd += ["--train.peak_tflops", str(args.peak_tflops)]
+    cmd += trainer_args
+    print(f"[{backend}] {layers} layer(s): " + " ".join(cmd[1:]), flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        oom = "out of memory" in log.lower()
+        return {"ok": False, "oom": oom, "log_tail": log[-3000:]}
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        steps = [json.loads(line) for line in f if line.strip()]
+    steps = [s for s in steps if "tokens_per_s" in s]
+    timed = steps[args.warmup:]
+    if not timed:
+        return {"ok": False, "oom": False, "log_tail": f"no timed steps in {out_dir}/metrics.jsonl"}
+    med = lambda key: statistics.median(s[key] for s in timed)  # noqa: E731
+    row = {"ok": True, "step_ms": 1e3 * med("step_time_s"), "tokens_per_s": med("tokens_per_s"),
+           "step_ms_all": [round(1e3 * s["step_time_s"], 2) for s in steps],
+           "loss_first": steps[0]["loss"], "loss_last": steps[-1]["loss"],
+           "memory_gib": max(s.get("memory_gib", 0.0) for s in steps)}
+    if all("mfu" in s for s in timed):
+        row["mfu"] = med("mfu")
+    if not args.keep_runs:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return row
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    trainer_args = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, trainer_args = argv[:cut], argv[cut + 1:]
+    import torch
+
+    gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(prog="python benchmarks/train_step.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backends", nargs="+", choices=sorted(BACKEND_NAMES),
+                   default=["triton", "torch", "loop"] if gpu else ["torch", "loop"],
+                   help="expert backends to time, each in its own trainer process (default: triton torch loop "
+                        "on GPU; torch loop on CPU, where triton would run under the slow interpreter)")
+    p.add_argument("--preset", default="ling-lite" if gpu else "tiny",
+                   help="model preset giving the widths (default: ling-lite on GPU, tiny on CPU)")
+    p.add_argument("--layers", default="auto",
+                   help="decoder layers, or 'auto': as many as fit on the GPU, backing off one layer per "
+                        "out-of-memory failure (default: auto; on CPU auto means 2)")
+    p.add_argument("--seq-len", type=int, default=4096 if gpu else 256, help="tokens per row (default: 4096 "
+                   "on GPU, 256 on CPU)")
+    p.add_argument("--micro-batch", type=int, default=1 if gpu else 2,
+                   help="rows per step (one micro-batch, no accumulation) (default: 1 on GPU, 2 on CPU)")
+    p.add_argument("--steps", type=int, default=10 if gpu else 3, help="timed steps; the median is reported "
+                   "(default: 10 on GPU, 3 on CPU)")
+    p.add_argument("--warmup", type=int, default=3 if gpu else 1, help="untimed first steps (default: 3 on GPU, "
+                   "1 on CPU)")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="dense bf16 peak per device for MFU; 0 = the trainer's measured H100/H200 figure, and "
+                        "no MFU elsewhere (default: 0)")
+    p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "train_step.json"),
+                   help="where to write the results (default: benchmarks/train_step.json)")
+    p.add_argument("--workdir", default="", help="where the trainer's run directories go (default: a temporary "
+                   "directory)")
+    p.add_argument("--keep-runs", action="store_true", help="keep each run's directory (metrics.jsonl, config)")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+
+    from trainer.loop import flops_per_token
+
+    if args.layers == "auto":
+        if gpu:
+            free, _ = torch.cuda.mem_get_info()
+            layers = layers_that_fit(args.preset, args.seq_len, args.micro_batch, free)
+        else:
+            layers = 2
+    else:
+        try:
+            layers = int(args.layers)
+        except ValueError:
+            p.error(f"--layers must be an integer or 'auto', got {args.layers!r}")
+    workdir = args.workdir or tempfile.mkdtemp(prefix="lingmoe-train-step-")
+    rows = []
+    for backend in args.backends:
+        n = layers
+        while True:
+            res = run_backend(backend, args, n, trainer_args, workdir)
+            if res["ok"] or not (res["oom"] and args.layers == "auto" and n > 1):
+                break
+            print(f"[{backend}] out of memory at {n} layers; trying {n - 1}", flush=True)
+            n -= 1
+        if not res["ok"]:
+            print(f"[{backend}] failed:\n{res['log_tail']}", file=sys.stderr)
+            rows.append({"backend": backend, "impl": BACKEND_NAMES[backend], "layers": n, "ok": False,
+                         "error": res["log_tail"][-500:]})
+            continue
+        if args.layers == "auto" and n < layers:
+            layers = n  # later backends start from the depth that fitted
+        cfg = model_config(args.preset, n)
+        fpt = flops_per_token(cfg, args.seq_len)
+        row = {"backend": backend, "impl": BACKEND_NAMES[backend], "pass": "train_step", "layers": n,
+               "seq_len": args.seq_len, "micro_batch": args.micro_batch, "T": args.seq_len * args.micro_batch,
+               "E": cfg.num_experts, "K": cfg.num_experts_per_tok, "H": cfg.hidden_size,
+               "I": cfg.moe_intermediate_size, "dtype": "bf16" if gpu else "fp32",
+               "active_params": cfg.num_params(active_only=True), "flops_per_token": fpt,
+               "ms": res["step_ms"], "tokens_per_s": res["tokens_per_s"],
+               "tflops": fpt * res["tokens_per_s"] / 1e12, **{k: v for k, v in res.items() if k != "step_ms"}}
+        rows.append(row)
+
+    result = {
+        "device": torch.cuda.get_device_name() if gpu else f"cpu ({os.cpu_count()} cores)",
+        "torch": torch.__version__, "triton": _triton_version(), "git_commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "trainer_args": trainer_args, "preset": args.preset, "warmup": args.warmup, "steps": args.steps,
+        "rows": rows,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, args.json)
+    print(format_table(result))
+    print(f"wrote {args.json}")
+    if not args.workdir and not args.keep_runs:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "none"
+
+
+def format_table(result: dict) -> str:
+    lines = [f"training step on {result['device']} (torch {result['torch']}, triton {result['triton']}), "
+             f"median of {result['steps']} steps after {result['warmup']} warm-up",
+             "| backend | layers | tokens/step | step ms | tokens/s | model TFLOP/s | MFU | peak GiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if not r.get("ok"):
+            lines.append(f"| {r['backend']} | {r['layers']} | failed | | | | | |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
+        lines.append(f"| {r['backend']} | {r['layers']} | {r['T']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['tflops']:.3g} | {mfu} | {r['memory_gib']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""benchmarks/train_step.py: the trainer timed per backend, MFU by the documented formula, nothing saved."""
+import json
+import os
+import sys
+
+import pytest
+
+from tests.trainer_utils import ROOT
+from trainer.options import SFT_SECTIONS, OptionsError, parse_options
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import train_step  # noqa: E402
+
+# Training FLOPs per token of the tiny preset cut to 2 layers (layer 0 dense, layer 1 MoE), by hand:
+#   attention per layer: q,k,v,o = 128*(128 + 2*64) + 128*128                    = 49152
+#   layer 0 (dense MLP 256 wide): 49152 + 2 norms*128 + 3*128*256               = 147712
+#   layer 1 (MoE, K=2 of 8 experts 64 wide, 1 shared, router 128x8):
+#           49152 + 256 + 2*3*128*64 + 128*8 + 3*128*64                          = 124160
+#   lm head 2048*128 + final norm 128 (the embedding lookup is not a matmul)    = 262272
+#   6 x (147712 + 124160 + 262272)                                              = 3204864
+#   causal attention, 2 layers x 4 heads x 32 dims, S=64: 6*2*4*32*64            = 98304
+TINY2_FLOPS_PER_TOKEN_S64 = 3204864 + 98304
+
+
+def test_train_step_bench_times_each_backend_and_saves_nothing(tmp_path):
+    out = tmp_path / "ts.json"
+    runs = tmp_path / "runs"
+    res = train_step.main(["--backends", "torch", "loop", "--layers", "2", "--seq-len", "64", "--micro-batch", "2",
+                           "--steps", "2", "--warmup", "1", "--peak-tflops", "0.001", "--json", str(out),
+                           "--workdir", str(runs), "--keep-runs"])
+    on_disk = json.loads(out.read_text())
+    assert on_disk["rows"] == json.loads(json.dumps(res["rows"]))
+    for key in ("device", "torch", "triton", "git_commit", "date"):
+        assert on_disk[key]
+    torch_row, loop_row = res["rows"]
+    for r in res["rows"]:
+        assert r["ok"] and r["layers"] == 2 and r["T"] == 128 and (r["E"], r["K"]) == (8, 2)
+        assert r["flops_per_token"] == TINY2_FLOPS_PER_TOKEN_S64
+        # MFU = FLOPs/token x tokens/s / peak, each a median over the timed steps (1 warm-up dropped of 3).
+        assert len(r["step_ms_all"]) == 3
+        assert r["mfu"] == pytest.approx(TINY2_FLOPS_PER_TOKEN_S64 * r["tokens_per_s"] / 1e9, rel=1e-6)
+        assert r["ms"] == pytest.approx(sorted(r["step_ms_all"][1:])[0] / 2 + sorted(r["step_ms_all"][1:])[1] / 2,
+                                        abs=0.01)
+        run_dir = runs / f"{r['backend']}-L2"
+        assert (run_dir / "metrics.jsonl").exists()
+        assert not (run_dir / "checkpoints").exists() or not os.listdir(run_dir / "checkpoints")
+        assert not (run_dir / "hf").exists()
+    # Same seed, same rows, same init: the two backends compute the same first loss.
+    assert torch_row["loss_first"] == pytest.approx(loop_row["loss_first"], rel=1e-5)
+    assert "| torch | 2 | 128 |" in train_step.format_table(res)
+
+
+def test_layers_that_fit_grows_with_memory_and_is_at_least_one():
+    small = train_step.layers_that_fit("ling-lite", 4096, 1, 40 << 30)
+    big = train_step.layers_that_fit("ling-lite", 4096, 1, 140 << 30)
+    # A Ling-Lite MoE layer carries ~0.57B parameters: 16 B each is ~9.2 GB of training state.
+    assert 2 <= small < big and big - small >= 8
+    assert train_step.layers_that_fit("ling-lite", 4096, 1, 1 << 30) == 1
+
+
+def _parse(args):
+    return parse_options(args, "sft", SFT_SECTIONS, "", default_output="runs/x")
+
+
+def test_save_final_false_needs_export_off_and_docs_per_row_is_checked():
+    with pytest.raises(OptionsError, match="save_final false needs checkpoint.export_hf false"):
+        _parse(["--checkpoint.save_final", "false"])
+    assert not _parse(["--checkpoint.save_final", "false", "--checkpoint.export_hf", "false"]).checkpoint.save_final
+    with pytest.raises(OptionsError, match="synthetic_docs_per_row must be 1 or 2"):
+        _parse(["--data.synthetic_docs_per_row", "3"])
