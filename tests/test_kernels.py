@@ -203,6 +203,27 @@ def test_bench_cli_rows(tmp_path):
             assert r["ok"] and r["max_rel_err"] < 1e-4
         if r["impl"] == "loop":
             assert r["speedup_vs_loop"] == 1.0
+        if r["impl"] == "grouped_mm":
+            assert r["speedup_vs_grouped_mm"] == 1.0
+    assert meta["targets"] == []  # the issue's targets are judged at T=8192 only
+
+
+def test_issue_targets_from_hand_made_rows():
+    from kernels.bench import _add_relative, issue_targets
+
+    def row(impl, pass_, ms, tflops, skew=0.0, T=8192):
+        return dict(impl=impl, pass_=pass_, T=T, skew=skew, ms=ms, tflops=tflops, **{"pass": pass_})
+
+    rows = [row("dense", "fwd", 1.0, 700.0), row("triton", "fwd", 1.5, 420.0),            # 60.0% of dense
+            row("dense", "fwd+bwd", 3.0, 700.0), row("triton", "fwd+bwd", 6.0, 343.0),    # 49.0%: missed
+            row("grouped_mm", "fwd+bwd", 7.5, 280.0), row("loop", "fwd+bwd", 66.0, 31.0),
+            row("triton", "fwd+bwd", 7.0, 291.55, skew=1.2),                              # 0.85 of uniform
+            row("triton", "fwd", 0.1, 1.0, T=4096)]                                        # other T: ignored
+    _add_relative(rows)
+    got = {t["target"]: (round(t["value"], 6), t["met"]) for t in issue_targets(rows)}
+    assert got == {"fwd % of dense": (60.0, True), "fwd+bwd % of dense": (49.0, False),
+                   "fwd+bwd x grouped_mm": (1.25, True), "fwd+bwd x loop": (11.0, True),
+                   "fwd+bwd skew 1.2 / uniform": (0.85, True)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -26,7 +26,7 @@ def test_train_step_bench_times_each_backend_and_saves_nothing(tmp_path):
     out = tmp_path / "ts.json"
     runs = tmp_path / "runs"
     res = train_step.main(["--backends", "torch", "loop", "--layers", "2", "--seq-len", "64", "--micro-batch", "2",
-                           "--steps", "2", "--warmup", "1", "--peak-tflops", "0.001", "--json", str(out),
+                           "--global-batch", "4", "--steps", "2", "--warmup", "1", "--peak-tflops", "0.001", "--json", str(out),
                            "--workdir", str(runs), "--keep-runs"])
     on_disk = json.loads(out.read_text())
     assert on_disk["rows"] == json.loads(json.dumps(res["rows"]))
@@ -34,7 +34,8 @@ def test_train_step_bench_times_each_backend_and_saves_nothing(tmp_path):
         assert on_disk[key]
     torch_row, loop_row = res["rows"]
     for r in res["rows"]:
-        assert r["ok"] and r["layers"] == 2 and r["T"] == 128 and (r["E"], r["K"]) == (8, 2)
+        assert r["ok"] and r["layers"] == 2 and (r["E"], r["K"]) == (8, 2)
+        assert r["T"] == 256 and r["global_batch"] == 4  # 2 accumulated micro-batches of 2 rows of 64
         assert r["flops_per_token"] == TINY2_FLOPS_PER_TOKEN_S64
         # MFU = FLOPs/token x tokens/s / peak, each a median over the timed steps (1 warm-up dropped of 3).
         assert len(r["step_ms_all"]) == 3
@@ -47,7 +48,7 @@ def test_train_step_bench_times_each_backend_and_saves_nothing(tmp_path):
         assert not (run_dir / "hf").exists()
     # Same seed, same rows, same init: the two backends compute the same first loss.
     assert torch_row["loss_first"] == pytest.approx(loop_row["loss_first"], rel=1e-5)
-    assert "| torch | 2 | 128 |" in train_step.format_table(res)
+    assert "| torch | 2 | 256 |" in train_step.format_table(res)
 
 
 def test_layers_that_fit_grows_with_memory_and_is_at_least_one():
