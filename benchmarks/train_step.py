@@ -16,7 +16,6 @@ or --peak-tflops). Results go to a JSON file with the device, versions, commit a
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shutil
@@ -29,14 +28,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 BACKEND_NAMES = {"triton": "triton", "torch": "grouped_mm", "loop": "loop"}  # trainer name -> kernel-bench impl
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def model_config(preset: str, layers: int):
@@ -188,10 +179,10 @@ def main(argv=None) -> dict:
                "tflops": fpt * res["tokens_per_s"] / 1e12, **{k: v for k, v in res.items() if k != "step_ms"}}
         rows.append(row)
 
+    from kernels.bench import run_metadata
+
     result = {
-        "device": torch.cuda.get_device_name() if gpu else f"cpu ({os.cpu_count()} cores)",
-        "torch": torch.__version__, "triton": _triton_version(), "git_commit": _git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **run_metadata(torch.device("cuda" if gpu else "cpu")),
         "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "trainer_args": trainer_args, "preset": args.preset, "warmup": args.warmup, "steps": args.steps,
         "rows": rows,
@@ -206,15 +197,6 @@ def main(argv=None) -> dict:
     if not args.workdir and not args.keep_runs:
         shutil.rmtree(workdir, ignore_errors=True)
     return result
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return "none"
 
 
 def format_table(result: dict) -> str:

@@ -17,6 +17,7 @@ allocate outputs and compute grids; they hold no autograd state.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple, Optional
 
@@ -359,6 +360,7 @@ def _version(text: str) -> tuple[int, int]:
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
+@functools.lru_cache(maxsize=None)
 def _check_interpreter_versions() -> None:
     import numpy
 

@@ -199,6 +199,13 @@ def _git_commit():
         return "unknown"
 
 
+def run_metadata(device) -> dict:
+    """What every recorded result carries: device, torch and triton versions, commit and UTC date."""
+    return dict(device=_device_name(device), torch=torch.__version__, triton=_triton_version(),
+                git_commit=_git_commit(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
 def _device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -300,10 +307,7 @@ def main(argv=None):
     _print_table(rows, device, notes)
     targets = issue_targets(rows)
     _print_targets(targets)
-    meta = dict(device=_device_name(device), torch=torch.__version__, triton=_triton_version(),
-                git_commit=_git_commit(),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                interpreter=interp, notes=notes, targets=targets, rows=rows)
+    meta = dict(run_metadata(device), interpreter=interp, notes=notes, targets=targets, rows=rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(meta, f, indent=2)
