@@ -65,7 +65,7 @@ def build(fn, ptr_types, consts, warps, stages) -> dict:
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in consts}
     src = ASTSource(fn, sig_of(fn, ptr_types, consts), constexprs=consts, attrs=attrs)
     k = triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
-    flags = {k_: v for k_, v in consts.items() if k_ not in ("BM", "BN", "BK")}
+    flags = {k_: v for k_, v in consts.items() if k_ not in ("BM", "BN", "BK", "TILE_ORDER")}
     tiles = "x".join(str(consts[n]) for n in ("BM", "BN", "BK"))
     rep = sass_report(k.asm["cubin"])
     print("ok", fn.__name__, tiles, flags, "smem", k.metadata.shared, rep["text"], flush=True)
@@ -88,19 +88,19 @@ def check_config(dtype_name: str, nrows: int, kernels=KERNELS) -> list[dict]:
     out = []
     if "gate_up" in kernels:
         for save in (True, False):
-            out.append(build(gg._gate_up_fwd_kernel, act, dict(SAVE_GU=save, BM=cfg.block_m, BN=cfg.block_n_gu,
+            out.append(build(gg._gate_up_fwd_kernel, act, dict(SAVE_GU=save, TILE_ORDER=cfg.tile_order, BM=cfg.block_m, BN=cfg.block_n_gu,
                                                                BK=cfg.block_k, DOT_PREC=prec), W, S))
     if "rows" in kernels:
         for ag, sc in ((False, True), (False, False), (True, False)):
-            out.append(build(gg._rows_gemm_kernel, act, dict(A_GATHER=ag, SCALE=sc, BM=cfg.block_m, BN=cfg.block_n,
+            out.append(build(gg._rows_gemm_kernel, act, dict(A_GATHER=ag, SCALE=sc, TILE_ORDER=cfg.tile_order, BM=cfg.block_m, BN=cfg.block_n,
                                                              BK=cfg.block_k, DOT_PREC=prec), W, S))
     if "down_bwd" in kernels:
-        out.append(build(gg._down_bwd_kernel, act, dict(BM=cfg.block_m, BN=cfg.block_n_dbwd, BK=cfg.block_k,
+        out.append(build(gg._down_bwd_kernel, act, dict(TILE_ORDER=cfg.tile_order, BM=cfg.block_m, BN=cfg.block_n_dbwd, BK=cfg.block_k,
                                                         DOT_PREC=prec), W, S))
     if "wgrad" in kernels:
         for flags in ((True, True, False, True), (False, False, True, False)):
             c = dict(zip(("A_GATHER", "A_SCALE", "B_GATHER", "B_SWIGLU"), flags))
-            c.update(BM=cfg.wg_block_m, BN=cfg.wg_block_n, BK=cfg.wg_block_k, DOT_PREC=prec)
+            c.update(TILE_ORDER=cfg.tile_order, BM=cfg.wg_block_m, BN=cfg.wg_block_n, BK=cfg.wg_block_k, DOT_PREC=prec)
             out.append(build(gg._expert_wgrad_kernel, act, c, W, S))
     return out
 

@@ -1,37 +1,72 @@
 #!/usr/bin/env bash
-# The GPU work of issue 4 in three stages, each sized to fit one 10-minute device call:
+# The GPU work of issue 12 in stages, each with its own time limit, so that several fit in one
+# 10-minute device call and a stage that hangs or fails costs only its own limit:
 #
-#   bash benchmarks/gpu_session.sh check    # versions, GPU tests, sm_90 spill check      (~3 min)
-#   bash benchmarks/gpu_session.sh kernels  # python -m kernels.bench at Ling-Lite shapes  (~5 min)
-#   bash benchmarks/gpu_session.sh train    # benchmarks/train_step.py, 3 backends         (~6 min)
+#   bash benchmarks/gpu_session.sh check    # versions, the two ceilings, tests/test_kernels_gpu.py   (~2 min)
+#   bash benchmarks/gpu_session.sh kernels  # python -m kernels.bench, all peers, Ling-Lite + Qwen3    (~4 min)
+#   bash benchmarks/gpu_session.sh quick    # the bench at Ling-Lite T=8192 only                      (~2 min)
+#   bash benchmarks/gpu_session.sh profile  # per-kernel times, tile-config variants, peer breakdown  (~1 min)
+#   bash benchmarks/gpu_session.sh suite    # the whole pytest suite on CUDA                          (~3 min)
+#   bash benchmarks/gpu_session.sh train    # benchmarks/train_step.py, 3 backends, S=4096            (~4 min)
+#   bash benchmarks/gpu_session.sh flex     # packed 16k rows, 2 documents: flex vs SDPA dense mask  (~3 min)
 #
+# Liger-Kernel, when wanted, is installed first from wheels carried in .whl/ (device README).
 # Results go to $OUT (the device tool's output folder) or benchmarks/gpu_out; copy them into
-# benchmarks/ with the device in the name and add a row to benchmarks/README.md.
+# benchmarks/ with the device in the name. LINGMOE_GIT_COMMIT names the commit when .git is absent.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/gpu_out}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-stage="${1:-}"
-tag="$(python3 -c 'import torch; n = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"; print("h200" if "H200" in n else "h100" if "H100" in n else "gpu")')"
+if compgen -G ".whl/*.whl" > /dev/null && [ ! -d /tmp/site ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+[ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+variants="${VARIANTS:-}"
 
-case "$stage" in
-  check)
-    { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
-      python3 -c 'import torch, triton, numpy; print("torch", torch.__version__, "triton", triton.__version__, "numpy", numpy.__version__, "cuda", torch.version.cuda)'
-      git rev-parse HEAD 2>/dev/null || true; date -u +%FT%TZ; } 2>&1 | tee "$out/env.txt"
-    python3 -m pytest -q -s tests/test_kernels_gpu.py 2>&1 | tee "$out/test_kernels_gpu.log"
-    python3 benchmarks/aot_compile_check.py --dtypes bf16 --check-no-spills 2>&1 | tail -3
-    ;;
-  kernels)
-    python3 -m kernels.bench --json "$out/moe_bench_$tag.json" --plot "$out/moe_bench_$tag.png" 2>&1 \
-      | tee "$out/moe_bench_$tag.log"
-    ;;
-  train)
-    python3 benchmarks/train_step.py --json "$out/train_step_$tag.json" 2>&1 | tee "$out/train_step_$tag.log"
-    ;;
-  *)
-    echo "usage: bash benchmarks/gpu_session.sh check|kernels|train" >&2
-    exit 2
-    ;;
-esac
+for stage in "$@"; do
+  echo "=== stage $stage: $(date -u +%FT%TZ)"
+  case "$stage" in
+    check)
+      { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
+        python3 -c 'import torch, triton, numpy; print("torch", torch.__version__, "triton", triton.__version__, "numpy", numpy.__version__, "cuda", torch.version.cuda)'
+        python3 -c 'import liger_kernel, importlib.metadata as m; print("liger-kernel", m.version("liger-kernel"))' 2>&1 | tail -1
+        echo "commit ${LINGMOE_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}"; date -u +%FT%TZ
+        timeout 60 python3 benchmarks/ceilings.py --json "$out/ceilings.json"
+        timeout 240 python3 -m pytest -q -rA -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tail -40
+      } 2>&1 | tee "$out/check.log"
+      ;;
+    kernels)
+      { timeout 330 python3 -m kernels.bench --tokens 4096 8192 16384 32768 --json "$out/moe_bench_lingl.json" \
+          --plot "$out/moe_bench_lingl.png"
+        timeout 200 python3 -m kernels.bench --experts 128 --topk 8 --hidden 2048 --inter 768 --tokens 8192 32768 \
+          --json "$out/moe_bench_qwen3.json" --plot "$out/moe_bench_qwen3.png"
+      } 2>&1 | tee "$out/kernels.log"
+      ;;
+    quick)
+      timeout 300 python3 -m kernels.bench --tokens 8192 --json "$out/moe_bench_quick.json" --no-plot 2>&1 \
+        | tee "$out/quick.log"
+      ;;
+    profile)
+      timeout 240 python3 benchmarks/kernel_profile.py --peers liger grouped_mm --json "$out/profile.json" \
+        --variants "" ${variants} 2>&1 | tee "$out/profile.log"
+      ;;
+    suite)
+      timeout 300 python3 -m pytest -q -rfE -p no:cacheprovider --timeout 120 tests 2>&1 | tee "$out/suite.log"
+      ;;
+    train)
+      timeout 420 python3 benchmarks/train_step.py --json "$out/train_step.json" 2>&1 | tee "$out/train.log"
+      ;;
+    flex)
+      for attn in flex sdpa; do
+        timeout 200 python3 benchmarks/train_step.py --backends triton --seq-len 16384 --docs-per-row 2 \
+          --attn "$attn" --global-batch 2 --steps 4 --warmup 2 --json "$out/train_16k_$attn.json" 2>&1 \
+          | tee "$out/flex_$attn.log"
+      done
+      ;;
+    *)
+      echo "unknown stage $stage: check kernels quick profile suite train flex" >&2
+      exit 2
+      ;;
+  esac
+done

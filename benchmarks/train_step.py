@@ -55,9 +55,10 @@ def run_backend(backend: str, args, layers: int, trainer_args: list[str], workdi
     out_dir = os.path.join(workdir, f"{backend}-L{layers}")
     shutil.rmtree(out_dir, ignore_errors=True)
     cmd = [sys.executable, os.path.join(ROOT, "trainer", "sft.py"),
-           "--model.preset", args.preset, "--model.overrides", json.dumps({"num_hidden_layers": layers}),
+           "--model.preset", args.preset, "--model.overrides",
+           json.dumps({"num_hidden_layers": layers, "attn_implementation": args.attn}),
            "--model.expert_backend", backend,
-           "--data.synthetic", "true", "--data.synthetic_docs_per_row", "1",
+           "--data.synthetic", "true", "--data.synthetic_docs_per_row", str(args.docs_per_row),
            "--data.seq_len", str(args.seq_len), "--data.micro_batch_size", str(args.micro_batch),
            "--train.global_batch_size", str(args.global_batch), "--train.steps", str(args.warmup + args.steps),
            "--train.progress", "false", "--checkpoint.every", "0", "--checkpoint.resume", "false",
@@ -122,6 +123,12 @@ def main(argv=None) -> dict:
                    "(default: 10 on GPU, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=3 if gpu else 1, help="untimed first steps (default: 3 on GPU, "
                    "1 on CPU)")
+    p.add_argument("--docs-per-row", type=int, default=1, choices=[1, 2],
+                   help="documents packed in each synthetic row: 1 = one causal sequence (SDPA's causal kernel), "
+                        "2 = two documents with a document mask (dense boolean mask under SDPA, block-sparse under "
+                        "flex) (default: 1)")
+    p.add_argument("--attn", choices=["sdpa", "flex"], default="sdpa",
+                   help="attention implementation: sdpa or flex (flex_attention, compiled on CUDA) (default: sdpa)")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="dense bf16 peak per device for MFU; 0 = the trainer's measured H100/H200 figure, and "
                         "no MFU elsewhere (default: 0)")
@@ -163,14 +170,16 @@ def main(argv=None) -> dict:
         if not res["ok"]:
             print(f"[{backend}] failed:\n{res['log_tail']}", file=sys.stderr)
             rows.append({"backend": backend, "impl": BACKEND_NAMES[backend], "layers": n, "ok": False,
-                         "error": res["log_tail"][-500:]})
+                         "attn": args.attn, "seq_len": args.seq_len, "docs_per_row": args.docs_per_row,
+                         "error": res["log_tail"][-1500:]})
             continue
         if args.layers == "auto" and n < layers:
             layers = n  # later backends start from the depth that fitted
         cfg = model_config(args.preset, n)
         fpt = flops_per_token(cfg, args.seq_len)
         row = {"backend": backend, "impl": BACKEND_NAMES[backend], "pass": "train_step", "layers": n,
-               "seq_len": args.seq_len, "micro_batch": args.micro_batch, "global_batch": args.global_batch,
+               "seq_len": args.seq_len, "docs_per_row": args.docs_per_row, "attn": args.attn,
+               "micro_batch": args.micro_batch, "global_batch": args.global_batch,
                "T": args.seq_len * args.global_batch,
                "E": cfg.num_experts, "K": cfg.num_experts_per_tok, "H": cfg.hidden_size,
                "I": cfg.moe_intermediate_size, "dtype": "bf16" if gpu else "fp32",
@@ -202,14 +211,16 @@ def main(argv=None) -> dict:
 def format_table(result: dict) -> str:
     lines = [f"training step on {result['device']} (torch {result['torch']}, triton {result['triton']}), "
              f"median of {result['steps']} steps after {result['warmup']} warm-up",
-             "| backend | layers | tokens/step | step ms | tokens/s | model TFLOP/s | MFU | peak GiB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| backend | attention | layers | seq x docs | tokens/step | step ms | tokens/s | model TFLOP/s | MFU | "
+             "peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if not r.get("ok"):
-            lines.append(f"| {r['backend']} | {r['layers']} | failed | | | | | |")
+            lines.append(f"| {r['backend']} | {r.get('attn', '')} | {r['layers']} | failed | | | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
-        lines.append(f"| {r['backend']} | {r['layers']} | {r['T']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | "
+        lines.append(f"| {r['backend']} | {r['attn']} | {r['layers']} | {r['seq_len']} x {r['docs_per_row']} | "
+                     f"{r['T']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | "
                      f"{r['tflops']:.3g} | {mfu} | {r['memory_gib']:.1f} |")
     return "\n".join(lines)
 

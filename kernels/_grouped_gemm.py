@@ -46,6 +46,11 @@ class KernelConfig(NamedTuple):
     wg_block_k: int   # weight-gradient reduction step (routed rows per iteration)
     num_warps: int
     num_stages: int
+    # Launch order. 1: row-tile kernels walk all column blocks of one row tile before the next
+    # tile, and the weight-gradient kernel walks all tiles of one expert before the next expert,
+    # so an A tile / an expert's rows are re-read from L2 instead of HBM. 0: the old order (row
+    # tiles, resp. experts, fastest), kept for A/B timing.
+    tile_order: int = 1
 
 
 def interpreter_active() -> bool:
@@ -115,16 +120,28 @@ def _silu_parts(g):
 
 
 @triton.jit
+def _tile_pid(N_TILES, N_COL_BLOCKS, TILE_ORDER: tl.constexpr):
+    # One 1-D launch of N_TILES x N_COL_BLOCKS programs (no 65535 limit on a grid axis).
+    pid = tl.program_id(0)
+    if TILE_ORDER == 1:
+        # Column blocks fastest: the programs in flight share one or a few row tiles (their A rows
+        # stay in L2 across all column blocks) and one expert's weights.
+        return pid // N_COL_BLOCKS, pid % N_COL_BLOCKS
+    else:
+        return pid % N_TILES, pid // N_TILES
+
+
+@triton.jit
 def _gate_up_fwd_kernel(
     x_ptr, w_ptr, h_ptr, gu_ptr,
     tok_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
     H, I,
     stride_xt, stride_we, stride_wo, stride_h, stride_gu,
     SAVE_GU: tl.constexpr,
+    N_TILES, N_COL_BLOCKS, TILE_ORDER: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_pid(N_TILES, N_COL_BLOCKS, TILE_ORDER)
     e = tl.load(tile_expert_ptr + pid_m)
     if e < 0:
         return
@@ -176,6 +193,7 @@ def _rows_gemm_kernel(
     N_OUT, K_RED,
     stride_a, stride_be, stride_bk, stride_bn, stride_out,
     A_GATHER: tl.constexpr, SCALE: tl.constexpr,
+    N_TILES, N_COL_BLOCKS, TILE_ORDER: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """out[flat[r], :] = (scale_r *) A[r or tok[r], :] @ B_e for every routed row r.
@@ -183,8 +201,7 @@ def _rows_gemm_kernel(
     B_e[k, n] = b_ptr[e*stride_be + k*stride_bk + n*stride_bn], so the same kernel reads
     w_down transposed (forward) or w_gate_up as stored (dX backward).
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_pid(N_TILES, N_COL_BLOCKS, TILE_ORDER)
     e = tl.load(tile_expert_ptr + pid_m)
     if e < 0:
         return
@@ -227,13 +244,13 @@ def _down_bwd_kernel(
     tok_ptr, flat_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
     H, I,
     stride_dy, stride_we, stride_wo, stride_gu, stride_dgu, stride_part,
+    N_TILES, N_COL_BLOCKS, TILE_ORDER: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """dh_r = dy[tok_r] @ W_down[e] (unweighted), then in the epilogue:
     partial d(topk_w)_r = <dh_r, h_r> over this column block, and the SwiGLU backward
     dg = w_r*dh*u*silu'(g), du = w_r*dh*silu(g) written as dgu (sorted rows, [N, 2I])."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_pid(N_TILES, N_COL_BLOCKS, TILE_ORDER)
     e = tl.load(tile_expert_ptr + pid_m)
     if e < 0:
         return
@@ -285,14 +302,25 @@ def _expert_wgrad_kernel(
     stride_a, stride_b, stride_oe, stride_om,
     A_GATHER: tl.constexpr, A_SCALE: tl.constexpr,
     B_GATHER: tl.constexpr, B_SWIGLU: tl.constexpr,
+    N_EXPERTS, M_BLOCKS, N_BLOCKS, TILE_ORDER: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """dW[e] = sum over expert e's rows r of A_r^T B_r, with A_r / B_r optionally gathered by
     token, A_r optionally scaled by topk_w, and B_r optionally h = silu(g)*u rebuilt from
     the cached pre-activation (g at column n, u at column B_HALF + n)."""
-    e = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_n = tl.program_id(2)
+    pid = tl.program_id(0)
+    if TILE_ORDER == 1:
+        # Expert slowest: the programs in flight share one expert's rows, read from L2 by all of its
+        # output tiles instead of from HBM once per tile.
+        e = pid // (M_BLOCKS * N_BLOCKS)
+        rest = pid % (M_BLOCKS * N_BLOCKS)
+        pid_m = rest // N_BLOCKS
+        pid_n = rest % N_BLOCKS
+    else:
+        e = pid % N_EXPERTS
+        rest = pid // N_EXPERTS
+        pid_m = rest % M_BLOCKS
+        pid_n = rest // M_BLOCKS
     r_begin = tl.load(offsets_ptr + e)
     r_end = tl.load(offsets_ptr + e + 1)
     ms = pid_m * BM + tl.arange(0, BM)
@@ -371,8 +399,10 @@ def _check_interpreter_versions() -> None:
                            f"{numpy.__version__}: install triton>=3.7 (requirements.txt pins 3.7.1) or numpy<2.4")
 
 
-def _tile_grid(routing: Routing, n_cols: int, block_n: int):
-    return (routing.tile_expert.numel(), triton.cdiv(n_cols, block_n))
+def _tile_launch(routing: Routing, n_cols: int, block_n: int, cfg: KernelConfig):
+    """The 1-D grid of a row-tile kernel and its order arguments (N_TILES, N_COL_BLOCKS, TILE_ORDER)."""
+    n_tiles, n_col_blocks = routing.tile_expert.numel(), triton.cdiv(n_cols, block_n)
+    return (n_tiles * n_col_blocks,), dict(N_TILES=n_tiles, N_COL_BLOCKS=n_col_blocks, TILE_ORDER=cfg.tile_order)
 
 
 def gate_up_fwd(x_TH: torch.Tensor, w_gate_up_E2IH: torch.Tensor, routing: Routing,
@@ -393,13 +423,13 @@ def gate_up_fwd(x_TH: torch.Tensor, w_gate_up_E2IH: torch.Tensor, routing: Routi
     _check_routing(routing, cfg, n_rows)
     h_NI = torch.empty(n_rows, I, dtype=x_TH.dtype, device=x_TH.device)
     gu_N2I = torch.empty(n_rows, I2, dtype=x_TH.dtype, device=x_TH.device) if save_preact else h_NI
-    grid = _tile_grid(routing, I, cfg.block_n_gu)
+    grid, order = _tile_launch(routing, I, cfg.block_n_gu, cfg)
     _gate_up_fwd_kernel[grid](
         x_TH, w, h_NI, gu_N2I,
         routing.sorted_token_ids, routing.tile_expert, routing.tile_row_start, routing.expert_offsets,
         H, I,
         x_TH.stride(0), w.stride(0), w.stride(1), h_NI.stride(0), gu_N2I.stride(0),
-        SAVE_GU=save_preact,
+        SAVE_GU=save_preact, **order,
         BM=cfg.block_m, BN=cfg.block_n_gu, BK=cfg.block_k, DOT_PREC=_dot_precision(x_TH.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -423,14 +453,14 @@ def down_fwd(h_NI: torch.Tensor, w_down_EHI: torch.Tensor, topk_weights_N: torch
         raise ValueError("topk_weights must have T*K elements")
     _check_routing(routing, cfg, n_rows)
     o_NH = torch.empty(n_rows, H, dtype=h_NI.dtype, device=h_NI.device)
-    grid = _tile_grid(routing, H, cfg.block_n)
+    grid, order = _tile_launch(routing, H, cfg.block_n, cfg)
     _rows_gemm_kernel[grid](
         h_NI, w, o_NH, tw,
         routing.sorted_token_ids, routing.sorted_flat_ids, routing.tile_expert,
         routing.tile_row_start, routing.expert_offsets,
         H, I,
         h_NI.stride(0), w.stride(0), w.stride(2), w.stride(1), o_NH.stride(0),
-        A_GATHER=False, SCALE=True,
+        A_GATHER=False, SCALE=True, **order,
         BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, DOT_PREC=_dot_precision(h_NI.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -457,14 +487,14 @@ def down_bwd(dy_TH: torch.Tensor, w_down_EHI: torch.Tensor, gu_N2I: torch.Tensor
     n_blocks = triton.cdiv(I, cfg.block_n_dbwd)
     dgu_N2I = torch.empty_like(gu_N2I)
     dtw_part_NB = torch.empty(n_rows, n_blocks, dtype=torch.float32, device=dy_TH.device)
-    grid = (routing.tile_expert.numel(), n_blocks)
+    grid, order = _tile_launch(routing, I, cfg.block_n_dbwd, cfg)
     _down_bwd_kernel[grid](
         dy_TH, w, gu_N2I, tw, dgu_N2I, dtw_part_NB,
         routing.sorted_token_ids, routing.sorted_flat_ids, routing.tile_expert,
         routing.tile_row_start, routing.expert_offsets,
         H, I,
         dy_TH.stride(0), w.stride(0), w.stride(1), gu_N2I.stride(0), dgu_N2I.stride(0),
-        dtw_part_NB.stride(0),
+        dtw_part_NB.stride(0), **order,
         BM=cfg.block_m, BN=cfg.block_n_dbwd, BK=cfg.block_k, DOT_PREC=_dot_precision(dy_TH.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -485,14 +515,14 @@ def gate_up_bwd_dx(dgu_N2I: torch.Tensor, w_gate_up_E2IH: torch.Tensor, routing:
         raise TypeError("gate_up_bwd_dx: dtype mismatch")
     _check_routing(routing, cfg, n_rows)
     dx_NH = torch.empty(n_rows, H, dtype=dgu_N2I.dtype, device=dgu_N2I.device)
-    grid = _tile_grid(routing, H, cfg.block_n)
+    grid, order = _tile_launch(routing, H, cfg.block_n, cfg)
     _rows_gemm_kernel[grid](
         dgu_N2I, w, dx_NH, dgu_N2I,
         routing.sorted_token_ids, routing.sorted_flat_ids, routing.tile_expert,
         routing.tile_row_start, routing.expert_offsets,
         H, I2,
         dgu_N2I.stride(0), w.stride(0), w.stride(1), w.stride(2), dx_NH.stride(0),
-        A_GATHER=False, SCALE=False,
+        A_GATHER=False, SCALE=False, **order,
         BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, DOT_PREC=_dot_precision(w.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -502,13 +532,15 @@ def gate_up_bwd_dx(dgu_N2I: torch.Tensor, w_gate_up_E2IH: torch.Tensor, routing:
 def _wgrad_launch(a, b, out, tw, routing, cfg, M, N, b_half, a_gather, a_scale, b_gather,
                   b_swiglu):
     E = out.shape[0]
-    grid = (E, triton.cdiv(M, cfg.wg_block_m), triton.cdiv(N, cfg.wg_block_n))
+    m_blocks, n_blocks = triton.cdiv(M, cfg.wg_block_m), triton.cdiv(N, cfg.wg_block_n)
+    grid = (E * m_blocks * n_blocks,)
     _expert_wgrad_kernel[grid](
         a, b, out, tw,
         routing.sorted_token_ids, routing.sorted_flat_ids, routing.expert_offsets,
         M, N, b_half,
         a.stride(0), b.stride(0), out.stride(0), out.stride(1),
         A_GATHER=a_gather, A_SCALE=a_scale, B_GATHER=b_gather, B_SWIGLU=b_swiglu,
+        N_EXPERTS=E, M_BLOCKS=m_blocks, N_BLOCKS=n_blocks, TILE_ORDER=cfg.tile_order,
         BM=cfg.wg_block_m, BN=cfg.wg_block_n, BK=cfg.wg_block_k,
         DOT_PREC=_dot_precision(a.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

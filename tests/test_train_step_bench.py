@@ -48,7 +48,7 @@ def test_train_step_bench_times_each_backend_and_saves_nothing(tmp_path):
         assert not (run_dir / "hf").exists()
     # Same seed, same rows, same init: the two backends compute the same first loss.
     assert torch_row["loss_first"] == pytest.approx(loop_row["loss_first"], rel=1e-5)
-    assert "| torch | 2 | 256 |" in train_step.format_table(res)
+    assert "| torch | sdpa | 2 | 64 x 1 | 256 |" in train_step.format_table(res)
 
 
 def test_layers_that_fit_grows_with_memory_and_is_at_least_one():

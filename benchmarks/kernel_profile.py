@@ -1,0 +1,187 @@
+"""Where the time of the Triton expert MLP goes, kernel by kernel, and how tile configs change it.
+
+    python benchmarks/kernel_profile.py                                  # GPU: Ling-Lite, T=8192, uniform
+    python benchmarks/kernel_profile.py --variants "" "tile_order=0" "num_stages=4" --json out.json
+
+Each variant is a LINGMOE_TRITON_CONFIG override ("" = the built-in heuristic). For each one the six
+kernels of kernels/_grouped_gemm.py are launched on their own on the same inputs and timed with CUDA
+events (median of --reps after --warmup), with their FLOPs:
+
+    gate_up_fwd   2*N*H*2I    down_fwd   2*N*I*H      (forward)
+    down_bwd      2*N*H*I     down_wgrad 2*N*H*I      gate_up_bwd_dx 2*N*2I*H   gate_up_wgrad 2*N*2I*H
+
+and the whole op (kernels.moe_mlp) is timed forward and forward+backward; "other" is the whole minus
+the kernels (routing tables, the fixed-order sums over K, casts). Every variant is first checked
+against the fp32 loop reference (output and all gradients). --peers adds a torch.profiler breakdown of
+Liger's fused MoE and the grouped_mm MLP at the same inputs. Legend: T tokens, E experts, K top-k,
+H hidden, I expert width, N = T*K routed rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from kernels import bench  # noqa: E402
+from kernels._grouped_gemm import CONFIG_ENV  # noqa: E402
+
+KERNELS = ("gate_up_fwd", "down_fwd", "down_bwd", "down_wgrad", "gate_up_bwd_dx", "gate_up_wgrad")
+
+
+def _time(fn, reps, warmup):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def kernel_calls(inputs):
+    """The six launchers as closures over one set of inputs, in the order moe_mlp runs them."""
+    from kernels import _grouped_gemm as gg
+    from kernels.routing import build_routing
+
+    x, w_gu, w_d, ids, tw, dy = inputs
+    T, K = ids.shape
+    E = w_gu.shape[0]
+    tw_N = tw.to(x.dtype).reshape(-1).contiguous()
+    cfg = gg.pick_config(T * K, E, x.dtype)
+    routing = build_routing(ids, E, cfg.block_m)
+    h, gu = gg.gate_up_fwd(x, w_gu, routing, cfg, save_preact=True)
+    dgu, _ = gg.down_bwd(dy, w_d, gu, tw_N, routing, cfg)
+    return cfg, {
+        "gate_up_fwd": lambda: gg.gate_up_fwd(x, w_gu, routing, cfg, save_preact=True),
+        "down_fwd": lambda: gg.down_fwd(h, w_d, tw_N, routing, cfg),
+        "down_bwd": lambda: gg.down_bwd(dy, w_d, gu, tw_N, routing, cfg),
+        "down_wgrad": lambda: gg.down_wgrad(dy, gu, tw_N, routing, cfg, E),
+        "gate_up_bwd_dx": lambda: gg.gate_up_bwd_dx(dgu, w_gu, routing, cfg),
+        "gate_up_wgrad": lambda: gg.gate_up_wgrad(dgu, x, routing, cfg, E),
+    }
+
+
+def kernel_flops(name, N, H, I):
+    return {"gate_up_fwd": 4, "down_fwd": 2, "down_bwd": 2, "down_wgrad": 2, "gate_up_bwd_dx": 4,
+            "gate_up_wgrad": 4}[name] * N * H * I
+
+
+def profile_variant(spec, inputs, ref, args):
+    os.environ[CONFIG_ENV] = spec
+    x, w_gu, w_d, ids, tw, dy = inputs
+    T, K = ids.shape
+    H, I = x.shape[1], w_d.shape[2]
+    N = T * K
+    fn = bench._impl_fn("triton")
+    row = {"variant": spec or "default"}
+    try:
+        row["max_rel_err"] = bench._check(fn, inputs, True, ref)
+        row["ok"] = bool(row["max_rel_err"] <= bench._TOL[x.dtype])
+        cfg, calls = kernel_calls(inputs)
+        row["config"] = cfg._asdict()
+        for name in KERNELS:
+            ms = _time(calls[name], args.reps, args.warmup)
+            row[name] = {"ms": ms, "tflops": kernel_flops(name, N, H, I) / ms / 1e9}
+        del calls
+        for pass_ in ("fwd", "fwd+bwd"):
+            ms = _time(bench._moe_runner(fn, inputs, pass_ == "fwd+bwd"), args.reps, args.warmup)
+            row[pass_] = {"ms": ms, "tflops": bench.moe_flops(T, K, H, I, pass_) / ms / 1e9}
+        row["fwd_other_ms"] = row["fwd"]["ms"] - row["gate_up_fwd"]["ms"] - row["down_fwd"]["ms"]
+        row["fwd+bwd_other_ms"] = row["fwd+bwd"]["ms"] - sum(row[k]["ms"] for k in KERNELS)
+    except Exception as e:  # a config that does not compile or fit: record it, go on with the next
+        row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+    finally:
+        os.environ.pop(CONFIG_ENV, None)
+        torch.cuda.empty_cache()
+    return row
+
+
+def profile_peer(impl, inputs, args):
+    """Per-kernel CUDA time of one forward+backward of a peer, from torch.profiler (after warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn = bench._impl_fn(impl)
+    run = bench._moe_runner(fn, inputs, True)
+    for _ in range(args.warmup):
+        run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            run()
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None)
+        if t is None:
+            t = getattr(ev, "cuda_time_total", 0)
+        if t > 0:
+            out[ev.key[:60]] = t / 1e3 / 5  # us -> ms, per fwd+bwd
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:12])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python benchmarks/kernel_profile.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=8192, help="tokens T (default: 8192)")
+    p.add_argument("--experts", type=int, default=64, help="experts E (default: 64, Ling-Lite)")
+    p.add_argument("--topk", type=int, default=6, help="experts per token K (default: 6)")
+    p.add_argument("--hidden", type=int, default=2048, help="hidden size H (default: 2048)")
+    p.add_argument("--inter", type=int, default=1408, help="expert width I (default: 1408)")
+    p.add_argument("--skew", type=float, default=0.0, help="Zipf skew of expert popularity, 0 = uniform (default: 0)")
+    p.add_argument("--variants", nargs="+", default=[""],
+                   help="LINGMOE_TRITON_CONFIG overrides to compare, '' = the heuristic (default: '')")
+    p.add_argument("--peers", nargs="*", default=[], choices=["liger", "grouped_mm"],
+                   help="also break down these implementations with torch.profiler (default: none)")
+    p.add_argument("--reps", type=int, default=20, help="timed repetitions, median reported (default: 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed repetitions first (default: 3)")
+    p.add_argument("--json", default="", help="write the rows here as JSON (default: print only)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (the interpreter says nothing about kernel time)")
+    dev = torch.device("cuda")
+    inputs = bench._make_inputs(args.tokens, args.experts, args.topk, args.hidden, args.inter, torch.bfloat16,
+                                args.skew, dev, 0)
+    ref = bench._reference(inputs)
+    rows = [profile_variant(v, inputs, ref, args) for v in args.variants]
+    peers = {}
+    for impl in args.peers:
+        try:
+            peers[impl] = profile_peer(impl, inputs, args)
+        except Exception as e:
+            peers[impl] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+    print(f"\nper-kernel ms (TFLOP/s) at T={args.tokens} E={args.experts} K={args.topk} H={args.hidden} "
+          f"I={args.inter} skew={args.skew:g}, bf16, {torch.cuda.get_device_name()}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']}: FAILED {r['error']}")
+            continue
+        parts = "  ".join(f"{k} {r[k]['ms']:.3f} ({r[k]['tflops']:.0f})" for k in KERNELS)
+        print(f"{r['variant']}: fwd {r['fwd']['ms']:.3f} ms ({r['fwd']['tflops']:.0f}), fwd+bwd "
+              f"{r['fwd+bwd']['ms']:.3f} ms ({r['fwd+bwd']['tflops']:.0f}), other fwd {r['fwd_other_ms']:.3f} "
+              f"fwd+bwd {r['fwd+bwd_other_ms']:.3f}, err {r['max_rel_err']:.1e}{'' if r['ok'] else ' FAILED CHECK'}\n"
+              f"    {parts}")
+    for impl, table in peers.items():
+        print(f"{impl} per fwd+bwd (ms): " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                     for k, v in table.items()))
+    if args.json:
+        meta = dict(bench.run_metadata(dev), T=args.tokens, E=args.experts, K=args.topk, H=args.hidden,
+                    I=args.inter, skew=args.skew, dtype="bf16", rows=rows, peers=peers)
+        with open(args.json, "w") as f:
+            json.dump(meta, f, indent=1)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
