@@ -83,7 +83,8 @@ def check_config(dtype_name: str, nrows: int, kernels=KERNELS) -> list[dict]:
     print(f"# {dtype_name}, {nrows} routed rows over 64 experts: {cfg}")
     prec = gg._dot_precision(dt)
     W, S = cfg.num_warps, cfg.num_stages
-    act = {n: tt for n in ("x_ptr", "w_ptr", "h_ptr", "gu_ptr", "a_ptr", "b_ptr", "out_ptr", "dy_ptr", "dgu_ptr")}
+    act = {n: tt for n in ("x_ptr", "w_ptr", "h_ptr", "gu_ptr", "a_ptr", "b_ptr", "out_ptr", "dy_ptr", "dgu_ptr",
+                           "hw_ptr")}
     act.update(tw_ptr="*fp32", dtw_part_ptr="*fp32")
     out = []
     if "gate_up" in kernels:
@@ -95,13 +96,13 @@ def check_config(dtype_name: str, nrows: int, kernels=KERNELS) -> list[dict]:
             out.append(build(gg._rows_gemm_kernel, act, dict(A_GATHER=ag, SCALE=sc, TILE_ORDER=cfg.tile_order, BM=cfg.block_m, BN=cfg.block_n,
                                                              BK=cfg.block_k, DOT_PREC=prec), W, S))
     if "down_bwd" in kernels:
-        out.append(build(gg._down_bwd_kernel, act, dict(TILE_ORDER=cfg.tile_order, BM=cfg.block_m, BN=cfg.block_n_dbwd, BK=cfg.block_k,
-                                                        DOT_PREC=prec), W, S))
+        out.append(build(gg._down_bwd_kernel, act, dict(STORE_HW=True, TILE_ORDER=cfg.tile_order, BM=cfg.block_m, BN=cfg.block_n_dbwd, BK=cfg.block_k,
+                                                        DOT_PREC=prec), cfg.dbwd_warps or W, S))
     if "wgrad" in kernels:
-        for flags in ((True, True, False, True), (False, False, True, False)):
-            c = dict(zip(("A_GATHER", "A_SCALE", "B_GATHER", "B_SWIGLU"), flags))
+        for flags in ((True, False), (False, True)):
+            c = dict(zip(("A_GATHER", "B_GATHER"), flags))
             c.update(TILE_ORDER=cfg.tile_order, BM=cfg.wg_block_m, BN=cfg.wg_block_n, BK=cfg.wg_block_k, DOT_PREC=prec)
-            out.append(build(gg._expert_wgrad_kernel, act, c, W, S))
+            out.append(build(gg._expert_wgrad_kernel, act, c, cfg.wg_warps or W, cfg.wg_stages or S))
     return out
 
 

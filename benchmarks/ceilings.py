@@ -53,13 +53,13 @@ def main(argv=None):
     src = torch.randn(elems, device="cuda")
     dst = torch.empty_like(src)
     ms_copy = _median_ms(lambda: dst.copy_(src), args.reps)
-    copy = 2 * src.numel() * 4 / ms_copy / 1e9
+    copy_tb_s = 2 * src.numel() * 4 / (ms_copy * 1e-3) / 1e12
     from kernels.bench import run_metadata
 
     res = dict(run_metadata(torch.device("cuda")), dense_bf16_tflops=dense, dense_size=n, dense_ms=ms,
-               copy_tb_s=copy / 1e3, copy_gib=args.copy_gib, copy_ms=ms_copy)
+               copy_tb_s=copy_tb_s, copy_gib=args.copy_gib, copy_ms=ms_copy)
     print(f"dense bf16 {n}^3: {dense:.0f} TFLOP/s ({ms:.3f} ms); device copy {args.copy_gib:g} GiB: "
-          f"{copy / 1e3:.2f} TB/s read+write ({ms_copy:.3f} ms)")
+          f"{copy_tb_s:.2f} TB/s read+write ({ms_copy:.3f} ms)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -6,6 +6,9 @@
 #   bash benchmarks/gpu_session.sh kernels  # python -m kernels.bench, all peers, Ling-Lite + Qwen3    (~4 min)
 #   bash benchmarks/gpu_session.sh quick    # the bench at Ling-Lite T=8192 only                      (~2 min)
 #   bash benchmarks/gpu_session.sh profile  # per-kernel times, tile-config variants, peer breakdown  (~1 min)
+#   bash benchmarks/gpu_session.sh tune     # profile + the composition of each kernel group's fastest
+#                                           # variant; the winner goes to $OUT/best_config.txt, which a
+#                                           # following 'kernels' stage in the same call uses  (~2 min)
 #   bash benchmarks/gpu_session.sh suite    # the whole pytest suite on CUDA                          (~3 min)
 #   bash benchmarks/gpu_session.sh train    # benchmarks/train_step.py, 3 backends, S=4096            (~4 min)
 #   bash benchmarks/gpu_session.sh flex     # packed 16k rows, 2 documents: flex vs SDPA dense mask  (~3 min)
@@ -37,6 +40,8 @@ for stage in "$@"; do
       } 2>&1 | tee "$out/check.log"
       ;;
     kernels)
+      if [ -s "$out/best_config.txt" ]; then export LINGMOE_TRITON_CONFIG="$(tr -d '\n' < "$out/best_config.txt")"; fi
+      echo "LINGMOE_TRITON_CONFIG=${LINGMOE_TRITON_CONFIG:-}"
       { timeout 330 python3 -m kernels.bench --tokens 4096 8192 16384 32768 --json "$out/moe_bench_lingl.json" \
           --plot "$out/moe_bench_lingl.png"
         timeout 200 python3 -m kernels.bench --experts 128 --topk 8 --hidden 2048 --inter 768 --tokens 8192 32768 \
@@ -51,21 +56,27 @@ for stage in "$@"; do
       timeout 240 python3 benchmarks/kernel_profile.py --peers liger grouped_mm --json "$out/profile.json" \
         --variants "" ${variants} 2>&1 | tee "$out/profile.log"
       ;;
+    tune)
+      timeout 240 python3 benchmarks/kernel_profile.py --peers triton grouped_mm --json "$out/profile.json" \
+        --variants "" ${variants} --compose --best-out "$out/best_config.txt" 2>&1 | tee "$out/profile.log"
+      ;;
     suite)
-      timeout 300 python3 -m pytest -q -rfE -p no:cacheprovider --timeout 120 tests 2>&1 | tee "$out/suite.log"
+      timeout "${SUITE_LIMIT:-300}" python3 -m pytest -v --tb=short -p no:cacheprovider --timeout 120 tests 2>&1 \
+        | tee "$out/suite.log" | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" | grep -v PASSED
       ;;
     train)
-      timeout 420 python3 benchmarks/train_step.py --json "$out/train_step.json" 2>&1 | tee "$out/train.log"
+      timeout 420 python3 benchmarks/train_step.py --steps "${TRAIN_STEPS:-10}" --warmup "${TRAIN_WARMUP:-3}" \
+        --json "$out/train_step.json" 2>&1 | tee "$out/train.log"
       ;;
     flex)
       for attn in flex sdpa; do
         timeout 200 python3 benchmarks/train_step.py --backends triton --seq-len 16384 --docs-per-row 2 \
-          --attn "$attn" --global-batch 2 --steps 4 --warmup 2 --json "$out/train_16k_$attn.json" 2>&1 \
+          --attn "$attn" --global-batch 2 --steps 3 --warmup 2 --json "$out/train_16k_$attn.json" 2>&1 \
           | tee "$out/flex_$attn.log"
       done
       ;;
     *)
-      echo "unknown stage $stage: check kernels quick profile suite train flex" >&2
+      echo "unknown stage $stage: check kernels quick profile tune suite train flex" >&2
       exit 2
       ;;
   esac

@@ -61,12 +61,12 @@ def kernel_calls(inputs):
     cfg = gg.pick_config(T * K, E, x.dtype)
     routing = build_routing(ids, E, cfg.block_m)
     h, gu = gg.gate_up_fwd(x, w_gu, routing, cfg, save_preact=True)
-    dgu, _ = gg.down_bwd(dy, w_d, gu, tw_N, routing, cfg)
+    dgu, _, hw = gg.down_bwd(dy, w_d, gu, tw_N, routing, cfg)
     return cfg, {
         "gate_up_fwd": lambda: gg.gate_up_fwd(x, w_gu, routing, cfg, save_preact=True),
         "down_fwd": lambda: gg.down_fwd(h, w_d, tw_N, routing, cfg),
         "down_bwd": lambda: gg.down_bwd(dy, w_d, gu, tw_N, routing, cfg),
-        "down_wgrad": lambda: gg.down_wgrad(dy, gu, tw_N, routing, cfg, E),
+        "down_wgrad": lambda: gg.down_wgrad(dy, hw, routing, cfg, E),
         "gate_up_bwd_dx": lambda: gg.gate_up_bwd_dx(dgu, w_gu, routing, cfg),
         "gate_up_wgrad": lambda: gg.gate_up_wgrad(dgu, x, routing, cfg, E),
     }
@@ -107,6 +107,35 @@ def profile_variant(spec, inputs, ref, args):
     return row
 
 
+# Which kernels a config field changes: variants that touch disjoint groups can be composed.
+FIELD_GROUPS = {"block_n_gu": "gate_up", "block_n": "rows", "block_n_dbwd": "down_bwd", "dbwd_warps": "down_bwd",
+                "wg_block_m": "wgrad", "wg_block_n": "wgrad", "wg_block_k": "wgrad", "wg_warps": "wgrad",
+                "wg_stages": "wgrad"}
+GROUP_KERNELS = {"gate_up": ("gate_up_fwd",), "rows": ("down_fwd", "gate_up_bwd_dx"), "down_bwd": ("down_bwd",),
+                 "wgrad": ("down_wgrad", "gate_up_wgrad")}
+
+
+def compose(rows, min_gain=0.03):
+    """From variants that each change one kernel group, the spec joining every group's fastest variant
+    (only where it beats the heuristic's kernels by more than min_gain); '' when none does."""
+    base = next((r for r in rows if r["variant"] == "default" and "error" not in r), None)
+    if base is None:
+        return ""
+    best = {}
+    for r in rows:
+        if "error" in r or not r.get("ok") or r["variant"] == "default":
+            continue
+        groups = {FIELD_GROUPS.get(item.split("=")[0].strip()) for item in r["variant"].split(",")}
+        if len(groups) != 1 or None in groups:
+            continue
+        g = groups.pop()
+        t = sum(r[k]["ms"] for k in GROUP_KERNELS[g])
+        t0 = sum(base[k]["ms"] for k in GROUP_KERNELS[g])
+        if t < (1 - min_gain) * t0 and t < best.get(g, (None, float("inf")))[1]:
+            best[g] = (r["variant"], t)
+    return ",".join(v for v, _ in best.values())
+
+
 def profile_peer(impl, inputs, args):
     """Per-kernel CUDA time of one forward+backward of a peer, from torch.profiler (after warm-up)."""
     from torch.profiler import ProfilerActivity, profile
@@ -125,8 +154,8 @@ def profile_peer(impl, inputs, args):
         t = getattr(ev, "device_time_total", None)
         if t is None:
             t = getattr(ev, "cuda_time_total", 0)
-        if t > 0:
-            out[ev.key[:60]] = t / 1e3 / 5  # us -> ms, per fwd+bwd
+        if t > 0:  # distinct kernels may share a shortened name: add them up
+            out[ev.key[:60]] = out.get(ev.key[:60], 0.0) + t / 1e3 / 5  # us -> ms, per fwd+bwd
     return dict(sorted(out.items(), key=lambda kv: -kv[1])[:12])
 
 
@@ -141,10 +170,15 @@ def main(argv=None):
     p.add_argument("--skew", type=float, default=0.0, help="Zipf skew of expert popularity, 0 = uniform (default: 0)")
     p.add_argument("--variants", nargs="+", default=[""],
                    help="LINGMOE_TRITON_CONFIG overrides to compare, '' = the heuristic (default: '')")
-    p.add_argument("--peers", nargs="*", default=[], choices=["liger", "grouped_mm"],
+    p.add_argument("--peers", nargs="*", default=[], choices=["triton", "liger", "grouped_mm"],
                    help="also break down these implementations with torch.profiler (default: none)")
     p.add_argument("--reps", type=int, default=20, help="timed repetitions, median reported (default: 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed repetitions first (default: 3)")
+    p.add_argument("--compose", action="store_true",
+                   help="also time the composition of the fastest variant of each kernel group (see FIELD_GROUPS)")
+    p.add_argument("--best-out", default="",
+                   help="write the fastest checked spec by forward+backward time here ('' for the heuristic), "
+                        "for LINGMOE_TRITON_CONFIG of a following run (default: none)")
     p.add_argument("--json", default="", help="write the rows here as JSON (default: print only)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -154,6 +188,18 @@ def main(argv=None):
                                 args.skew, dev, 0)
     ref = bench._reference(inputs)
     rows = [profile_variant(v, inputs, ref, args) for v in args.variants]
+    if args.compose:
+        spec = compose(rows)
+        if spec and spec not in args.variants:
+            rows.append(profile_variant(spec, inputs, ref, args))
+            rows[-1]["composed"] = True
+    if args.best_out:
+        good = [r for r in rows if "error" not in r and r.get("ok")]
+        best = min(good, key=lambda r: r["fwd+bwd"]["ms"]) if good else None
+        spec = "" if best is None or best["variant"] == "default" else best["variant"]
+        with open(args.best_out, "w") as f:
+            f.write(spec + "\n")
+        print(f"fastest checked config by forward+backward: {spec or 'the heuristic'}")
     peers = {}
     for impl in args.peers:
         try:

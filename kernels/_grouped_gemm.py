@@ -46,6 +46,9 @@ class KernelConfig(NamedTuple):
     wg_block_k: int   # weight-gradient reduction step (routed rows per iteration)
     num_warps: int
     num_stages: int
+    dbwd_warps: int = 0    # warps for down_bwd (0: num_warps)
+    wg_warps: int = 0      # warps for the weight-gradient kernel (0: num_warps)
+    wg_stages: int = 0     # pipeline stages for the weight-gradient kernel (0: num_stages)
     # Launch order. 1: row-tile kernels walk all column blocks of one row tile before the next
     # tile, and the weight-gradient kernel walks all tiles of one expert before the next expert,
     # so an A tile / an expert's rows are re-read from L2 instead of HBM. 0: the old order (row
@@ -83,7 +86,8 @@ def pick_config(n_rows: int, num_experts: int, dtype: torch.dtype) -> KernelConf
         if avg_rows >= 256:
             cfg = KernelConfig(128, 128, 64, 64, 64, 128, 128, 64, num_warps=8, num_stages=3)
         else:
-            cfg = KernelConfig(64, 64, 64, 64, 64, 128, 64, 64, num_warps=4, num_stages=3)
+            # down_bwd's epilogue (SwiGLU backward, d topk_w, hw) spills at 4 warps: give it 8.
+            cfg = KernelConfig(64, 64, 64, 64, 64, 128, 64, 64, num_warps=4, num_stages=3, dbwd_warps=8)
     return _apply_override(cfg, os.environ.get(CONFIG_ENV, ""))
 
 
@@ -240,16 +244,19 @@ def _rows_gemm_kernel(
 
 @triton.jit
 def _down_bwd_kernel(
-    dy_ptr, w_ptr, gu_ptr, tw_ptr, dgu_ptr, dtw_part_ptr,
+    dy_ptr, w_ptr, gu_ptr, tw_ptr, dgu_ptr, dtw_part_ptr, hw_ptr,
     tok_ptr, flat_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
     H, I,
-    stride_dy, stride_we, stride_wo, stride_gu, stride_dgu, stride_part,
+    stride_dy, stride_we, stride_wo, stride_gu, stride_dgu, stride_part, stride_hw,
+    STORE_HW: tl.constexpr,
     N_TILES, N_COL_BLOCKS, TILE_ORDER: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """dh_r = dy[tok_r] @ W_down[e] (unweighted), then in the epilogue:
-    partial d(topk_w)_r = <dh_r, h_r> over this column block, and the SwiGLU backward
-    dg = w_r*dh*u*silu'(g), du = w_r*dh*silu(g) written as dgu (sorted rows, [N, 2I])."""
+    partial d(topk_w)_r = <dh_r, h_r> over this column block, the SwiGLU backward
+    dg = w_r*dh*u*silu'(g), du = w_r*dh*silu(g) written as dgu (sorted rows, [N, 2I]), and, with
+    STORE_HW, hw_r = w_r*h_r (sorted rows, [N, I]): the down weight gradient is then a plain
+    gathered GEMM, dW_down[e] = sum_r dy[tok_r]^T hw_r, with no operand built in registers."""
     pid_m, pid_n = _tile_pid(N_TILES, N_COL_BLOCKS, TILE_ORDER)
     e = tl.load(tile_expert_ptr + pid_m)
     if e < 0:
@@ -286,6 +293,9 @@ def _down_bwd_kernel(
     part = tl.sum(acc * h, axis=1)
     tl.store(dtw_part_ptr + flat * stride_part + pid_n, part, mask=rmask)
     tw = tl.load(tw_ptr + flat, mask=rmask, other=0.0).to(tl.float32)
+    if STORE_HW:
+        hw_ptrs = hw_ptr + rows64[:, None] * stride_hw + cols[None, :]
+        tl.store(hw_ptrs, (h * tw[:, None]).to(hw_ptr.dtype.element_ty), mask=omask)
     dh = acc * tw[:, None]
     du = dh * silu_g
     dg = dh * u * (sig + silu_g * (1.0 - sig))
@@ -296,18 +306,18 @@ def _down_bwd_kernel(
 
 @triton.jit
 def _expert_wgrad_kernel(
-    a_ptr, b_ptr, out_ptr, tw_ptr,
-    tok_ptr, flat_ptr, offsets_ptr,
-    M, N, B_HALF,
+    a_ptr, b_ptr, out_ptr,
+    tok_ptr, offsets_ptr,
+    M, N,
     stride_a, stride_b, stride_oe, stride_om,
-    A_GATHER: tl.constexpr, A_SCALE: tl.constexpr,
-    B_GATHER: tl.constexpr, B_SWIGLU: tl.constexpr,
+    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr,
     N_EXPERTS, M_BLOCKS, N_BLOCKS, TILE_ORDER: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """dW[e] = sum over expert e's rows r of A_r^T B_r, with A_r / B_r optionally gathered by
-    token, A_r optionally scaled by topk_w, and B_r optionally h = silu(g)*u rebuilt from
-    the cached pre-activation (g at column n, u at column B_HALF + n)."""
+    """dW[e] = sum over expert e's rows r of A_r^T B_r, with A_r or B_r optionally gathered by token.
+    Both operands go from memory to the matrix unit as loaded: an operand computed in registers
+    (a scale, a rebuilt activation) would have to round-trip through shared memory each step, which
+    measured 4-5x slower (benchmarks/NOTES.md)."""
     pid = tl.program_id(0)
     if TILE_ORDER == 1:
         # Expert slowest: the programs in flight share one expert's rows, read from L2 by all of its
@@ -344,19 +354,7 @@ def _expert_wgrad_kernel(
             brow = rr.to(tl.int64)
         a_t = tl.load(a_ptr + arow[None, :] * stride_a + ms[:, None],
                       mask=mmask[:, None] & rmask[None, :], other=0.0)
-        if A_SCALE:
-            flat = tl.load(flat_ptr + rr, mask=rmask, other=0).to(tl.int64)
-            tw = tl.load(tw_ptr + flat, mask=rmask, other=0.0).to(tl.float32)
-            a_t = (a_t.to(tl.float32) * tw[None, :]).to(a_ptr.dtype.element_ty)
-        bmask = rmask[:, None] & nmask[None, :]
-        if B_SWIGLU:
-            g_ptrs = b_ptr + brow[:, None] * stride_b + ns[None, :]
-            g = tl.load(g_ptrs, mask=bmask, other=0.0).to(tl.float32)
-            u = tl.load(g_ptrs + B_HALF, mask=bmask, other=0.0).to(tl.float32)
-            _, silu_g = _silu_parts(g)
-            b = (silu_g * u).to(b_ptr.dtype.element_ty)
-        else:
-            b = tl.load(b_ptr + brow[:, None] * stride_b + ns[None, :], mask=bmask, other=0.0)
+        b = tl.load(b_ptr + brow[:, None] * stride_b + ns[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
         acc = tl.dot(a_t, b, acc=acc, input_precision=DOT_PREC)
     o_ptrs = out_ptr + e.to(tl.int64) * stride_oe + ms[:, None].to(tl.int64) * stride_om + ns[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
@@ -468,9 +466,10 @@ def down_fwd(h_NI: torch.Tensor, w_down_EHI: torch.Tensor, topk_weights_N: torch
 
 
 def down_bwd(dy_TH: torch.Tensor, w_down_EHI: torch.Tensor, gu_N2I: torch.Tensor,
-             topk_weights_N: torch.Tensor, routing: Routing, cfg: KernelConfig):
-    """Returns dgu_N2I (sorted rows, activation dtype) and dtw_part_NB (fp32, flat rows, one
-    column per I-block; the caller sums the columns in order to get d topk_weights)."""
+             topk_weights_N: torch.Tensor, routing: Routing, cfg: KernelConfig, store_hw: bool = True):
+    """Returns dgu_N2I (sorted rows, activation dtype), dtw_part_NB (fp32, flat rows, one column per
+    I-block; the caller sums the columns in order to get d topk_weights) and hw_NI = topk_w * h
+    (sorted rows, activation dtype; None unless store_hw), the operand of down_wgrad."""
     dy_TH = dy_TH.contiguous()
     w = w_down_EHI.contiguous()
     gu_N2I = gu_N2I.contiguous()
@@ -487,18 +486,19 @@ def down_bwd(dy_TH: torch.Tensor, w_down_EHI: torch.Tensor, gu_N2I: torch.Tensor
     n_blocks = triton.cdiv(I, cfg.block_n_dbwd)
     dgu_N2I = torch.empty_like(gu_N2I)
     dtw_part_NB = torch.empty(n_rows, n_blocks, dtype=torch.float32, device=dy_TH.device)
+    hw_NI = torch.empty(n_rows, I, dtype=gu_N2I.dtype, device=dy_TH.device) if store_hw else dgu_N2I
     grid, order = _tile_launch(routing, I, cfg.block_n_dbwd, cfg)
     _down_bwd_kernel[grid](
-        dy_TH, w, gu_N2I, tw, dgu_N2I, dtw_part_NB,
+        dy_TH, w, gu_N2I, tw, dgu_N2I, dtw_part_NB, hw_NI,
         routing.sorted_token_ids, routing.sorted_flat_ids, routing.tile_expert,
         routing.tile_row_start, routing.expert_offsets,
         H, I,
         dy_TH.stride(0), w.stride(0), w.stride(1), gu_N2I.stride(0), dgu_N2I.stride(0),
-        dtw_part_NB.stride(0), **order,
+        dtw_part_NB.stride(0), hw_NI.stride(0), STORE_HW=store_hw, **order,
         BM=cfg.block_m, BN=cfg.block_n_dbwd, BK=cfg.block_k, DOT_PREC=_dot_precision(dy_TH.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.dbwd_warps or cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return dgu_N2I, dtw_part_NB
+    return dgu_N2I, dtw_part_NB, (hw_NI if store_hw else None)
 
 
 def gate_up_bwd_dx(dgu_N2I: torch.Tensor, w_gate_up_E2IH: torch.Tensor, routing: Routing,
@@ -529,40 +529,37 @@ def gate_up_bwd_dx(dgu_N2I: torch.Tensor, w_gate_up_E2IH: torch.Tensor, routing:
     return dx_NH
 
 
-def _wgrad_launch(a, b, out, tw, routing, cfg, M, N, b_half, a_gather, a_scale, b_gather,
-                  b_swiglu):
+def _wgrad_launch(a, b, out, routing, cfg, M, N, a_gather, b_gather):
     E = out.shape[0]
     m_blocks, n_blocks = triton.cdiv(M, cfg.wg_block_m), triton.cdiv(N, cfg.wg_block_n)
     grid = (E * m_blocks * n_blocks,)
     _expert_wgrad_kernel[grid](
-        a, b, out, tw,
-        routing.sorted_token_ids, routing.sorted_flat_ids, routing.expert_offsets,
-        M, N, b_half,
+        a, b, out,
+        routing.sorted_token_ids, routing.expert_offsets,
+        M, N,
         a.stride(0), b.stride(0), out.stride(0), out.stride(1),
-        A_GATHER=a_gather, A_SCALE=a_scale, B_GATHER=b_gather, B_SWIGLU=b_swiglu,
+        A_GATHER=a_gather, B_GATHER=b_gather,
         N_EXPERTS=E, M_BLOCKS=m_blocks, N_BLOCKS=n_blocks, TILE_ORDER=cfg.tile_order,
         BM=cfg.wg_block_m, BN=cfg.wg_block_n, BK=cfg.wg_block_k,
         DOT_PREC=_dot_precision(a.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.wg_warps or cfg.num_warps, num_stages=cfg.wg_stages or cfg.num_stages,
     )
     return out
 
 
-def down_wgrad(dy_TH: torch.Tensor, gu_N2I: torch.Tensor, topk_weights_N: torch.Tensor,
-               routing: Routing, cfg: KernelConfig, num_experts: int,
-               out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """dW_down[e] = sum_r (w_r * dy[tok_r])^T h_r, h rebuilt from the cached g, u. [E, H, I]."""
+def down_wgrad(dy_TH: torch.Tensor, hw_NI: torch.Tensor, routing: Routing, cfg: KernelConfig,
+               num_experts: int, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """dW_down[e] = sum_r dy[tok_r]^T hw_r with hw_r = topk_w_r * h_r from down_bwd. [E, H, I]."""
     dy_TH = dy_TH.contiguous()
-    gu_N2I = gu_N2I.contiguous()
-    tw = topk_weights_N.contiguous().reshape(-1)
-    _check_device(dy_TH, gu_N2I, tw)
-    if dy_TH.dtype != gu_N2I.dtype:
+    hw_NI = hw_NI.contiguous()
+    _check_device(dy_TH, hw_NI)
+    if dy_TH.dtype != hw_NI.dtype:
         raise TypeError("down_wgrad: dtype mismatch")
     H = dy_TH.shape[1]
-    I = gu_N2I.shape[1] // 2
+    I = hw_NI.shape[1]
+    _check_routing(routing, cfg, hw_NI.shape[0])
     out = torch.empty(num_experts, H, I, dtype=out_dtype or dy_TH.dtype, device=dy_TH.device)
-    return _wgrad_launch(dy_TH, gu_N2I, out, tw, routing, cfg, H, I, I,
-                         a_gather=True, a_scale=True, b_gather=False, b_swiglu=True)
+    return _wgrad_launch(dy_TH, hw_NI, out, routing, cfg, H, I, a_gather=True, b_gather=False)
 
 
 def gate_up_wgrad(dgu_N2I: torch.Tensor, x_TH: torch.Tensor, routing: Routing,
@@ -576,6 +573,6 @@ def gate_up_wgrad(dgu_N2I: torch.Tensor, x_TH: torch.Tensor, routing: Routing,
         raise TypeError("gate_up_wgrad: dtype mismatch")
     I2 = dgu_N2I.shape[1]
     H = x_TH.shape[1]
+    _check_routing(routing, cfg, dgu_N2I.shape[0])
     out = torch.empty(num_experts, I2, H, dtype=out_dtype or x_TH.dtype, device=x_TH.device)
-    return _wgrad_launch(dgu_N2I, x_TH, out, dgu_N2I, routing, cfg, I2, H, 0,
-                         a_gather=False, a_scale=False, b_gather=True, b_swiglu=False)
+    return _wgrad_launch(dgu_N2I, x_TH, out, routing, cfg, I2, H, a_gather=False, b_gather=True)

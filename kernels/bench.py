@@ -69,7 +69,8 @@ def _parse(argv):
     p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES),
                    help="passes to time (default: fwd fwd+bwd)")
     p.add_argument("--reps", type=int, default=20 if cuda else 3,
-                   help="timed repetitions; the median is reported (default: 20 GPU, 3 CPU)")
+                   help="timed repetitions; the median is reported; an implementation whose --reps runs would take "
+                        f"over 3 s gets fewer, at least {_MIN_REPS} (default: 20 GPU, 3 CPU)")
     p.add_argument("--warmup", type=int, default=5 if cuda else 1,
                    help="untimed warm-up repetitions (default: 5 GPU, 1 CPU)")
     p.add_argument("--seed", type=int, default=0, help="random seed for inputs and routing")
@@ -250,27 +251,36 @@ def _moe_runner(fn, inputs, backward):
     return run
 
 
+# Slow implementations (the per-expert loop at large T) get fewer repetitions, never fewer than
+# _MIN_REPS: their median is stable long before --reps, and the session's device time is not.
+_TIME_BUDGET_MS = 3000.0
+_MIN_REPS = 5
+
+
 def _time(run, reps, warmup, device):
-    for _ in range(warmup):
-        run()
-    times = []
-    if device.type == "cuda":
-        for _ in range(reps):
+    """Median, 10th and 90th percentile in ms, and the repetitions timed."""
+    def once():
+        if device.type == "cuda":
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
             run()
             end.record()
             torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t0) * 1e3)
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        run()
+        return (time.perf_counter() - t0) * 1e3
+
+    for _ in range(warmup):
+        if once() > 200.0:  # already warm: compilation and allocation were done by the check
+            break
+    times = [once()]
+    reps = max(1, min(reps, max(_MIN_REPS, int(_TIME_BUDGET_MS / max(times[0], 1e-3)))))
+    times += [once() for _ in range(reps - 1)]
     times.sort()
     pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
-    return statistics.median(times), pick(0.1), pick(0.9)
+    return statistics.median(times), pick(0.1), pick(0.9), len(times)
 
 
 def _git_commit():
@@ -288,7 +298,7 @@ def _git_commit():
 def run_metadata(device) -> dict:
     """What every recorded result carries: device, torch and triton versions, commit and UTC date."""
     return dict(device=_device_name(device), torch=torch.__version__, triton=_triton_version(),
-                git_commit=_git_commit(),
+                git_commit=_git_commit(), triton_config_override=os.environ.get("LINGMOE_TRITON_CONFIG", ""),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
@@ -395,7 +405,8 @@ def main(argv=None):
                                 print(f"WARNING: {impl} {pass_} T={T} skew={skew}: relative error "
                                       f"{err:.3g} exceeds {_TOL[dtype]:g}")
                             run_pass = _moe_runner(fn, inputs, backward)
-                        row["ms"], row["ms_p10"], row["ms_p90"] = _time(run_pass, args.reps, args.warmup, device)
+                        row["ms"], row["ms_p10"], row["ms_p90"], row["reps"] = _time(
+                            run_pass, args.reps, args.warmup, device)
                         row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
                     except Exception as e:  # record and go on: one broken peer must not lose the others
                         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"

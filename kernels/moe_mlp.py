@@ -8,16 +8,17 @@ Forward (2 grouped GEMMs):
   2. down: o = topk_w * h @ Wd^T, scattered to its flat (t, k) slot; y = sum over K in fp32
      in a fixed order (no atomics, deterministic).
 Backward (4 grouped GEMMs, no recompute of GEMMs):
-  3. dh = dy[tok] @ Wd; epilogue: d topk_w partials <dh, h>, and the fused SwiGLU backward
-     giving dgu = [dg | du] (w_r folded in).
-  4. dWd[e] = sum_r (w_r dy[tok_r])^T h_r, with h rebuilt elementwise from gu.
+  3. dh = dy[tok] @ Wd; epilogue: d topk_w partials <dh, h>, the fused SwiGLU backward
+     giving dgu = [dg | du] (w_r folded in), and hw = w_r * h (h rebuilt from gu).
+  4. dWd[e] = sum_r dy[tok_r]^T hw_r: a plain gathered GEMM (gu is freed before it).
   5. dx = sum over K of dgu_r @ W_gate_up[e], written per (t, k) slot then summed in order.
   6. dWgu[e] = sum_r dgu_r^T x[tok_r].
 
 Saved for backward: x, w_gate_up, w_down, topk_weights (references to the inputs), the
 routing tables (a few int32 vectors of size N and ceil(N/BM)+E) and gu [N, 2I] in the
 activation dtype. h [N, I] and the per-slot down outputs [N, H] are not kept: h is rebuilt
-from gu where needed, and d topk_w comes from <dy @ Wd, h> instead of the down output.
+from gu in the backward's first kernel, and d topk_w comes from <dy @ Wd, h> instead of the down
+output. In backward hw [N, I] briefly replaces gu [N, 2I].
 """
 from __future__ import annotations
 
@@ -89,12 +90,14 @@ class _MoEMLPFunction(torch.autograd.Function):
         dy_TH = dy_TH.to(x_TH.dtype).contiguous()
 
         dx = dwgu = dwd = dtw = None
-        dgu_N2I, dtw_part_NB = gg.down_bwd(dy_TH, w_down_EHI, gu_N2I, tw_N, routing, cfg)
+        dgu_N2I, dtw_part_NB, hw_NI = gg.down_bwd(dy_TH, w_down_EHI, gu_N2I, tw_N, routing, cfg,
+                                                  store_hw=need_wd)
+        del gu_N2I
         if need_tw:
             dtw = dtw_part_NB.sum(dim=1).view(T, K).to(ctx.tw_dtype)
         if need_wd:
-            dwd = gg.down_wgrad(dy_TH, gu_N2I, tw_N, routing, cfg, E, out_dtype=w_down_EHI.dtype)
-        del gu_N2I
+            dwd = gg.down_wgrad(dy_TH, hw_NI, routing, cfg, E, out_dtype=w_down_EHI.dtype)
+        del hw_NI
         if need_x:
             dx_NH = gg.gate_up_bwd_dx(dgu_N2I, w_gate_up_E2IH, routing, cfg)
             dx = dx_NH.view(T, K, H).sum(dim=1, dtype=torch.float32).to(x_TH.dtype)

@@ -219,6 +219,10 @@ def test_bench_cli_rows(tmp_path):
         assert abs(r["tflops"] - r["flops"] / (r["ms"] * 1e-3) / 1e12) <= 1e-9 * r["tflops"]
         if r["impl"] == "dense":
             assert r["max_rel_err"] is None and abs(r["pct_of_dense"] - 100.0) < 1e-9
+        elif r["impl"] == "liger":
+            # Liger's fp32 dots run as tf32 on the GPU: right to ~1e-3, and the bench says it is
+            # over the fp32 tolerance instead of hiding it.
+            assert r["max_rel_err"] < 5e-3 and r["ok"] == (r["max_rel_err"] <= 1e-4)
         else:
             assert r["ok"] and r["max_rel_err"] < 1e-4
         if r["impl"] == "loop":

@@ -27,7 +27,8 @@ def test_train_step_bench_times_each_backend_and_saves_nothing(tmp_path):
     runs = tmp_path / "runs"
     res = train_step.main(["--backends", "torch", "loop", "--layers", "2", "--seq-len", "64", "--micro-batch", "2",
                            "--global-batch", "4", "--steps", "2", "--warmup", "1", "--peak-tflops", "0.001", "--json", str(out),
-                           "--workdir", str(runs), "--keep-runs"])
+                           "--workdir", str(runs), "--keep-runs",
+                           "--", "--train.device", "cpu"])
     on_disk = json.loads(out.read_text())
     assert on_disk["rows"] == json.loads(json.dumps(res["rows"]))
     for key in ("device", "torch", "triton", "git_commit", "date"):

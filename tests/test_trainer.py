@@ -172,6 +172,16 @@ def test_cli_help_lists_every_option_and_rejects_unknown_ones(tmp_path):
     assert not (tmp_path / "z" / "checkpoints").exists()
 
 
+def test_device_option_is_checked_before_anything_is_written(tmp_path):
+    bad = _cli(["--train.device", "tpu", "--output-dir", str(tmp_path / "a")])
+    assert bad.returncode != 0 and "train.device must be auto, cuda or cpu" in bad.stderr
+    if torch.cuda.is_available():  # the other half of this check runs in tests/test_trainer_gpu.py
+        return
+    no_gpu = _cli([*TINY[:-2], "--data.synthetic", "true", "--train.device", "cuda", "--output-dir", str(tmp_path / "b")])
+    assert no_gpu.returncode != 0 and "no CUDA device" in no_gpu.stderr and "--train.device cpu" in no_gpu.stderr
+    assert not (tmp_path / "b" / "checkpoints").exists()
+
+
 def test_bad_sample_reported_with_file_and_line_before_training(tmp_path):
     data = tmp_path / "train.jsonl"
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}

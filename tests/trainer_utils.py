@@ -15,7 +15,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # A model small enough for many short runs on 2 cores, with every structural feature kept.
 TINY = ["--model.overrides", "{hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, "
         "intermediate_size: 64, moe_intermediate_size: 16, num_experts: 4, num_experts_per_tok: 2}",
-        "--train.progress", "false", "--data.seq_len", "32"]
+        "--train.progress", "false", "--data.seq_len", "32", "--train.device", "cpu"]
+
+
+def on_cpu(args: list[str]) -> list[str]:
+    """These tests compare fp32 numbers exactly and run two ranks on one machine: on CPU (gloo) even
+    where a GPU is, unless a test names a device itself (tests/test_trainer_gpu.py does)."""
+    return args if "--train.device" in args else [*args, "--train.device", "cpu"]
 
 
 def run_inproc(script: str, args: list[str]) -> dict:
@@ -23,7 +29,7 @@ def run_inproc(script: str, args: list[str]) -> dict:
         from trainer.sft import main
     else:
         from trainer.dpo import main
-    return main(args)
+    return main(on_cpu(args))
 
 
 def run_torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 240, check: bool = True):
@@ -31,7 +37,7 @@ def run_torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 24
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           str(ROOT / "trainer" / f"{script}.py"), *args]
+           str(ROOT / "trainer" / f"{script}.py"), *on_cpu(args)]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")

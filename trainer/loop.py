@@ -150,7 +150,10 @@ def _grad_norm(model, max_norm: float) -> torch.Tensor:
 def run(task: Task, opts: Options, shutdown: bool = True) -> dict:
     """Train; returns a summary (last metrics, checkpoint path). Rank 0 logs. ``shutdown=False`` keeps
     the process group for a following run in the same processes (the DPO demo's SFT warm-up)."""
-    info = parallel.init_distributed()
+    try:
+        info = parallel.init_distributed(opts.train.device)
+    except parallel.DeviceError as e:
+        raise SystemExit(f"error: {e}") from None
     stop = _StopFlag()
     logger = None
     try:

@@ -79,6 +79,8 @@ class TrainOptions:
     max_bad_steps: int = opt(5, "stop after this many consecutive steps with a non-finite loss or gradient")
     peak_tflops: float = opt(0.0, "dense bf16 peak per GPU for MFU; 0 = measured figure for known GPUs")
     progress: bool = opt(True, "show a progress bar on rank 0")
+    device: str = opt("auto", "'auto' (one GPU per rank when CUDA is available, else CPU), 'cuda' or 'cpu' "
+                              "(CPU and gloo even on a GPU machine: debugging, exact fp32 comparisons)")
 
 
 @dataclass
@@ -227,6 +229,9 @@ def _check_combinations(built: dict, where: str) -> None:
     if ck is not None and not ck.save_final and ck.export_hf:
         raise OptionsError(f"{where}: checkpoint.save_final false needs checkpoint.export_hf false "
                            f"(the HF export is written from the final checkpoint)")
+    train = built.get("train")
+    if train is not None and train.device not in ("auto", "cuda", "cpu"):
+        raise OptionsError(f"{where}: train.device must be auto, cuda or cpu, got {train.device!r}")
     if data is not None and data.synthetic_docs_per_row not in (1, 2):
         raise OptionsError(f"{where}: data.synthetic_docs_per_row must be 1 or 2, got {data.synthetic_docs_per_row}")
 

@@ -1,7 +1,7 @@
 """Process group, FSDP2 sharding, activation checkpointing and sharded weight materialisation.
 
 The model itself knows nothing of distribution; everything here is applied from outside:
-  init_distributed()          gloo on CPU, nccl on GPU; a one-rank group when not under torchrun
+  init_distributed(device)    gloo on CPU, nccl on GPU; a one-rank group when not under torchrun
   apply_activation_checkpointing(model)   per decoder block, routing recorded then replayed
   shard_model(model, ...)     fully_shard per decoder block, then the root (FSDP2)
   materialize(model, get_value)  each rank reads or generates only its own shard of each parameter
@@ -43,15 +43,30 @@ _OWN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _env_set_here = False
 
 
-def init_distributed() -> DistInfo:
-    """Join (or, for a plain `python trainer/x.py`, create) the default process group."""
+class DeviceError(RuntimeError):
+    """The requested device cannot serve this process (no CUDA, or more ranks than GPUs)."""
+
+
+def init_distributed(device_type: str = "auto") -> DistInfo:
+    """Join (or, for a plain `python trainer/x.py`, create) the default process group.
+    ``device_type``: 'auto' (CUDA when available), 'cuda' or 'cpu' (gloo, even where a GPU is)."""
     global _env_set_here
+    use_cuda = torch.cuda.is_available() if device_type == "auto" else device_type == "cuda"
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise DeviceError("train.device is 'cuda' but no CUDA device is available; use --train.device cpu")
+        n_gpus = torch.cuda.device_count()
+        if local_rank >= n_gpus:
+            local_world = os.environ.get("LOCAL_WORLD_SIZE", "?")
+            raise DeviceError(f"local rank {local_rank} of {local_world} has no GPU: this node shows {n_gpus} "
+                              f"CUDA device(s); start at most {n_gpus} processes per node (torchrun "
+                              f"--nproc_per_node={n_gpus}) or use --train.device cpu")
     if "RANK" not in os.environ:  # single process: a group of one so every code path is the same
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
         _env_set_here = True
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
+    if use_cuda:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"

@@ -1,0 +1,132 @@
+"""The trainer and the model on CUDA: bf16 parameters under FSDP2 with each expert backend, resume,
+the HF export, and flex attention compiled against SDPA. Skipped without a GPU.
+
+The CPU tests (tests/test_trainer.py) compare fp32 numbers exactly; here the compute is bf16, so the
+comparisons are between backends or runs with tolerances that bf16 rounding explains, never exact.
+"""
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+from tests.trainer_utils import TINY, exported, metrics, run_inproc  # noqa: E402
+
+# The tiny model with widths that fill at least one 16-wide tile, on the GPU in bf16.
+GPU = [a for a in TINY if a not in ("--train.device", "cpu")] + ["--train.device", "cuda",
+                                                                   "--model.param_dtype", "bf16"]
+COMMON = GPU + ["--data.synthetic", "true", "--train.global_batch_size", "8", "--data.micro_batch_size", "4",
+                "--optim.lr", "3e-3", "--data.seq_len", "64"]
+
+
+def _rel(a, b):
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def test_bf16_training_on_cuda_agrees_across_expert_backends(tmp_path):
+    runs = {}
+    for backend in ("triton", "torch", "loop"):
+        out = tmp_path / backend
+        run_inproc("sft", COMMON + ["--train.steps", "8", "--checkpoint.every", "0", "--model.expert_backend", backend,
+                                    "--output-dir", str(out)])
+        runs[backend] = metrics(out)
+    for backend, m in runs.items():
+        losses = [r["loss"] for r in m]
+        print(backend, [round(x, 4) for x in losses])
+        assert [r["step"] for r in m] == list(range(1, 9))
+        assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.8 * losses[0], backend
+        assert m[-1]["memory_gib"] > 0 and "mfu" in m[-1]  # CUDA-only metrics are recorded
+    # Same init and rows: the first loss differs only by bf16 rounding, the curves stay together.
+    for backend in ("torch", "loop"):
+        assert _rel(runs[backend][0]["loss"], runs["triton"][0]["loss"]) < 1e-2
+        assert _rel(runs[backend][-1]["loss"], runs["triton"][-1]["loss"]) < 5e-2
+
+
+def test_cuda_resume_continues_where_the_checkpoint_left_off(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = COMMON + ["--train.steps", "6", "--checkpoint.every", "3", "--checkpoint.keep_last", "3"]
+    run_inproc("sft", args + ["--output-dir", str(full)])
+    # The same run "crashed" after step 3: its last checkpoint is step 3, and the rest is gone.
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step_00000006")
+    shutil.rmtree(cut / "hf")
+    lines = (cut / "metrics.jsonl").read_text().splitlines()[:3]
+    (cut / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    run_inproc("sft", args + ["--output-dir", str(cut)])
+    a, b = metrics(full), metrics(cut)
+    assert [r["step"] for r in b][-3:] == [4, 5, 6]
+    for x, y in zip(a[3:], b[-3:]):
+        print(x["step"], x["loss"], y["loss"])
+        assert _rel(y["loss"], x["loss"]) < 1e-2
+    wa, wb = exported(full), exported(cut)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k].float(), wb[k].float(), atol=2e-2, rtol=2e-2), k
+
+
+def test_more_ranks_than_gpus_is_refused_with_the_fix(tmp_path):
+    from tests.trainer_utils import run_torchrun
+
+    n = torch.cuda.device_count() + 1
+    p = run_torchrun("sft", COMMON + ["--train.steps", "1", "--output-dir", str(tmp_path)], nproc=n, check=False,
+                     timeout=180)
+    assert p.returncode != 0
+    assert f"--nproc_per_node={n - 1}" in p.stderr + p.stdout and "--train.device cpu" in p.stderr + p.stdout
+
+
+def test_export_of_a_cuda_run_gives_the_same_model_on_cpu(tmp_path):
+    from checkpoints_convert import load_hf
+
+    run_inproc("sft", COMMON + ["--train.steps", "2", "--output-dir", str(tmp_path)])
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["model_type"] == "bailing_moe"
+    cpu = load_hf(tmp_path / "hf", dtype=torch.float32, device="cpu", expert_backend="torch")
+    gpu = load_hf(tmp_path / "hf", dtype=torch.bfloat16, device="cuda", expert_backend="triton")
+    ids = torch.randint(0, cpu.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = cpu(ids).logits
+        got = gpu(ids.cuda()).logits.float().cpu()
+    err = ((got - want).norm() / want.norm()).item()
+    print("bf16 CUDA vs fp32 CPU logits, relative error", err)
+    assert err < 2e-2
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_flex_attention_compiled_matches_sdpa_forward_and_backward(dtype, tol):
+    from moe import BailingMoeConfig
+    from moe.model import BailingMoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = BailingMoeConfig.preset("tiny", num_hidden_layers=2, expert_backend="torch")
+    sdpa = BailingMoeForCausalLM(cfg).to("cuda", dtype)
+    flex = BailingMoeForCausalLM(dataclasses.replace(cfg, attn_implementation="flex")).to("cuda", dtype)
+    flex.load_state_dict(sdpa.state_dict())
+    B, S = 2, 256  # two flex blocks of 128 per row
+    ids = torch.randint(0, cfg.vocab_size, (B, S), device="cuda")
+    doc = torch.zeros(B, S, dtype=torch.long, device="cuda")
+    doc[0, 100:] = 1                 # row 0: two documents, the cut inside a block
+    doc[1, 200:] = -1                # row 1: one document, then padding
+    pos = torch.stack([torch.cat([torch.arange(100), torch.arange(S - 100)]), torch.arange(S)]).cuda()
+    pos[1, 200:] = 0
+    labels = torch.where(doc >= 0, ids, torch.full_like(ids, -100))
+    outs = []
+    for model in (sdpa, flex):
+        out = model(ids, position_ids=pos, document_ids=doc, labels=labels)
+        out.loss.backward()
+        outs.append((out.logits.detach().float(), out.loss.detach().float(),
+                     {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
+    (la, lossa, ga), (lb, lossb, gb) = outs
+    keep = doc >= 0
+    err = ((la[keep] - lb[keep]).norm() / la[keep].norm()).item()
+    print(dtype, "logits", err, "loss", lossa.item(), lossb.item())
+    assert err < tol and _rel(lossb.item(), lossa.item()) < tol
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        gerr = ((ga[n] - gb[n]).norm() / ga[n].norm().clamp_min(1e-12)).item()
+        assert gerr < 10 * tol, (n, gerr)
