@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -20,17 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _median_ms(fn, reps, warmup=3):
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
+    from kernels.bench import _time
+
+    return _time(fn, reps, warmup, torch.device("cuda"))[0]
 
 
 def main(argv=None):
@@ -48,7 +39,6 @@ def main(argv=None):
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     ms = _median_ms(lambda: a @ b, args.reps)
     dense = 2 * n ** 3 / ms / 1e9
-    del a, b
     elems = int(args.copy_gib * 2 ** 30) // 4
     src = torch.randn(elems, device="cuda")
     dst = torch.empty_like(src)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -36,17 +35,8 @@ KERNELS = ("gate_up_fwd", "down_fwd", "down_bwd", "down_wgrad", "gate_up_bwd_dx"
 
 
 def _time(fn, reps, warmup):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median ms of ``fn`` on the GPU (kernels.bench's timing: CUDA events, warm-up first)."""
+    return bench._time(fn, reps, warmup, torch.device("cuda"))[0]
 
 
 def kernel_calls(inputs):

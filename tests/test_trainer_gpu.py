@@ -40,7 +40,9 @@ def test_bf16_training_on_cuda_agrees_across_expert_backends(tmp_path):
         losses = [r["loss"] for r in m]
         print(backend, [round(x, 4) for x in losses])
         assert [r["step"] for r in m] == list(range(1, 9))
-        assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.8 * losses[0], backend
+        # (8 steps on random rows barely move the loss of this tiny model: on the H100 7.593 -> 7.605,
+        # benchmarks/h100_2026-11-23/4_*; the test is the agreement below, not learning.)
+        assert all(torch.isfinite(torch.tensor(losses))) and all(r["grad_norm"] > 0 for r in m), backend
         assert m[-1]["memory_gib"] > 0 and "mfu" in m[-1]  # CUDA-only metrics are recorded
     # Same init and rows: the first loss differs only by bf16 rounding, the curves stay together.
     for backend in ("torch", "loop"):
