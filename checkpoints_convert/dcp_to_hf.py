@@ -10,85 +10,22 @@ never holds more than a layer plus the output shard being filled.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
 import sys
-import warnings
 
 import torch
 
-from checkpoints_convert import _cli, adapter
+from checkpoints_convert import _cli
 from checkpoints_convert.checkpoint import write_hf_from_native
-from checkpoints_convert.io import CheckpointError, parse_dtype
-from moe.config import BailingMoeConfig
-
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
-
-
-def _resolve(ckpt: str) -> str:
-    if os.path.exists(os.path.join(ckpt, "model_config.json")):
-        return ckpt
-    from trainer.checkpoint import latest_checkpoint  # a run's checkpoints/ directory
-
-    latest = latest_checkpoint(ckpt)
-    if latest is None:
-        raise CheckpointError(f"{ckpt}: neither a checkpoint step directory (no model_config.json) "
-                              f"nor a directory holding complete step_* checkpoints")
-    return latest
-
-
-def _metadata(ckpt: str):
-    from torch.distributed.checkpoint import FileSystemReader
-
-    return FileSystemReader(ckpt).read_metadata().state_dict_metadata
-
-
-def stored_dtypes(ckpt: str, cfg: BailingMoeConfig) -> dict[str, torch.dtype]:
-    meta = _metadata(ckpt)
-    out = {}
-    for n in adapter.native_shapes(cfg):
-        if f"model.{n}" not in meta:
-            raise CheckpointError(f"{ckpt}: checkpoint has no tensor {n!r}")
-        out[n] = meta[f"model.{n}"].properties.dtype
-    return out
-
-
-def iter_native_tensors(ckpt: str, cfg: BailingMoeConfig):
-    """Yield (native_name, tensor) in model order, loading one layer's tensors per DCP read."""
-    import torch.distributed.checkpoint as dcp
-
-    meta = _metadata(ckpt)
-    groups: list[list[str]] = []
-    last = None
-    for name in adapter.native_shapes(cfg):
-        m = _LAYER_RE.match(name)
-        key = m.group(1) if m else name
-        if key != last:
-            groups.append([])
-            last = key
-        groups[-1].append(name)
-    for names in groups:
-        want = {}
-        for n in names:
-            k = f"model.{n}"
-            if k not in meta:
-                raise CheckpointError(f"{ckpt}: checkpoint has no tensor {n!r}")
-            md = meta[k]
-            want[n] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load({"model": want}, checkpoint_id=ckpt, no_dist=True)
-        yield from want.items()
+from checkpoints_convert.dcp_layout import iter_native_tensors, read_model_config, resolve_step_dir, stored_dtypes
+from checkpoints_convert.io import parse_dtype
 
 
 def dcp_to_hf(ckpt: str, out: str, dtype: torch.dtype | str = "auto", shard_size: str = "5GB",
               overwrite: bool = False, progress: bool = False) -> str:
     """dtype: "auto" = the model config's torch_dtype (bf16 for Ling-Lite, not the fp32 master
     weights), "keep" = as stored, or a dtype / its name."""
-    ckpt = _resolve(ckpt)
-    with open(os.path.join(ckpt, "model_config.json")) as f:
-        cfg = BailingMoeConfig.from_dict(json.load(f))
+    ckpt = resolve_step_dir(ckpt)
+    cfg = read_model_config(ckpt)
     if dtype == "auto":
         dtype = parse_dtype(cfg.torch_dtype)
     elif isinstance(dtype, str):

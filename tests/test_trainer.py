@@ -218,7 +218,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     assert [x["skipped"] for x in m] == [0, 1, 0, 1, 1, 1]
     # A skipped step leaves the weights as they were: the checkpoints after skipped steps 4 and 5
     # (the two kept) hold the same model, and the one after step 6 was never written.
-    from checkpoints_convert.dcp_to_hf import iter_native_tensors
+    from checkpoints_convert.dcp_layout import iter_native_tensors
     from moe import BailingMoeConfig
     from trainer.checkpoint import checkpoint_dirs
 
@@ -240,7 +240,7 @@ def test_token_ids_beyond_the_model_vocabulary_are_refused_before_training(tmp_p
 
 def test_end_of_run_export_equals_the_checkpoint_and_loads_as_hf(tmp_path):
     from checkpoints_convert import load_hf
-    from checkpoints_convert.dcp_to_hf import iter_native_tensors
+    from checkpoints_convert.dcp_layout import iter_native_tensors
     from moe import BailingMoeConfig
 
     run_inproc("sft", TINY + ["--data.synthetic", "true", "--train.steps", "2", "--output-dir", str(tmp_path)])

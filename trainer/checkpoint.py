@@ -1,12 +1,9 @@
 """Resumable training checkpoints with torch.distributed.checkpoint (DCP).
 
-Layout of <output-dir>/checkpoints/step_00000100/:
-  .metadata, __*.distcp     model and optimizer, sharded: every rank writes only its own shards
-  trainer.json              step, schedule position, consecutive bad steps (identical on all ranks)
-  rank_00000.pt ...         per-rank state that differs between ranks: data loader position, RNG
-  model_config.json         the model's BailingMoeConfig (what dcp_to_hf needs to export)
-  config.yaml               the resolved training configuration
-  COMPLETE                  written last
+The layout of <output-dir>/checkpoints/step_N/ is checkpoints_convert.dcp_layout's (the exporter
+reads what this writes): the model and optimizer sharded by rank, trainer.json (the same on all
+ranks), rank_0000r.pt (data loader position and RNG of rank r), model_config.json, config.yaml and,
+written last, COMPLETE.
 
 A save goes to step_N.tmp/ and is renamed to step_N/ by rank 0 once every rank has finished, so a
 crash mid-save leaves the previous checkpoint whole and the partial one ignored (and removed later).
@@ -15,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 
 import torch
@@ -23,29 +19,15 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-_STEP_RE = re.compile(r"^step_(\d{8})$")
+from checkpoints_convert.dcp_layout import (COMPLETE, MODEL_CONFIG, RUN_CONFIG, TRAINER_STATE, checkpoint_dirs,
+                                            latest_checkpoint, rank_state_name, step_dir_name)
+
+__all__ = ["Checkpointer", "checkpoint_dirs", "latest_checkpoint"]
 
 
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
-
-
-def checkpoint_dirs(root: str) -> list[tuple[int, str]]:
-    """Completed checkpoints under ``root``, oldest first."""
-    if not os.path.isdir(root):
-        return []
-    out = []
-    for name in os.listdir(root):
-        m = _STEP_RE.match(name)
-        if m and os.path.exists(os.path.join(root, name, "COMPLETE")):
-            out.append((int(m.group(1)), os.path.join(root, name)))
-    return sorted(out)
-
-
-def latest_checkpoint(root: str) -> str | None:
-    dirs = checkpoint_dirs(root)
-    return dirs[-1][1] if dirs else None
 
 
 class Checkpointer:
@@ -54,7 +36,7 @@ class Checkpointer:
 
     def save(self, step: int, model, optimizer, trainer_state: dict, rank_state: dict,
              model_config: dict, config_yaml: str) -> str:
-        final = os.path.join(self.root, f"step_{step:08d}")
+        final = os.path.join(self.root, step_dir_name(step))
         tmp = final + ".tmp"
         if self.rank == 0:
             os.makedirs(self.root, exist_ok=True)
@@ -63,17 +45,17 @@ class Checkpointer:
         _barrier()
         msd, osd = get_state_dict(model, optimizer)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
-        torch.save(rank_state, os.path.join(tmp, f"rank_{self.rank:05d}.pt"))
+        torch.save(rank_state, os.path.join(tmp, rank_state_name(self.rank)))
         if self.rank == 0:
-            with open(os.path.join(tmp, "trainer.json"), "w") as f:
+            with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
                 json.dump(trainer_state, f, indent=2)
-            with open(os.path.join(tmp, "model_config.json"), "w") as f:
+            with open(os.path.join(tmp, MODEL_CONFIG), "w") as f:
                 json.dump(model_config, f, indent=2)
-            with open(os.path.join(tmp, "config.yaml"), "w") as f:
+            with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
                 f.write(config_yaml)
         _barrier()
         if self.rank == 0:
-            with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+            with open(os.path.join(tmp, COMPLETE), "w") as f:
                 f.write(f"{step}\n")
             if os.path.exists(final):  # a re-save of the same step (e.g. SIGTERM right after a save)
                 shutil.rmtree(final)
@@ -97,9 +79,9 @@ class Checkpointer:
         dcp.load(state, checkpoint_id=path)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(strict=True))
-        with open(os.path.join(path, "trainer.json")) as f:
+        with open(os.path.join(path, TRAINER_STATE)) as f:
             trainer_state = json.load(f)
-        rank_file = os.path.join(path, f"rank_{self.rank:05d}.pt")
+        rank_file = os.path.join(path, rank_state_name(self.rank))
         if not os.path.exists(rank_file):
             raise RuntimeError(f"{path}: no {os.path.basename(rank_file)}; resume with the same number of ranks "
                                f"the checkpoint was written with")

@@ -1,0 +1,119 @@
+"""The on-disk layout of a training run's checkpoints, and reading the model out of one.
+
+The trainer writes (trainer/checkpoint.py) and the exporter reads (dcp_to_hf.py) the same layout,
+so it is named once, here, below both:
+
+    <output-dir>/checkpoints/step_00000100/
+      .metadata, __*.distcp     model and optimizer (torch.distributed.checkpoint), sharded by rank
+      trainer.json              step, schedule position, consecutive bad steps (same on all ranks)
+      rank_00000.pt ...         per-rank state: data loader position, RNG
+      model_config.json         the model's BailingMoeConfig
+      config.yaml               the resolved training configuration
+      COMPLETE                  written last: a directory without it is not a checkpoint
+
+Reading needs no process group: tensors come out of the sharded files one decoder layer at a time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+
+import torch
+
+from checkpoints_convert import adapter
+from checkpoints_convert.io import CheckpointError
+from moe.config import BailingMoeConfig
+
+TRAINER_STATE = "trainer.json"
+MODEL_CONFIG = "model_config.json"
+RUN_CONFIG = "config.yaml"
+COMPLETE = "COMPLETE"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rank_state_name(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+def checkpoint_dirs(root: str) -> list[tuple[int, str]]:
+    """Completed checkpoints under ``root`` as (step, path), oldest first."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = _STEP_RE.match(name)
+        if m and os.path.exists(os.path.join(root, name, COMPLETE)):
+            out.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(out)
+
+
+def latest_checkpoint(root: str) -> str | None:
+    dirs = checkpoint_dirs(root)
+    return dirs[-1][1] if dirs else None
+
+
+def resolve_step_dir(path: str) -> str:
+    """A step directory as given, or the latest complete one inside a run's checkpoints/ directory."""
+    if os.path.exists(os.path.join(path, MODEL_CONFIG)):
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"{path}: neither a checkpoint step directory (no {MODEL_CONFIG}) "
+                              f"nor a directory holding complete step_* checkpoints")
+    return latest
+
+
+def read_model_config(step_dir: str) -> BailingMoeConfig:
+    with open(os.path.join(step_dir, MODEL_CONFIG)) as f:
+        return BailingMoeConfig.from_dict(json.load(f))
+
+
+def _metadata(step_dir: str):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(step_dir).read_metadata().state_dict_metadata
+
+
+def stored_dtypes(step_dir: str, cfg: BailingMoeConfig) -> dict[str, torch.dtype]:
+    meta = _metadata(step_dir)
+    out = {}
+    for n in adapter.native_shapes(cfg):
+        if f"model.{n}" not in meta:
+            raise CheckpointError(f"{step_dir}: checkpoint has no tensor {n!r}")
+        out[n] = meta[f"model.{n}"].properties.dtype
+    return out
+
+
+def iter_native_tensors(step_dir: str, cfg: BailingMoeConfig):
+    """Yield (native_name, tensor) in model order, loading one layer's tensors per DCP read."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = _metadata(step_dir)
+    groups: list[list[str]] = []
+    last = None
+    for name in adapter.native_shapes(cfg):
+        m = _LAYER_RE.match(name)
+        key = m.group(1) if m else name
+        if key != last:
+            groups.append([])
+            last = key
+        groups[-1].append(name)
+    for names in groups:
+        want = {}
+        for n in names:
+            k = f"model.{n}"
+            if k not in meta:
+                raise CheckpointError(f"{step_dir}: checkpoint has no tensor {n!r}")
+            md = meta[k]
+            want[n] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": want}, checkpoint_id=step_dir, no_dist=True)
+        yield from want.items()
