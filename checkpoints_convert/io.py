@@ -11,8 +11,8 @@ bytes to disk as it arrives. No shard is ever assembled in memory, so converting
 Everything is written into a temporary directory beside the target that is renamed into place only
 when all succeeded (``AtomicDir``); on any failure it is removed, so no partial output is left.
 
-load_hf / save_hf / load_native / save_native live in ``checkpoints_convert.checkpoint``; they are
-re-exported here for callers that imported them from this module.
+Reading and writing whole checkpoints (load_hf, save_hf, ...) is ``checkpoints_convert.checkpoint``'s,
+built on this module.
 """
 from __future__ import annotations
 
@@ -338,10 +338,3 @@ class AtomicDir:
         os.replace(self.tmp, self.target)
         return False
 
-
-def __getattr__(name):
-    # load_hf & co. moved to checkpoint.py (which imports this module); keep the old import path working.
-    if name in ("load_hf", "save_hf", "write_hf_from_native", "load_native", "save_native", "write_native"):
-        from checkpoints_convert import checkpoint
-        return getattr(checkpoint, name)
-    raise AttributeError(name)

@@ -4,9 +4,9 @@ Importing this package only defines names; nothing is read, trained or written u
 """
 from .errors import DataError
 from .tokenizer import Tokenizer, load_tokenizer
-from .template import (render_chat, encode_chat, encode_prompt, encode_dpo_pair, chat_segments,
-                       validate_messages, IGNORE_INDEX, SPECIAL_TOKENS, EOS_TOKEN)
-from .formats import read_jsonl, normalize_sft, normalize_dpo
+from .template import (render_chat, encode_chat, encode_prompt, chat_segments, validate_messages, IGNORE_INDEX,
+                       SPECIAL_TOKENS, EOS_TOKEN)
+from .formats import read_jsonl, normalize_sft, normalize_dpo, encode_dpo_pair
 from .format_check import format_check
 from .packing import pack_documents, best_fit_decreasing, BATCH_KEYS
 from .dataset import PreparedSFT, PreparedDPO, open_prepared

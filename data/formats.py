@@ -8,11 +8,14 @@ or ShareGPT style
 DPO records
     {"prompt": str | [messages], "chosen": str | message | [messages], "rejected": same as chosen}
 Both may carry "domain": str and "tags": [str], kept for mixtures and statistics.
+
+The template (template.py) renders and encodes one conversation; this module turns records into
+conversations, so a DPO pair is normalised and encoded here.
 """
 import json
 
 from .errors import DataError
-from .template import validate_messages, render_tool_call, TOOL_OPEN
+from .template import encode_chat, validate_messages, render_tool_call, TOOL_OPEN
 
 # ShareGPT "from" values seen in the wild, mapped onto our four roles.
 SHAREGPT_ROLES = {
@@ -138,6 +141,20 @@ def normalize_dpo(obj):
     rejected = _answer_text(obj["rejected"], "rejected")
     domain, tags = _meta(obj)
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "domain": domain, "tags": tags}
+
+
+def encode_dpo_pair(tokenizer, example):
+    """Encode {"prompt", "chosen", "rejected"} (strings or message lists; see normalize_dpo).
+
+    Returns {"chosen": (ids, labels), "rejected": (ids, labels)}; each side is the prompt
+    (labels -100) followed by the answer and EOS (trained).
+    """
+    ex = normalize_dpo(example)
+    out = {}
+    for side in ("chosen", "rejected"):
+        msgs = ex["prompt"] + [{"role": "assistant", "content": ex[side]}]
+        out[side] = encode_chat(tokenizer, msgs)
+    return out
 
 
 def read_jsonl(path, kind="sft", skip_bad=False, bad=None):

@@ -153,17 +153,3 @@ def encode_prompt(tokenizer, messages):
     ids, _ = _encode_segments(tokenizer, chat_segments(messages))
     return ids
 
-
-def encode_dpo_pair(tokenizer, example):
-    """Encode {"prompt", "chosen", "rejected"} (strings or message lists; see formats.normalize_dpo).
-
-    Returns {"chosen": (ids, labels), "rejected": (ids, labels)}; each side is the prompt
-    (labels -100) followed by the answer and EOS (trained).
-    """
-    from .formats import normalize_dpo
-    ex = normalize_dpo(example)
-    out = {}
-    for side in ("chosen", "rejected"):
-        msgs = ex["prompt"] + [{"role": "assistant", "content": ex[side]}]
-        out[side] = encode_chat(tokenizer, msgs)
-    return out
