@@ -1,12 +1,23 @@
-"""Triton grouped-GEMM kernels for MoE expert MLPs (forward and backward).
+"""Triton grouped-GEMM kernels for MoE expert MLPs (forward and backward), and their plain-PyTorch
+references (kernels.reference).
 
 Legend used across the package: T tokens, E experts, K top-k, H hidden, I expert width,
 N = T*K routed rows; tensor-name suffixes spell shapes (x_TH, w_gate_up_E2IH, w_down_EHI).
 
-A leaf package: it imports torch and triton only. Importing it launches nothing; to run the
-kernels on a CPU set TRITON_INTERPRET=1 before triton is first imported.
+A leaf package: it imports torch and triton only. Importing it launches nothing, and the kernel
+modules are imported (their @triton.jit decoration run) only when ``kernels.moe_mlp`` is first used,
+so the model can use kernels.reference without deciding anything about Triton. To run the kernels on
+a CPU set TRITON_INTERPRET=1 before that first use.
 """
-from .moe_mlp import moe_mlp
 from .routing import Routing, build_routing
 
 __all__ = ["moe_mlp", "build_routing", "Routing"]
+
+
+def __getattr__(name):
+    if name == "moe_mlp":  # the Triton op: imports triton (and decorates the kernels) on first use
+        from .moe_mlp import moe_mlp
+
+        globals()["moe_mlp"] = moe_mlp  # the function, not the submodule the import bound to this name
+        return moe_mlp
+    raise AttributeError(f"module 'kernels' has no attribute {name!r}")

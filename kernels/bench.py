@@ -4,9 +4,10 @@ Legend: T tokens, E experts, K top-k, H hidden, I expert width, N = T*K routed r
 
 Implementations: "triton" (kernels.moe_mlp), "liger" (Liger-Kernel's fused MoE op,
 LigerFusedMoEFunction, when the package is installed: a peer, never a dependency),
-"grouped_mm" (sort once + torch._grouped_mm), "loop" (per-expert loop,
-kernels.reference.moe_mlp) and "dense" (one dense SwiGLU MLP over N rows with the same FLOPs:
-the ceiling a perfectly balanced grouped GEMM could reach).
+"grouped_mm" (the model's torch expert backend: sort once + torch._grouped_mm,
+kernels.reference.grouped_mm_moe_mlp), "loop" (the model's per-expert loop,
+kernels.reference.moe_mlp) and "dense" (one dense SwiGLU MLP over N rows with the same FLOPs: the
+ceiling a perfectly balanced grouped GEMM could reach).
 FLOPs: 3 GEMMs of 2*H*I per routed row forward (6*N*H*I); forward+backward is 3x that.
 
 Every implementation is checked against the loop reference (in fp32, computed once per T and
@@ -351,13 +352,9 @@ def main(argv=None):
                          else "triton skipped: no CUDA and TRITON_INTERPRET=1 was not set "
                               "before launch (run `TRITON_INTERPRET=1 python -m kernels.bench`).")
     from .reference import grouped_mm_available
-    if "grouped_mm" in args.impls:
-        probe = torch.empty(1, dtype=dtype, device=device)
-        if not grouped_mm_available(probe, with_backward=False):
-            notes.append("grouped_mm: torch._grouped_mm unavailable here, using its loop fallback.")
-        elif not grouped_mm_available(probe, with_backward=True):
-            notes.append("grouped_mm: torch._grouped_mm backward unavailable here; fwd+bwd "
-                         "uses its loop fallback.")
+    if "grouped_mm" in args.impls and not grouped_mm_available(device.type, dtype):
+        notes.append("grouped_mm: torch._grouped_mm (forward and backward) unavailable here for this dtype; "
+                     "the model's torch backend, timed here, uses one matmul per expert segment instead.")
     E, K, H, I = args.experts, args.topk, args.hidden, args.inter
     liger_missing = liger_available() if "liger" in args.impls else None
     if liger_missing:

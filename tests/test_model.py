@@ -120,8 +120,8 @@ def test_checkpoint_recompute_replays_routing_and_matches_gradients():
                                                  context_fn=lambda: checkpoint_context_fn(layer))
     layer.forward = ckpt_forward
     # The backend's one-time capability probe must not run inside the checkpoint's record.
-    from moe.experts import _grouped_mm_works
-    _grouped_mm_works.cache_clear()
+    from kernels.reference import grouped_mm_available
+    grouped_mm_available.cache_clear()
     out2 = model(ids, labels=ids)
     assert len(router._saved) == 1  # recorded during the forward
     out2.loss.backward()
@@ -193,13 +193,13 @@ def test_config_hf_round_trip_and_bad_model_type(tmp_path):
 
 
 def test_grouped_mm_probe_is_not_fooled_by_no_grad():
-    from moe.experts import _grouped_mm_works
+    from kernels.reference import grouped_mm_available
 
-    _grouped_mm_works.cache_clear()
+    grouped_mm_available.cache_clear()
     with torch.no_grad():  # e.g. a reference-model pass runs first
-        first = _grouped_mm_works("cpu", torch.float32)
-    _grouped_mm_works.cache_clear()
-    assert first == _grouped_mm_works("cpu", torch.float32) == hasattr(torch, "_grouped_mm")
+        first = grouped_mm_available("cpu", torch.float32)
+    grouped_mm_available.cache_clear()
+    assert first == grouped_mm_available("cpu", torch.float32) == hasattr(torch, "_grouped_mm")
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # flex_attention warns that it runs uncompiled on CPU
