@@ -255,3 +255,44 @@ def test_end_of_run_export_equals_the_checkpoint_and_loads_as_hf(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "checkpoints_convert.dcp_to_hf", str(tmp_path / "nope"),
                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "nope" in bad.stderr and not (tmp_path / "out").exists()
+
+
+def _thread_names() -> list[str]:
+    return sorted(pathlib.Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads this process's thread names from /proc")
+def test_single_process_save_and_resume_start_no_thread_team(tmp_path, monkeypatch):
+    # Regression: DCP gathered its plans over gloo, whose worker thread then ran a parallel copy and
+    # so started a second OpenMP team; libgomp, managing more threads than cores, throttled its
+    # spin-waits and every later step ran ~2x slower (trainer/checkpoint.py). That team shows as an
+    # extra thread named after its gloo parent. The demo's tiny preset has enough tensors for it.
+    from trainer import loop
+    from trainer.options import SFT_SECTIONS, parse_options
+    from trainer.sft import SFTTask
+
+    seen = {}
+    for name in ("save", "load"):
+        orig = getattr(loop.Checkpointer, name)
+
+        def wrapped(self, *a, _orig=orig, _name=name, **k):
+            seen.setdefault(_name, _thread_names())
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(loop.Checkpointer, name, wrapped)
+
+    def opts(steps):
+        return parse_options(["--data.synthetic", "true", "--data.seq_len", "32", "--train.progress", "false",
+                              "--train.device", "cpu", "--train.steps", str(steps), "--checkpoint.every", "1",
+                              "--checkpoint.export_hf", "false", "--output-dir", str(tmp_path)],
+                             "t", SFT_SECTIONS, "", str(tmp_path))
+    try:
+        loop.run(SFTTask(), opts(2), shutdown=False)
+        after_saves = _thread_names()
+        loop.run(SFTTask(), opts(3), shutdown=False)  # resumes from step 2, then saves step 3
+        after_resume = _thread_names()
+    finally:
+        from trainer import parallel
+        parallel.shutdown_distributed()
+    print("before the first save:", seen["save"], "\nafter:", after_saves, "\nafter the resume:", after_resume)
+    assert after_saves == seen["save"]
+    assert after_resume == seen["load"] == seen["save"]
