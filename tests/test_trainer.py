@@ -194,6 +194,7 @@ def test_bad_sample_reported_with_file_and_line_before_training(tmp_path):
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     from trainer import loop
+    from trainer.errors import TrainerError
     from trainer.options import SFT_SECTIONS, parse_options
     from trainer.sft import SFTTask
 
@@ -202,17 +203,17 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
         calls = 0
 
         def micro_step(self, ctx, b):
-            loss, aux, sums = super().micro_step(ctx, b)
+            out = super().micro_step(ctx, b)
             PoisonedTask.calls += 1
             if PoisonedTask.calls == 2 or PoisonedTask.calls >= 4:
-                loss = loss * float("nan")
-                sums["loss"] = sums["loss"] * float("nan")
-            return loss, aux, sums
+                out.loss = out.loss * float("nan")
+                out.sums["loss"] = out.sums["loss"] * float("nan")
+            return out
 
     opts = parse_options(TINY + ["--data.synthetic", "true", "--train.steps", "20", "--train.global_batch_size", "4",
                                  "--train.max_bad_steps", "3", "--checkpoint.every", "1",
                                  "--output-dir", str(tmp_path)], "t", SFT_SECTIONS, "", str(tmp_path))
-    with pytest.raises(SystemExit, match="3 consecutive steps with a non-finite"):
+    with pytest.raises(TrainerError, match="3 consecutive steps with a non-finite"):
         loop.run(PoisonedTask(), opts)
     m = metrics(tmp_path)
     assert [x["skipped"] for x in m] == [0, 1, 0, 1, 1, 1]

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from trainer.errors import TrainerError
 from checkpoints_convert.dcp_layout import (COMPLETE, MODEL_CONFIG, RUN_CONFIG, TRAINER_STATE, checkpoint_dirs,
                                             latest_checkpoint, rank_state_name, step_dir_name)
 
@@ -107,7 +108,7 @@ class Checkpointer:
             trainer_state = json.load(f)
         rank_file = os.path.join(path, rank_state_name(self.rank))
         if not os.path.exists(rank_file):
-            raise RuntimeError(f"{path}: no {os.path.basename(rank_file)}; resume with the same number of ranks "
+            raise TrainerError(f"{path}: no {os.path.basename(rank_file)}; resume with the same number of ranks "
                                f"the checkpoint was written with")
         rank_state = torch.load(rank_file, weights_only=False)
         return trainer_state, rank_state

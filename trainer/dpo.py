@@ -34,10 +34,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainer.loop import StepContext, build_model, run
-from trainer.options import DPO_SECTIONS, OptionsError, parse_options
-
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+from trainer.errors import TrainerError, exit_on_error
+from trainer.loop import MicroStep, StepContext, build_model, run
+from trainer.options import DPO_LOSS_TYPES as LOSS_TYPES, DPO_SECTIONS, parse_options
 
 
 def dpo_loss(pol_w, pol_l, ref_w, ref_l, len_w, len_l, beta: float, loss_type: str = "sigmoid"):
@@ -97,26 +96,14 @@ class DPOTask:
     def __init__(self):
         self.ref = None  # index -> (ref_w, ref_l) tensor [N, 2], or a live model
 
-    def adjust_model_config(self, opts, cfg):
-        import dataclasses
+    def adjust_model_config(self, opts, cfg, info):
+        from trainer.sources import sources_and_vocab
 
-        import data
-        from trainer.sources import check_vocab, prepared_sources
-
-        if opts.dpo.loss_type not in LOSS_TYPES:
-            raise SystemExit(f"error: dpo.loss_type {opts.dpo.loss_type!r} is not one of {LOSS_TYPES}")
-        if opts.dpo.reference not in ("precomputed", "live"):
-            raise SystemExit(f"error: dpo.reference {opts.dpo.reference!r} is not 'precomputed' or 'live'")
-        rank = int(os.environ.get("RANK", 0))
-        dirs, _, tok_dir = prepared_sources(opts, rank, "dpo", lambda p: ({"dpo": p["dpo"]}, {"dpo": 1.0}))
+        dirs, _, self.tokenizer, cfg = sources_and_vocab(opts, info.rank, "dpo",
+                                                         lambda p: ({"dpo": p["dpo"]}, {"dpo": 1.0}), cfg)
         if len(dirs) != 1:
-            raise SystemExit("error: DPO takes exactly one data source (a JSONL of pairs or a prepared dpo directory)")
+            raise TrainerError("DPO takes exactly one data source (a JSONL of pairs or a prepared dpo directory)")
         self.source = next(iter(dirs.values()))
-        self.tokenizer = data.load_tokenizer(tok_dir)
-        if not opts.model.init_from and "vocab_size" not in opts.model.overrides:
-            cfg = dataclasses.replace(cfg, vocab_size=(self.tokenizer.vocab_size + 63) // 64 * 64,
-                                      eos_token_id=self.tokenizer.eos_id, pad_token_id=self.tokenizer.pad_id)
-        check_vocab(dirs, cfg.vocab_size)
         return cfg
 
     def build_loader(self, opts, info, accum, cfg):
@@ -187,10 +174,10 @@ class DPOTask:
 
     # ------------------------------------------------------------------ the step
     @staticmethod
-    def count(batch) -> torch.Tensor:
-        return torch.tensor(batch["index"].shape[0])
+    def count(batch) -> dict[str, torch.Tensor]:
+        return {"pairs": torch.tensor(batch["index"].shape[0])}
 
-    def micro_step(self, ctx: StepContext, b):
+    def micro_step(self, ctx: StepContext, b) -> MicroStep:
         o = ctx.opts.dpo
         pw, pl, nw, nl, out = sequence_logps(ctx.model, b, self.pad_id, ctx.balance_counts_fn)
         if isinstance(self.ref, torch.Tensor):
@@ -202,17 +189,21 @@ class DPOTask:
         nll = -pw / nw.clamp_min(1)
         total = losses.sum() + (o.nll_coef * nll.sum() if o.nll_coef > 0 else 0.0)
         aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=pw.device)
-        loss = total * ctx.info.world_size / ctx.denom.to(total.dtype) + aux / ctx.accum
+        loss = total * ctx.info.world_size / ctx.totals["pairs"].to(total.dtype) + aux / ctx.accum
         sums = {
-            "loss": losses.detach().sum(), "nll_chosen": nll.detach().sum(),
+            "loss": losses.sum(), "nll_chosen": nll.sum(),
             "rewards/chosen": rew_w.sum(), "rewards/rejected": rew_l.sum(),
             "rewards/accuracies": (rew_w > rew_l).double().sum(), "rewards/margins": (rew_w - rew_l).sum(),
-            "logps/chosen": pw.detach().sum(), "logps/rejected": pl.detach().sum(),
-            "_tokens": int(_real_mask(b["chosen_labels"]).sum() + _real_mask(b["rejected_labels"]).sum()),
+            "logps/chosen": pw.sum(), "logps/rejected": pl.sum(),
         }
-        if out.expert_counts:
-            sums["_counts"] = torch.stack([out.expert_counts[i] for i in sorted(out.expert_counts)])
-        return loss, aux.detach(), sums
+        counts = torch.stack([out.expert_counts[i] for i in sorted(out.expert_counts)]) if out.expert_counts else None
+        return MicroStep(loss, sums, aux=aux, expert_counts=counts,
+                         tokens=_real_mask(b["chosen_labels"]).sum() + _real_mask(b["rejected_labels"]).sum())
+
+    @staticmethod
+    def metrics(sums, totals, aux_loss) -> dict:
+        pairs = max(totals["pairs"], 1)
+        return {k: v / pairs for k, v in sums.items()}
 
 
 DEMO_SFT_EXPORT = os.path.join("runs", "sft", "hf")
@@ -225,26 +216,24 @@ DPO_DEFAULTS = {"optim": {"lr": 2e-4, "warmup_ratio": 0.05}, "train": {"steps": 
 
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
+    with exit_on_error():
         opts = parse_options(argv, "trainer/dpo.py", DPO_SECTIONS, __doc__, default_output="runs/dpo",
                              defaults=DPO_DEFAULTS)
-    except OptionsError as e:
-        raise SystemExit(f"error: {e}") from None
-    if not opts.model.init_from and not opts.data.sources:
-        # The demo: start from an SFT-ed tiny model, trained now if the SFT demo has not been run.
-        if os.path.exists(os.path.join(DEMO_SFT_EXPORT, "config.json")):
-            opts.model.init_from = DEMO_SFT_EXPORT
-        else:
-            from trainer.sft import SFTTask
-            from trainer.options import SFT_SECTIONS
+        if not opts.model.init_from and not opts.data.sources:
+            # The demo: start from an SFT-ed tiny model, trained now if the SFT demo has not been run.
+            if os.path.exists(os.path.join(DEMO_SFT_EXPORT, "config.json")):
+                opts.model.init_from = DEMO_SFT_EXPORT
+            else:
+                from trainer.options import SFT_SECTIONS
+                from trainer.sft import SFTTask
 
-            warm = os.path.join(opts.output_dir, "sft_warmup")
-            sft_opts = parse_options(["--train.steps", "150", "--output-dir", warm, "--train.progress",
-                                      str(opts.train.progress).lower(), "--train.log_every", str(opts.train.log_every)],
-                                     "trainer/sft.py", SFT_SECTIONS, "", warm)
-            run(SFTTask(), sft_opts, shutdown=False)
-            opts.model.init_from = os.path.join(warm, "hf")
-    return run(DPOTask(), opts)
+                warm = os.path.join(opts.output_dir, "sft_warmup")
+                sft_opts = parse_options(["--train.steps", "150", "--output-dir", warm, "--train.progress",
+                                          str(opts.train.progress).lower(), "--train.log_every",
+                                          str(opts.train.log_every)], "trainer/sft.py", SFT_SECTIONS, "", warm)
+                run(SFTTask(), sft_opts, shutdown=False)
+                opts.model.init_from = os.path.join(warm, "hf")
+        return run(DPOTask(), opts)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,24 @@
-"""The training loop SFT and DPO share: build -> shard -> (resume) -> steps -> checkpoints -> export.
+"""The training loop SFT and DPO share, as a small Trainer.
 
-A task (trainer/sft.py, trainer/dpo.py) supplies the data loader and the loss of one micro-batch;
-everything else lives here once: model construction on the meta device, FSDP2, the optimizer and
-schedule, gradient accumulation with global normalisation, non-finite step skipping, checkpoints,
-SIGTERM, logging and the final HF export.
+    trainer = Trainer(task, opts)   # joins (or creates) the process group
+    trainer.build()                 # model (meta -> FSDP2 -> materialised), logger, data, optimizer, schedule
+    trainer.resume()                # from the latest complete checkpoint, when there is one and it is asked for
+    trainer.fit()                   # step() until done; checkpoints, SIGTERM, logging; final save and export
+    trainer.close()
+
+A task (trainer/sft.py, trainer/dpo.py) supplies the data loader, the loss of one micro-batch and how
+its metric sums become means; everything else lives here once: model construction on the meta
+device, FSDP2, the optimizer and schedule, gradient accumulation with global normalisation,
+non-finite step skipping, checkpoints, SIGTERM, logging and the final HF export.
 
 Normalisation: a task's loss is a SUM over its units (trained tokens for SFT, pairs for DPO). The
 step first counts the units of all its micro-batches on all ranks (N), then each micro-batch
 backpropagates  sum_local * W / N  (FSDP averages gradients over the W ranks, so the step's gradient
 is that of  sum_all / N) plus  aux / A  (the router loss averaged over the A micro-batches and the
 ranks). The update is therefore the same however the step is split into micro-batches and ranks.
+
+Metrics travel by name: every rank's sums go into one all-reduce keyed by metric name
+(parallel.all_reduce_by_name), and the task turns the summed values into means.
 """
 from __future__ import annotations
 
@@ -27,22 +36,40 @@ from moe.config import BailingMoeConfig
 from moe.model import BailingMoeForCausalLM, initial_value
 from trainer import parallel
 from trainer.checkpoint import Checkpointer, latest_checkpoint
+from trainer.errors import TrainerError
 from trainer.metrics import RunLogger, format_metrics
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.options import Options, dump_yaml
 
-# Dense bf16 matmul peaks measured on the lent GPUs (benchmarks); used for MFU when not configured.
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (without sparsity), per GPU. MFU is model
+# FLOPs over this figure, as torchtitan, nanochat and Megatron report it. Matched by device name,
+# most specific first: torch.cuda.get_device_name gives e.g. "NVIDIA H100 80GB HBM3" for the SXM part.
+DATASHEET_PEAK_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),
+                         ("H200 NVL", 835.0), ("H200", 989.0), ("A100", 312.0))
+# Dense bf16 matmul rates measured on the lent GPUs (8192^3, benchmarks/ceilings.py): logged beside
+# MFU as mfu_vs_measured_peak, a ceiling reachable in practice, never as MFU itself.
 MEASURED_PEAK_TFLOPS = {"H100": 798.0, "H200": 790.0}
+
+
+@dataclasses.dataclass
+class MicroStep:
+    """What a task's micro_step returns."""
+    loss: torch.Tensor  # backward() runs on this: the micro-batch's share of the step's loss
+    sums: dict[str, torch.Tensor]  # metric sums over its units; summed over micro-batches and ranks by name
+    aux: torch.Tensor | None = None  # router loss of this forward (logged as aux_loss, averaged)
+    tokens: int = 0  # real tokens processed (throughput)
+    expert_counts: torch.Tensor | None = None  # [L, E] routed slots per expert (load logging)
 
 
 class Task(Protocol):
     name: str
 
-    def adjust_model_config(self, opts: Options, cfg: BailingMoeConfig) -> BailingMoeConfig: ...
+    def adjust_model_config(self, opts: Options, cfg: BailingMoeConfig, info: parallel.DistInfo) -> BailingMoeConfig: ...
     def build_loader(self, opts: Options, info: parallel.DistInfo, accum: int, cfg: BailingMoeConfig): ...
     def before_training(self, ctx: "StepContext") -> None: ...
-    def count(self, batch: dict) -> torch.Tensor: ...
-    def micro_step(self, ctx: "StepContext", batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, dict]: ...
+    def count(self, batch: dict) -> dict[str, torch.Tensor]: ...  # units to normalise by, by name
+    def micro_step(self, ctx: "StepContext", batch: dict) -> MicroStep: ...
+    def metrics(self, sums: dict[str, float], totals: dict[str, float], aux_loss: float) -> dict[str, float]: ...
 
 
 @dataclasses.dataclass
@@ -53,8 +80,15 @@ class StepContext:
     cfg: BailingMoeConfig
     accum: int
     logger: RunLogger
-    denom: torch.Tensor | None = None  # the step's global unit count N
+    totals: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # the step's global unit counts
     balance_counts_fn: object = None
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What trainer.json holds besides the schedule: identical on every rank."""
+    step: int = 0
+    bad_in_a_row: int = 0
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -69,7 +103,7 @@ def model_config_from_options(opts: Options, device: torch.device) -> tuple[Bail
     backend = resolve_backend(m.expert_backend, device)
     aux_type = {"global": "micro", "micro": "micro", "sequence": "sequence", "none": "none"}.get(m.aux_loss_type)
     if aux_type is None:
-        raise SystemExit(f"error: model.aux_loss_type {m.aux_loss_type!r} is not one of global, micro, sequence, none")
+        raise TrainerError(f"model.aux_loss_type {m.aux_loss_type!r} is not one of global, micro, sequence, none")
     extra = dict(expert_backend=backend, aux_loss_type=aux_type, z_loss_coef=m.z_loss_coef,
                  aux_loss_alpha=0.0 if m.aux_loss_type == "none" else m.aux_loss_alpha, **m.overrides)
     if not m.init_from:
@@ -80,13 +114,13 @@ def model_config_from_options(opts: Options, device: torch.device) -> tuple[Bail
     try:  # HF or native, validated (names, shapes, shard files) before anything is allocated
         ckpt = open_checkpoint(m.init_from, **extra)
     except CheckpointError as e:
-        raise SystemExit(f"error: model.init_from: {e}") from None
+        raise TrainerError(f"model.init_from: {e}") from None
     return ckpt.cfg, lambda name, p, rows: ckpt.get_native(name, rows=rows)
 
 
 def build_model(opts: Options, info: parallel.DistInfo, task: Task) -> tuple[BailingMoeForCausalLM, BailingMoeConfig]:
     cfg, get_full = model_config_from_options(opts, info.device)
-    cfg = task.adjust_model_config(opts, cfg)
+    cfg = task.adjust_model_config(opts, cfg, info)
     with torch.device("meta"):
         model = BailingMoeForCausalLM(cfg)
     if opts.model.activation_checkpointing:
@@ -104,21 +138,30 @@ def build_model(opts: Options, info: parallel.DistInfo, task: Task) -> tuple[Bai
 
 
 def flops_per_token(cfg: BailingMoeConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x active parameters (no embedding lookup) + causal attention."""
+    """Training FLOPs per token: 6 x active parameters (no embedding lookup) + causal attention.
+
+    Convention (torchtitan's and nanochat's with the causal half taken): every matmul counts 2 FLOPs
+    per multiply-add, backward twice forward; attention's two S x S matmuls count 12 * L * d * S per
+    token over the full square, halved here because a causal row attends to half of it on average.
+    Packed rows with several documents attend to less still, so MFU overstates for them."""
     active = cfg.num_params(active_only=True) - cfg.vocab_size * cfg.hidden_size
     attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len  # 12*L*d*S/2 (causal)
     return 6.0 * active + attn
 
 
-def _peak_tflops(opts: Options, device: torch.device) -> float:
-    if opts.train.peak_tflops > 0:
-        return opts.train.peak_tflops
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for k, v in MEASURED_PEAK_TFLOPS.items():
-            if k in name:
-                return v
+def _peak_by_name(table, device: torch.device) -> float:
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in (table.items() if isinstance(table, dict) else table):
+        if key in name:
+            return tflops
     return 0.0
+
+
+def datasheet_peak_tflops(opts: Options, device: torch.device) -> float:
+    """The MFU denominator: train.peak_tflops when set, else the datasheet's dense bf16 figure (0 = unknown)."""
+    return opts.train.peak_tflops if opts.train.peak_tflops > 0 else _peak_by_name(DATASHEET_PEAK_TFLOPS, device)
 
 
 class _StopFlag:
@@ -137,6 +180,7 @@ class _StopFlag:
     def uninstall(self):
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
+            self._old = None
 
 
 def _grad_norm(model, max_norm: float) -> torch.Tensor:
@@ -147,174 +191,245 @@ def _grad_norm(model, max_norm: float) -> torch.Tensor:
     return norm
 
 
-def run(task: Task, opts: Options, shutdown: bool = True) -> dict:
-    """Train; returns a summary (last metrics, checkpoint path). Rank 0 logs. ``shutdown=False`` keeps
-    the process group for a following run in the same processes (the DPO demo's SFT warm-up)."""
-    try:
-        info = parallel.init_distributed(opts.train.device)
-    except parallel.DeviceError as e:
-        raise SystemExit(f"error: {e}") from None
-    stop = _StopFlag()
-    logger = None
-    try:
+def _host_floats(values: dict[str, torch.Tensor]) -> dict[str, float | list]:
+    """One device-to-host copy for a dict of (reduced) tensors: scalars become floats, others lists."""
+    if not values:
+        return {}
+    names = list(values)
+    flat = torch.cat([values[n].reshape(-1) for n in names]).cpu()
+    out, i = {}, 0
+    for n in names:
+        k = values[n].numel()
+        part = flat[i:i + k].view(values[n].shape)
+        out[n] = part.item() if values[n].dim() == 0 else part.tolist()
+        i += k
+    return out
+
+
+class Trainer:
+    def __init__(self, task: Task, opts: Options):
+        self.task, self.opts = task, opts
+        self.info = parallel.init_distributed(opts.train.device)
+        self.state = TrainState()
+        self.logger: RunLogger | None = None
+        self.stop = _StopFlag()
+        self.stop_requested = False
+        self.last_metrics: dict = {}
+        self.saved_at = -1
+
+    # ------------------------------------------------------------------ build
+    def build(self) -> None:
+        opts, info = self.opts, self.info
         torch.manual_seed(opts.train.seed)
         os.makedirs(opts.output_dir, exist_ok=True)
         W, B = info.world_size, opts.data.micro_batch_size
         if opts.train.global_batch_size % (B * W):
-            raise SystemExit(f"error: train.global_batch_size ({opts.train.global_batch_size}) must be a multiple "
-                             f"of data.micro_batch_size x ranks ({B} x {W})")
-        accum = opts.train.global_batch_size // (B * W)
-        ckpt_root = os.path.join(opts.output_dir, "checkpoints")
-        resume_from = latest_checkpoint(ckpt_root) if opts.checkpoint.resume else None
-        resume_step = int(os.path.basename(resume_from).split("_")[1]) if resume_from else 0
+            raise TrainerError(f"train.global_batch_size ({opts.train.global_batch_size}) must be a multiple "
+                               f"of data.micro_batch_size x ranks ({B} x {W})")
+        self.accum = opts.train.global_batch_size // (B * W)
+        self.ckpt_root = os.path.join(opts.output_dir, "checkpoints")
+        self.resume_from = latest_checkpoint(self.ckpt_root) if opts.checkpoint.resume else None
+        resume_step = int(os.path.basename(self.resume_from).split("_")[1]) if self.resume_from else 0
 
-        model, cfg = build_model(opts, info, task)
-        logger = RunLogger(info.is_main, opts.output_dir, opts.log.wandb_project, opts.log.wandb_run_name,
-                           opts.to_dict(), resume_step)
-        logger.info(f"[{task.name}] {W} rank(s) on {info.device.type}, model {cfg.num_params() / 1e6:.1f}M params "
-                    f"({cfg.num_params(active_only=True) / 1e6:.1f}M active), experts via {cfg.expert_backend!r}, "
-                    f"global batch {opts.train.global_batch_size} = {B} x {W} ranks x {accum} accumulation")
+        self.model, self.cfg = build_model(opts, info, self.task)
+        self.logger = RunLogger(info.is_main, opts.output_dir, opts.log.wandb_project, opts.log.wandb_run_name,
+                                opts.to_dict(), resume_step)
+        cfg = self.cfg
+        self.logger.info(f"[{self.task.name}] {W} rank(s) on {info.device.type}, model {cfg.num_params() / 1e6:.1f}M "
+                         f"params ({cfg.num_params(active_only=True) / 1e6:.1f}M active), experts via "
+                         f"{cfg.expert_backend!r}, global batch {opts.train.global_batch_size} = {B} x {W} ranks x "
+                         f"{self.accum} accumulation")
         if info.is_main:
             with open(os.path.join(opts.output_dir, "config.yaml"), "w") as f:
                 f.write(dump_yaml(opts))
-        loader = task.build_loader(opts, info, accum, cfg)
+        self.loader = self.task.build_loader(opts, info, self.accum, cfg)
         o = opts.optim
-        optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps, info.device)
+        self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps, info.device)
         warmup = o.warmup_steps if o.warmup_steps >= 0 else int(o.warmup_ratio * opts.train.steps)
-        scheduler = build_scheduler(optimizer, opts.train.steps, warmup, o.min_lr_ratio)
-        checkpointer = Checkpointer(ckpt_root, info.rank, opts.checkpoint.keep_last)
-
-        ctx = StepContext(opts, info, model, cfg, accum, logger)
+        self.scheduler = build_scheduler(self.optimizer, opts.train.steps, warmup, o.min_lr_ratio)
+        self.checkpointer = Checkpointer(self.ckpt_root, info.rank, opts.checkpoint.keep_last)
+        self.ctx = StepContext(opts, info, self.model, cfg, self.accum, self.logger)
         if opts.model.aux_loss_type == "global":
-            ctx.balance_counts_fn = parallel.all_reduce_sum
-        step, bad_in_a_row = 0, 0
-        if resume_from:
-            tstate, rstate = checkpointer.load(resume_from, model, optimizer)
-            step, bad_in_a_row = tstate["step"], tstate["bad_in_a_row"]
-            scheduler.load_state_dict(tstate["scheduler"])
-            loader.load_state_dict(rstate["loader"])
+            self.ctx.balance_counts_fn = parallel.all_reduce_sum
+        self.peak_tflops = datasheet_peak_tflops(opts, info.device)
+        self.measured_peak_tflops = _peak_by_name(MEASURED_PEAK_TFLOPS, info.device)
+        self.flops_per_token = flops_per_token(cfg, opts.data.seq_len)
+
+    # ------------------------------------------------------------------ resume / save / export
+    def resume(self) -> str | None:
+        """Restore model, optimizer, schedule, data position and RNG from the latest complete checkpoint."""
+        if self.resume_from:
+            tstate, rstate = self.checkpointer.load(self.resume_from, self.model, self.optimizer)
+            self.state = TrainState(step=tstate["step"], bad_in_a_row=tstate["bad_in_a_row"])
+            self.scheduler.load_state_dict(tstate["scheduler"])
+            self.loader.load_state_dict(rstate["loader"])
             torch.set_rng_state(rstate["rng"])
-            logger.info(f"resumed from {resume_from} at step {step}")
-        task.before_training(ctx)
+            self.logger.info(f"resumed from {self.resume_from} at step {self.state.step}")
+        self.task.before_training(self.ctx)
+        return self.resume_from
 
-        def save() -> str:
-            tstate = {"step": step, "bad_in_a_row": bad_in_a_row, "scheduler": scheduler.state_dict()}
-            rstate = {"loader": loader.state_dict(), "rng": torch.get_rng_state()}
-            path = checkpointer.save(step, model, optimizer, tstate, rstate, cfg.to_dict(), dump_yaml(opts))
-            logger.info(f"saved checkpoint {path}")
-            return path
+    def save(self) -> str:
+        tstate = {**dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict()}
+        rstate = {"loader": self.loader.state_dict(), "rng": torch.get_rng_state()}
+        path = self.checkpointer.save(self.state.step, self.model, self.optimizer, tstate, rstate, self.cfg.to_dict(),
+                                      dump_yaml(self.opts))
+        self.saved_at = self.state.step
+        self.logger.info(f"saved checkpoint {path}")
+        return path
 
-        stop.install()
-        peak = _peak_tflops(opts, info.device)
-        fpt = flops_per_token(cfg, opts.data.seq_len)
+    def export(self, checkpoint: str) -> str:
+        """The HF safetensors export of ``checkpoint`` to <output-dir>/hf, written by rank 0."""
+        hf_dir = os.path.join(self.opts.output_dir, "hf")
+        if self.info.is_main:
+            from checkpoints_convert.dcp_to_hf import dcp_to_hf
+
+            dcp_to_hf(checkpoint, hf_dir, overwrite=True)
+            self.logger.info(f"exported Hugging Face checkpoint to {hf_dir}")
+        if dist.is_initialized():
+            dist.barrier()
+        return hf_dir
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> dict:
+        """One optimizer step over the accumulated micro-batches; returns its metrics (equal on all ranks)."""
+        t0 = time.perf_counter()
+        ctx, dev = self.ctx, self.info.device
+        batches = [next(self.loader) for _ in range(self.accum)]
+        ctx.totals = parallel.all_reduce_by_name(_sum_by_name(self.task.count(b) for b in batches), dev)
+        sums: dict[str, torch.Tensor] = {}
+        for b in batches:
+            out = self.task.micro_step(ctx, {k: v.to(dev, non_blocking=True) for k, v in b.items()})
+            out.loss.backward()
+            _add_micro_step(sums, out)
+        grad_norm = _grad_norm(self.model, self.opts.optim.grad_clip)
+        counters = getattr(self.loader, "counters", {})
+        # One collective carries every sum, the data counters and the stop request, each by its name.
+        sums.update(data_truncated=counters.get("truncated", 0), data_dropped=counters.get("dropped", 0),
+                    stop_requested=float(self.stop.requested))
+        reduced = _host_floats(parallel.all_reduce_by_name(sums, dev))
+        totals = _host_floats(ctx.totals)
+        aux_loss = reduced.pop("aux", 0.0) / (self.accum * self.info.world_size)
+        metrics = self.task.metrics({k: v for k, v in reduced.items() if not k.startswith(("_", "data_", "stop"))},
+                                    totals, aux_loss)
+        grad_norm = grad_norm.item()
+        finite = math.isfinite(grad_norm) and all(math.isfinite(v) for v in metrics.values())
+        if finite:
+            self.optimizer.step()
+            self.state.bad_in_a_row = 0
+        else:
+            self.state.bad_in_a_row += 1
+            self.logger.info(f"step {self.state.step + 1}: non-finite loss or gradient, update skipped "
+                             f"({self.state.bad_in_a_row} in a row, limit {self.opts.train.max_bad_steps})")
+        self.optimizer.zero_grad(set_to_none=True)
+        lr_used = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.state.step += 1
+        self.stop_requested = reduced["stop_requested"] > 0
+        dt = time.perf_counter() - t0
+        metrics.update(aux_loss=aux_loss, lr=lr_used, grad_norm=grad_norm,
+                       tokens_per_s=reduced["_tokens"] / dt, step_time_s=dt, skipped=int(not finite),
+                       # Documents cut to seq_len / left out as too long, so far (all ranks): never silent.
+                       data_truncated=int(reduced["data_truncated"]), data_dropped=int(reduced["data_dropped"]))
+        metrics.update(self._throughput_metrics(reduced["_tokens"] / dt))
+        if "_expert_counts" in reduced:
+            metrics.update(_expert_load_metrics(torch.tensor(reduced["_expert_counts"], dtype=torch.float64)))
+        return metrics
+
+    def _throughput_metrics(self, tokens_per_s: float) -> dict:
+        out = {}
+        per_gpu = self.flops_per_token * tokens_per_s / self.info.world_size
+        if self.peak_tflops > 0:
+            out["mfu"] = per_gpu / (self.peak_tflops * 1e12)
+        if self.measured_peak_tflops > 0:
+            out["mfu_vs_measured_peak"] = per_gpu / (self.measured_peak_tflops * 1e12)
+        if self.info.device.type == "cuda":
+            out["memory_gib"] = torch.cuda.max_memory_allocated(self.info.device) / 2 ** 30
+        else:  # peak resident memory of this process (rank 0's, as it is rank 0 that logs)
+            import resource
+            out["memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        return out
+
+    # ------------------------------------------------------------------ the run
+    def fit(self) -> dict:
+        """Steps until train.steps, with checkpoints, SIGTERM and logging; then the final save and export."""
+        opts = self.opts
+        total = opts.train.steps
+        self.stop.install()
         bar = None
-        if info.is_main and opts.train.progress:
+        if self.info.is_main and opts.train.progress:
             from tqdm import tqdm
-            bar = tqdm(total=opts.train.steps, initial=step, desc=task.name, dynamic_ncols=True)
-        last_metrics: dict = {}
-        saved_at = -1
-        while step < opts.train.steps:
-            t0 = time.perf_counter()
-            batches = [next(loader) for _ in range(accum)]
-            local_units = sum(task.count(b) for b in batches)
-            ctx.denom = parallel.all_reduce_sum(torch.as_tensor(local_units, dtype=torch.float64, device=info.device))
-            sums: dict[str, torch.Tensor] = {}
-            aux_total = torch.zeros((), device=info.device)
-            counts_total = None
-            tokens = 0
-            for b in batches:
-                b = {k: v.to(info.device, non_blocking=True) for k, v in b.items()}
-                loss, aux, metric_sums = task.micro_step(ctx, b)
-                loss.backward()
-                for k, v in metric_sums.items():
-                    if k == "_counts":
-                        counts_total = v if counts_total is None else counts_total + v
-                    elif k == "_tokens":
-                        tokens += int(v)
-                    else:
-                        sums[k] = sums.get(k, 0) + v.detach().double()
-                if aux is not None:
-                    aux_total = aux_total + aux.detach()
-            grad_norm = _grad_norm(model, o.grad_clip)
-            # One collective carries every metric, the finite check and the stop request.
-            keys = sorted(sums)
-            counters = getattr(loader, "counters", {})
-            extra = [aux_total.double()] + [torch.tensor(float(v), dtype=torch.float64, device=info.device) for v in
-                                             (tokens, counters.get("truncated", 0), counters.get("dropped", 0),
-                                              stop.requested)]
-            vec = parallel.all_reduce_sum(torch.stack(
-                [sums[k].to(info.device, torch.float64).reshape(()) for k in keys] + extra))
-            metrics = {k: (vec[i] / ctx.denom.clamp_min(1)).item() for i, k in enumerate(keys)}
-            finite = math.isfinite(grad_norm.item()) and all(math.isfinite(v) for v in metrics.values())
-            if finite:
-                optimizer.step()
-                bad_in_a_row = 0
-            else:
-                bad_in_a_row += 1
-                logger.info(f"step {step + 1}: non-finite loss or gradient, update skipped "
-                            f"({bad_in_a_row} in a row, limit {opts.train.max_bad_steps})")
-            optimizer.zero_grad(set_to_none=True)
-            lr_used = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            step += 1
-            dt = time.perf_counter() - t0
-            global_tokens = vec[len(keys) + 1].item()
-            metrics.update(aux_loss=vec[len(keys)].item() / (accum * info.world_size),
-                           lr=lr_used,
-                           grad_norm=grad_norm.item(), tokens_per_s=global_tokens / dt, step_time_s=dt,
-                           skipped=int(not finite),
-                           # Documents cut to seq_len / left out as too long, so far (all ranks): never silent.
-                           data_truncated=int(vec[len(keys) + 2].item()), data_dropped=int(vec[len(keys) + 3].item()))
-            if peak > 0:
-                metrics["mfu"] = fpt * global_tokens / dt / (peak * 1e12 * info.world_size)
-            if info.device.type == "cuda":
-                metrics["memory_gib"] = torch.cuda.max_memory_allocated(info.device) / 2 ** 30
-            else:  # peak resident memory of this process (rank 0's, as it is rank 0 that logs)
-                import resource
-                metrics["memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-            if counts_total is not None:
-                load = parallel.all_reduce_sum(counts_total).double()  # [L, E]
-                mean = load.mean(1).clamp_min(1e-9)
-                metrics["expert_load_max_over_mean"] = (load.max(1).values / mean).mean().item()
-                metrics["expert_load_per_layer"] = [round(x, 3) for x in (load.max(1).values / mean).tolist()]
-                metrics["experts_without_tokens"] = int((load == 0).sum().item())
-            last_metrics = metrics
-            if step % opts.train.log_every == 0 or step == opts.train.steps:
-                logger.log(step, metrics)
+            bar = tqdm(total=total, initial=self.state.step, desc=self.task.name, dynamic_ncols=True)
+        while self.state.step < total:
+            metrics = self.last_metrics = self.step()
+            step = self.state.step
+            if step % opts.train.log_every == 0 or step == total:
+                self.logger.log(step, metrics)
                 if bar is None:
-                    logger.info(format_metrics(step, opts.train.steps, metrics))
+                    self.logger.info(format_metrics(step, total, metrics))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
-                                tok_s=f"{metrics['tokens_per_s']:.0f}")
-            if bad_in_a_row >= opts.train.max_bad_steps:
-                raise SystemExit(f"error: {bad_in_a_row} consecutive steps with a non-finite loss or gradient; "
-                                 f"stopping (the last good checkpoint is kept)")
-            if vec[-1].item() > 0:
-                logger.info(f"SIGTERM received: saving at step {step} and exiting")
-                save()
-                return {"metrics": last_metrics, "step": step, "stopped": True}
-            if opts.checkpoint.every and step % opts.checkpoint.every == 0 and step < opts.train.steps:
-                save()
-                saved_at = step
+                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            if self.state.bad_in_a_row >= opts.train.max_bad_steps:
+                raise TrainerError(f"{self.state.bad_in_a_row} consecutive steps with a non-finite loss or gradient; "
+                                   f"stopping (the last good checkpoint is kept)")
+            if self.stop_requested:
+                self.logger.info(f"SIGTERM received: saving at step {step} and exiting")
+                self.save()
+                return {"metrics": self.last_metrics, "step": step, "stopped": True}
+            if opts.checkpoint.every and step % opts.checkpoint.every == 0 and step < total:
+                self.save()
         if bar is not None:
             bar.close()
-        if not opts.checkpoint.save_final:
-            return {"metrics": last_metrics, "step": step, "checkpoint": None}
-        final = save() if saved_at != step else latest_checkpoint(ckpt_root)
-        if opts.checkpoint.export_hf:
-            hf_dir = os.path.join(opts.output_dir, "hf")
-            if info.is_main:
-                from checkpoints_convert.dcp_to_hf import dcp_to_hf
+        result = {"metrics": self.last_metrics, "step": self.state.step, "checkpoint": None}
+        if opts.checkpoint.save_final:
+            result["checkpoint"] = self.save() if self.saved_at != self.state.step else latest_checkpoint(self.ckpt_root)
+            if opts.checkpoint.export_hf:
+                self.export(result["checkpoint"])
+        return result
 
-                dcp_to_hf(final, hf_dir, overwrite=True)
-                logger.info(f"exported Hugging Face checkpoint to {hf_dir}")
-            if dist.is_initialized():
-                dist.barrier()
-        return {"metrics": last_metrics, "step": step, "checkpoint": final}
-    finally:
-        stop.uninstall()
-        if logger is not None:
-            logger.close()
+    def close(self, shutdown: bool = True) -> None:
+        self.stop.uninstall()
+        if self.logger is not None:
+            self.logger.close()
         if shutdown:
             parallel.shutdown_distributed()
+
+
+def _sum_by_name(dicts) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out[k] + v if k in out else torch.as_tensor(v)
+    return out
+
+
+def _add_micro_step(sums: dict, out: MicroStep) -> None:
+    """Accumulate a micro-batch's sums; the trainer's own are named with a leading underscore."""
+    extra = {"_tokens": out.tokens}
+    if out.aux is not None:
+        extra["aux"] = out.aux.detach()
+    if out.expert_counts is not None:
+        extra["_expert_counts"] = out.expert_counts
+    for k, v in {**out.sums, **extra}.items():
+        v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
+        sums[k] = sums[k] + v if k in sums else v
+
+
+def _expert_load_metrics(load_LE: torch.Tensor) -> dict:
+    mean = load_LE.mean(1).clamp_min(1e-9)
+    ratio = load_LE.max(1).values / mean
+    return {"expert_load_max_over_mean": ratio.mean().item(),
+            "expert_load_per_layer": [round(x, 3) for x in ratio.tolist()],
+            "experts_without_tokens": int((load_LE == 0).sum().item())}
+
+
+def run(task: Task, opts: Options, shutdown: bool = True) -> dict:
+    """Train; returns a summary (last metrics, step, checkpoint path). Rank 0 logs. ``shutdown=False``
+    keeps the process group for a following run in the same processes (the DPO demo's SFT warm-up)."""
+    trainer = Trainer(task, opts)
+    try:
+        trainer.build()
+        trainer.resume()
+        return trainer.fit()
+    finally:
+        trainer.close(shutdown)

@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from trainer.errors import TrainerError
+
 
 class _NoWandb:
     def log(self, *a, **k):
@@ -31,7 +33,7 @@ class RunLogger:
             try:
                 import wandb
             except ImportError:
-                raise SystemExit("error: log.wandb_project is set but wandb is not installed "
+                raise TrainerError("log.wandb_project is set but wandb is not installed "
                                  "(pip install wandb, or leave log.wandb_project empty)") from None
             self.wandb = wandb.init(project=wandb_project, name=run_name or os.path.basename(output_dir.rstrip("/")),
                                     config=config, resume="allow")

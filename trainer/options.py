@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from trainer.errors import TrainerError
+
 
 def opt(default, help: str):
     if isinstance(default, (list, dict)):
@@ -108,13 +110,16 @@ class DPOOptions:
                                         "(a frozen reference model stays resident)")
 
 
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+DPO_REFERENCES = ("precomputed", "live")
+
 SFT_SECTIONS = dict(model=ModelOptions, data=DataOptions, optim=OptimOptions, train=TrainOptions,
                     checkpoint=CheckpointOptions, log=LogOptions)
 DPO_SECTIONS = dict(SFT_SECTIONS, dpo=DPOOptions)
 
 
-class OptionsError(ValueError):
-    pass
+class OptionsError(TrainerError, ValueError):
+    """An unknown or wrongly typed option, or options that do not go together."""
 
 
 @dataclass
@@ -232,6 +237,11 @@ def _check_combinations(built: dict, where: str) -> None:
     train = built.get("train")
     if train is not None and train.device not in ("auto", "cuda", "cpu"):
         raise OptionsError(f"{where}: train.device must be auto, cuda or cpu, got {train.device!r}")
+    dpo = built.get("dpo")
+    if dpo is not None and dpo.loss_type not in DPO_LOSS_TYPES:
+        raise OptionsError(f"{where}: dpo.loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {dpo.loss_type!r}")
+    if dpo is not None and dpo.reference not in DPO_REFERENCES:
+        raise OptionsError(f"{where}: dpo.reference must be one of {', '.join(DPO_REFERENCES)}, got {dpo.reference!r}")
     if data is not None and data.synthetic_docs_per_row not in (1, 2):
         raise OptionsError(f"{where}: data.synthetic_docs_per_row must be 1 or 2, got {data.synthetic_docs_per_row}")
 

@@ -5,6 +5,7 @@ The model itself knows nothing of distribution; everything here is applied from 
   apply_activation_checkpointing(model)   per decoder block, routing recorded then replayed
   shard_model(model, ...)     fully_shard per decoder block, then the root (FSDP2)
   materialize(model, get_value)  each rank reads or generates only its own shard of each parameter
+  all_reduce_by_name(values)  sums of named values over ranks, one collective
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from moe.router import checkpoint_context_fn
+from trainer.errors import TrainerError
 
 
 @dataclass
@@ -43,7 +45,7 @@ _OWN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _env_set_here = False
 
 
-class DeviceError(RuntimeError):
+class DeviceError(TrainerError):
     """The requested device cannot serve this process (no CUDA, or more ranks than GPUs)."""
 
 
@@ -150,3 +152,20 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_by_name(values: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """Sum each named value (a number or a tensor of any shape) over all ranks in ONE collective.
+
+    Returns float64 tensors on ``device`` under the same names and shapes. The names are sorted
+    before packing, so every rank packs the same layout whatever order its dict was built in."""
+    names = sorted(values)
+    parts = [torch.as_tensor(values[n], dtype=torch.float64, device=device) for n in names]
+    if not parts:
+        return {}
+    flat = all_reduce_sum(torch.cat([p.reshape(-1) for p in parts]))
+    out, i = {}, 0
+    for n, p in zip(names, parts):
+        out[n] = flat[i:i + p.numel()].view(p.shape)
+        i += p.numel()
+    return out

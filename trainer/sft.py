@@ -22,12 +22,9 @@ if __package__ in (None, ""):  # run as a file (torchrun trainer/sft.py): import
 
 import torch
 
-from trainer.loop import StepContext, run
-from trainer.options import SFT_SECTIONS, OptionsError, parse_options
-
-
-def round_up(n: int, m: int) -> int:
-    return (n + m - 1) // m * m
+from trainer.errors import exit_on_error
+from trainer.loop import MicroStep, StepContext, run
+from trainer.options import SFT_SECTIONS, parse_options
 
 
 class SFTTask:
@@ -37,24 +34,15 @@ class SFTTask:
         self.tokenizer = None
         self.dirs = None
 
-    def adjust_model_config(self, opts, cfg):
-        import dataclasses
-
+    def adjust_model_config(self, opts, cfg, info):
         if opts.data.synthetic:
             return cfg
-        import data
-        from trainer.sources import check_vocab, prepared_sources
+        from trainer.sources import sources_and_vocab
 
-        rank = int(os.environ.get("RANK", 0))
-        self.dirs, self.weights, tok_dir = prepared_sources(
-            opts, rank, "sft", lambda p: ({"general": p["sft_general"], "reasoning": p["sft_reasoning"]},
-                                          {"general": p["mixture"]["sft_general"], "reasoning": p["mixture"]["sft_reasoning"]}))
-        self.tokenizer = data.load_tokenizer(tok_dir)
-        if not opts.model.init_from and "vocab_size" not in opts.model.overrides:
-            # From scratch: embed exactly the tokenizer's ids (rounded up for matmul-friendly shapes).
-            cfg = dataclasses.replace(cfg, vocab_size=round_up(self.tokenizer.vocab_size, 64),
-                                      eos_token_id=self.tokenizer.eos_id, pad_token_id=self.tokenizer.pad_id)
-        check_vocab(self.dirs, cfg.vocab_size)
+        self.dirs, self.weights, self.tokenizer, cfg = sources_and_vocab(
+            opts, info.rank, "sft", lambda p: ({"general": p["sft_general"], "reasoning": p["sft_reasoning"]},
+                                               {"general": p["mixture"]["sft_general"],
+                                                "reasoning": p["mixture"]["sft_reasoning"]}), cfg)
         return cfg
 
     def build_loader(self, opts, info, accum, cfg):
@@ -73,29 +61,29 @@ class SFTTask:
         pass
 
     @staticmethod
-    def count(batch) -> torch.Tensor:
-        return (batch["labels"][:, 1:] != -100).sum()
+    def count(batch) -> dict[str, torch.Tensor]:
+        return {"tokens": (batch["labels"][:, 1:] != -100).sum()}
 
-    def micro_step(self, ctx: StepContext, b):
+    def micro_step(self, ctx: StepContext, b) -> MicroStep:
         out = ctx.model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"],
                         document_ids=b.get("document_ids"), return_logits=False,
                         balance_counts_fn=ctx.balance_counts_fn)
         aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=out.ce_sum.device)
-        loss = out.ce_sum * ctx.info.world_size / ctx.denom.to(out.ce_sum.dtype) + aux / ctx.accum
+        loss = out.ce_sum * ctx.info.world_size / ctx.totals["tokens"].to(out.ce_sum.dtype) + aux / ctx.accum
         docs = b.get("document_ids")
-        sums = {"loss": out.ce_sum.detach(),
-                "_tokens": (docs >= 0).sum().item() if docs is not None else b["input_ids"].numel()}
-        if out.expert_counts:
-            sums["_counts"] = torch.stack([out.expert_counts[i] for i in sorted(out.expert_counts)])
-        return loss, aux.detach(), sums
+        counts = torch.stack([out.expert_counts[i] for i in sorted(out.expert_counts)]) if out.expert_counts else None
+        return MicroStep(loss, {"loss": out.ce_sum}, aux=aux, expert_counts=counts,
+                         tokens=(docs >= 0).sum() if docs is not None else b["input_ids"].numel())
+
+    @staticmethod
+    def metrics(sums, totals, aux_loss) -> dict:
+        return {"loss": sums["loss"] / max(totals["tokens"], 1)}
 
 
 def main(argv=None) -> dict:
-    try:
+    with exit_on_error():
         opts = parse_options(argv, "trainer/sft.py", SFT_SECTIONS, __doc__, default_output="runs/sft")
-    except OptionsError as e:
-        raise SystemExit(f"error: {e}") from None
-    return run(SFTTask(), opts)
+        return run(SFTTask(), opts)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,11 @@ import os
 
 import torch.distributed as dist
 
-DEMO_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "demo", "tokenizer")
+from data.demo import TOKENIZER_DIR as DEMO_TOKENIZER  # the demo tokenizer's one path is data/demo.py's
+from trainer.errors import TrainerError
+
+# A from-scratch model embeds the tokenizer's ids rounded up to this, for matmul-friendly shapes.
+VOCAB_MULTIPLE = 64
 
 
 def _barrier():
@@ -65,13 +69,13 @@ def prepared_sources(opts, rank: int, kind: str, demo_key) -> tuple[dict[str, st
         if isinstance(src, str):
             src = {"path": src}
         if not isinstance(src, dict) or "path" not in src:
-            raise SystemExit(f"error: data.sources[{i}] must be a path or {{path: ..., weight: ...}}, got {src!r}")
+            raise TrainerError(f"data.sources[{i}] must be a path or {{path: ..., weight: ...}}, got {src!r}")
         path = src["path"]
         name = src.get("name") or os.path.splitext(os.path.basename(path.rstrip("/")))[0]
         if name in dirs:
             name = f"{name}_{i}"
         if not os.path.exists(path):
-            raise SystemExit(f"error: data.sources[{i}]: {path}: no such file or directory")
+            raise TrainerError(f"data.sources[{i}]: {path}: no such file or directory")
         weights[name] = float(src.get("weight", 1.0))
         if os.path.isdir(path) and os.path.exists(os.path.join(path, "manifest.json")):
             dirs[name] = path
@@ -98,8 +102,27 @@ def prepared_sources(opts, rank: int, kind: str, demo_key) -> tuple[dict[str, st
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(flag, src=0)
     if flag[0]:
-        raise SystemExit(f"error: {flag[0]}" + ("" if opts.data.skip_bad else " (data.skip_bad true skips and counts bad samples)"))
+        raise TrainerError(flag[0] + ("" if opts.data.skip_bad else " (data.skip_bad true skips and counts bad samples)"))
     return dirs, weights, tok_dir
+
+
+def sources_and_vocab(opts, rank: int, kind: str, demo_key, cfg):
+    """The task's data and tokenizer, and the model config fitted to them: (dirs, weights, tokenizer, cfg).
+
+    From scratch (no model.init_from and no vocab_size override) the model embeds exactly the
+    tokenizer's ids, rounded up to VOCAB_MULTIPLE, with its EOS and pad ids; either way every data
+    source's ids must fit the embedding."""
+    import dataclasses
+
+    import data
+
+    dirs, weights, tok_dir = prepared_sources(opts, rank, kind, demo_key)
+    tokenizer = data.load_tokenizer(tok_dir)
+    if not opts.model.init_from and "vocab_size" not in opts.model.overrides:
+        vocab = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        cfg = dataclasses.replace(cfg, vocab_size=vocab, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    check_vocab(dirs, cfg.vocab_size)
+    return dirs, weights, tokenizer, cfg
 
 
 def check_vocab(dirs: dict[str, str], vocab_size: int) -> None:
@@ -108,5 +131,5 @@ def check_vocab(dirs: dict[str, str], vocab_size: int) -> None:
         with open(os.path.join(d, "manifest.json")) as f:
             tv = json.load(f)["tokenizer"]["vocab_size"]
         if tv > vocab_size:
-            raise SystemExit(f"error: data source {name!r} ({d}) was tokenized with a vocabulary of {tv} ids, "
+            raise TrainerError(f"data source {name!r} ({d}) was tokenized with a vocabulary of {tv} ids, "
                              f"but the model embeds only {vocab_size}; use the model's tokenizer (data.tokenizer)")
