@@ -5,13 +5,19 @@
     python benchmarks/train_step.py --layers 4 -- --model.activation_checkpointing true
 
 Each backend runs the real trainer (trainer/sft.py) in a fresh process on synthetic rows of one causal
-document each (so SDPA takes its causal kernel and the attention FLOPs counted are the ones done),
-saving nothing. Options after ``--`` go to trainer/sft.py unchanged. The first --warmup steps
-(compilation, autotuning, allocator growth) are dropped and the median of the rest is reported.
+document each (so SDPA takes its causal kernel and the attention FLOPs counted are the ones done).
+Options after ``--`` go to trainer/sft.py unchanged. The first --warmup steps (compilation,
+autotuning, allocator growth) are dropped and the median of the rest is reported.
+
+One checkpoint is saved mid-run (--save-at, default half-way through the timed steps) and the median
+step time before and after it is reported: a save once made every later step ~2x slower (a second
+OpenMP team started by gloo's gather, trainer/checkpoint.py), and this keeps it from coming back
+unseen. The checkpoint is deleted with the run directory.
 
 MFU = (6 x active parameters without the embedding + causal attention) FLOPs per token x tokens/s
-over the dense bf16 peak (trainer.loop.flops_per_token; the peak is the measured one for H100/H200,
-or --peak-tflops). Results go to a JSON file with the device, versions, commit and date.
+over the datasheet dense bf16 peak (trainer.loop.flops_per_token and DATASHEET_PEAK_TFLOPS: 989
+TFLOP/s for H100/H200 SXM, or --peak-tflops); mfu_vs_measured_peak divides by the measured matmul
+rate instead. Results go to a JSON file with the device, versions, commit and date.
 """
 from __future__ import annotations
 
@@ -51,7 +57,31 @@ def layers_that_fit(preset: str, seq_len: int, micro_batch: int, free_bytes: int
     return max(1, int((0.92 * free_bytes - fixed) // per_layer))
 
 
-def run_backend(backend: str, args, layers: int, trainer_args: list[str], workdir: str) -> dict:
+def save_step(save_at: str, warmup: int, steps: int) -> int:
+    """The step after which the mid-run checkpoint is saved (0 = none): 'auto' = half-way through the timed steps."""
+    if save_at == "auto":
+        return warmup + (steps + 1) // 2 if steps >= 2 else 0
+    try:
+        n = int(save_at)
+    except ValueError:
+        raise ValueError(f"--save-at must be a step number or 'auto', got {save_at!r}") from None
+    if n < 0 or n >= warmup + steps:
+        raise ValueError(f"--save-at must lie in [0, {warmup + steps}), got {n}")
+    return n
+
+
+def split_at_save(step_ms: list[float], warmup: int, save_at: int) -> dict:
+    """Median step time of the timed steps up to the save and of those after it."""
+    if not save_at:
+        return {}
+    before, after = step_ms[warmup:save_at], step_ms[save_at:]
+    if not before or not after:
+        return {}
+    b, a = statistics.median(before), statistics.median(after)
+    return {"ms_before_save": b, "ms_after_save": a, "after_save_over_before": a / b}
+
+
+def run_backend(backend: str, args, layers: int, trainer_args: list[str], workdir: str, save_at: int) -> dict:
     out_dir = os.path.join(workdir, f"{backend}-L{layers}")
     shutil.rmtree(out_dir, ignore_errors=True)
     cmd = [sys.executable, os.path.join(ROOT, "trainer", "sft.py"),
@@ -61,8 +91,8 @@ def run_backend(backend: str, args, layers: int, trainer_args: list[str], workdi
            "--data.synthetic", "true", "--data.synthetic_docs_per_row", str(args.docs_per_row),
            "--data.seq_len", str(args.seq_len), "--data.micro_batch_size", str(args.micro_batch),
            "--train.global_batch_size", str(args.global_batch), "--train.steps", str(args.warmup + args.steps),
-           "--train.progress", "false", "--checkpoint.every", "0", "--checkpoint.resume", "false",
-           "--checkpoint.save_final", "false", "--checkpoint.export_hf", "false",
+           "--train.progress", "false", "--checkpoint.every", str(save_at), "--checkpoint.keep_last", "1",
+           "--checkpoint.resume", "false", "--checkpoint.save_final", "false", "--checkpoint.export_hf", "false",
            "--output-dir", out_dir]
     if args.peak_tflops:
         cmd += ["--train.peak_tflops", str(args.peak_tflops)]
@@ -83,9 +113,11 @@ def run_backend(backend: str, args, layers: int, trainer_args: list[str], workdi
     row = {"ok": True, "step_ms": 1e3 * med("step_time_s"), "tokens_per_s": med("tokens_per_s"),
            "step_ms_all": [round(1e3 * s["step_time_s"], 2) for s in steps],
            "loss_first": steps[0]["loss"], "loss_last": steps[-1]["loss"],
-           "memory_gib": max(s.get("memory_gib", 0.0) for s in steps)}
-    if all("mfu" in s for s in timed):
-        row["mfu"] = med("mfu")
+           "memory_gib": max(s.get("memory_gib", 0.0) for s in steps), "save_at": save_at,
+           **split_at_save([1e3 * s["step_time_s"] for s in steps], args.warmup, save_at)}
+    for key in ("mfu", "mfu_vs_measured_peak"):
+        if all(key in s for s in timed):
+            row[key] = med(key)
     if not args.keep_runs:
         shutil.rmtree(out_dir, ignore_errors=True)
     return row
@@ -130,8 +162,11 @@ def main(argv=None) -> dict:
     p.add_argument("--attn", choices=["sdpa", "flex"], default="sdpa",
                    help="attention implementation: sdpa or flex (flex_attention, compiled on CUDA) (default: sdpa)")
     p.add_argument("--peak-tflops", type=float, default=0.0,
-                   help="dense bf16 peak per device for MFU; 0 = the trainer's measured H100/H200 figure, and "
-                        "no MFU elsewhere (default: 0)")
+                   help="dense bf16 peak per device for MFU; 0 = the datasheet figure the trainer knows for the GPU "
+                        "(989 for H100/H200 SXM), and no MFU elsewhere (default: 0)")
+    p.add_argument("--save-at", default="auto",
+                   help="save a checkpoint after this step and report the median step time before and after it; "
+                        "'auto' = half-way through the timed steps, 0 = no save (default: auto)")
     p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "train_step.json"),
                    help="where to write the results (default: benchmarks/train_step.json)")
     p.add_argument("--workdir", default="", help="where the trainer's run directories go (default: a temporary "
@@ -140,6 +175,10 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    try:
+        save_at = save_step(args.save_at, args.warmup, args.steps)
+    except ValueError as e:
+        p.error(str(e))
     if args.global_batch < 1 or args.micro_batch < 1 or args.global_batch % args.micro_batch:
         p.error(f"--global-batch ({args.global_batch}) must be a positive multiple of --micro-batch "
                 f"({args.micro_batch})")
@@ -158,11 +197,17 @@ def main(argv=None) -> dict:
         except ValueError:
             p.error(f"--layers must be an integer or 'auto', got {args.layers!r}")
     workdir = args.workdir or tempfile.mkdtemp(prefix="lingmoe-train-step-")
+    os.makedirs(workdir, exist_ok=True)
+    # The mid-run checkpoint holds fp32 weights and two AdamW moments: skip it where the disk cannot.
+    ckpt_bytes = 12 * model_config(args.preset, layers).num_params()
+    if save_at and shutil.disk_usage(workdir).free < 1.5 * ckpt_bytes:
+        print(f"note: {workdir} has less than 1.5 x {ckpt_bytes / 1e9:.1f} GB free: no mid-run save", flush=True)
+        save_at = 0
     rows = []
     for backend in args.backends:
         n = layers
         while True:
-            res = run_backend(backend, args, n, trainer_args, workdir)
+            res = run_backend(backend, args, n, trainer_args, workdir, save_at)
             if res["ok"] or not (res["oom"] and args.layers == "auto" and n > 1):
                 break
             print(f"[{backend}] out of memory at {n} layers; trying {n - 1}", flush=True)
@@ -211,16 +256,17 @@ def main(argv=None) -> dict:
 def format_table(result: dict) -> str:
     lines = [f"training step on {result['device']} (torch {result['torch']}, triton {result['triton']}), "
              f"median of {result['steps']} steps after {result['warmup']} warm-up",
-             "| backend | attention | layers | seq x docs | tokens/step | step ms | tokens/s | model TFLOP/s | MFU | "
-             "peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| backend | attention | layers | seq x docs | tokens/step | step ms | ms before / after save | "
+             "tokens/s | model TFLOP/s | MFU | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if not r.get("ok"):
-            lines.append(f"| {r['backend']} | {r.get('attn', '')} | {r['layers']} | failed | | | | | | |")
+            lines.append(f"| {r['backend']} | {r.get('attn', '')} | {r['layers']} | failed | | | | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
+        around = (f"{r['ms_before_save']:.1f} / {r['ms_after_save']:.1f}" if "ms_before_save" in r else "-")
         lines.append(f"| {r['backend']} | {r['attn']} | {r['layers']} | {r['seq_len']} x {r['docs_per_row']} | "
-                     f"{r['T']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['T']} | {r['ms']:.1f} | {around} | {r['tokens_per_s']:.0f} | "
                      f"{r['tflops']:.3g} | {mfu} | {r['memory_gib']:.1f} |")
     return "\n".join(lines)
 

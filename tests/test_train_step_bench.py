@@ -22,12 +22,12 @@ import train_step  # noqa: E402
 TINY2_FLOPS_PER_TOKEN_S64 = 3204864 + 98304
 
 
-def test_train_step_bench_times_each_backend_and_saves_nothing(tmp_path):
+def test_train_step_bench_times_each_backend_around_one_save(tmp_path):
     out = tmp_path / "ts.json"
     runs = tmp_path / "runs"
     res = train_step.main(["--backends", "torch", "loop", "--layers", "2", "--seq-len", "64", "--micro-batch", "2",
-                           "--global-batch", "4", "--steps", "2", "--warmup", "1", "--peak-tflops", "0.001", "--json", str(out),
-                           "--workdir", str(runs), "--keep-runs",
+                           "--global-batch", "4", "--steps", "4", "--warmup", "1", "--save-at", "3",
+                           "--peak-tflops", "0.001", "--json", str(out), "--workdir", str(runs), "--keep-runs",
                            "--", "--train.device", "cpu"])
     on_disk = json.loads(out.read_text())
     assert on_disk["rows"] == json.loads(json.dumps(res["rows"]))
@@ -38,18 +38,30 @@ def test_train_step_bench_times_each_backend_and_saves_nothing(tmp_path):
         assert r["ok"] and r["layers"] == 2 and (r["E"], r["K"]) == (8, 2)
         assert r["T"] == 256 and r["global_batch"] == 4  # 2 accumulated micro-batches of 2 rows of 64
         assert r["flops_per_token"] == TINY2_FLOPS_PER_TOKEN_S64
-        # MFU = FLOPs/token x tokens/s / peak, each a median over the timed steps (1 warm-up dropped of 3).
-        assert len(r["step_ms_all"]) == 3
+        # MFU = FLOPs/token x tokens/s over the peak given (0.001 TFLOP/s per device, one device).
         assert r["mfu"] == pytest.approx(TINY2_FLOPS_PER_TOKEN_S64 * r["tokens_per_s"] / 1e9, rel=1e-6)
-        assert r["ms"] == pytest.approx(sorted(r["step_ms_all"][1:])[0] / 2 + sorted(r["step_ms_all"][1:])[1] / 2,
-                                        abs=0.01)
+        assert len(r["step_ms_all"]) == 5 and r["save_at"] == 3
+        assert r["ms_before_save"] > 0 and r["ms_after_save"] > 0
+        # The trainer saved after step 3 and nothing at the end: no final checkpoint, no export.
         run_dir = runs / f"{r['backend']}-L2"
-        assert (run_dir / "metrics.jsonl").exists()
-        assert not (run_dir / "checkpoints").exists() or not os.listdir(run_dir / "checkpoints")
-        assert not (run_dir / "hf").exists()
+        assert (run_dir / "metrics.jsonl").exists() and not (run_dir / "hf").exists()
+        assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_00000003"]
     # Same seed, same rows, same init: the two backends compute the same first loss.
     assert torch_row["loss_first"] == pytest.approx(loop_row["loss_first"], rel=1e-5)
-    assert "| torch | sdpa | 2 | 64 x 1 | 256 |" in train_step.format_table(res)
+    table = train_step.format_table(res)
+    assert "| torch | sdpa | 2 | 64 x 1 | 256 |" in table and f"{torch_row['ms_before_save']:.1f} / " in table
+
+
+def test_save_step_and_the_split_around_it():
+    assert train_step.save_step("auto", 3, 10) == 8 and train_step.save_step("auto", 1, 3) == 3
+    assert train_step.save_step("auto", 1, 1) == 0 and train_step.save_step("0", 1, 3) == 0
+    for bad in ("4", "-1", "soon"):
+        with pytest.raises(ValueError, match="--save-at"):
+            train_step.save_step(bad, 1, 3)
+    # warm-up 1, save after step 3: steps 2-3 are before it, steps 4-5 after.
+    got = train_step.split_at_save([900.0, 10.0, 12.0, 30.0, 20.0], warmup=1, save_at=3)
+    assert got == {"ms_before_save": 11.0, "ms_after_save": 25.0, "after_save_over_before": 25.0 / 11.0}
+    assert train_step.split_at_save([1.0, 2.0], warmup=1, save_at=0) == {}
 
 
 def test_layers_that_fit_grows_with_memory_and_is_at_least_one():
