@@ -159,8 +159,9 @@ def main(argv=None) -> dict:
                    help="documents packed in each synthetic row: 1 = one causal sequence (SDPA's causal kernel), "
                         "2 = two documents with a document mask (dense boolean mask under SDPA, block-sparse under "
                         "flex) (default: 1)")
-    p.add_argument("--attn", choices=["sdpa", "flex"], default="sdpa",
-                   help="attention implementation: sdpa or flex (flex_attention, compiled on CUDA) (default: sdpa)")
+    p.add_argument("--attn", choices=["auto", "sdpa", "flex"], default="auto",
+                   help="attention implementation: auto (the trainer's default: flex for packed rows on CUDA, else "
+                        "SDPA), sdpa, or flex (flex_attention, compiled on CUDA) (default: auto)")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="dense bf16 peak per device for MFU; 0 = the datasheet figure the trainer knows for the GPU "
                         "(989 for H100/H200 SXM), and no MFU elsewhere (default: 0)")

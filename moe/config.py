@@ -58,7 +58,7 @@ class BailingMoeConfig:
     torch_dtype: str = "bfloat16"
     # --- lingmoe only (never written to an HF config) ---
     expert_backend: str = "torch"  # "loop" (reference) | "torch" (sorted, grouped) | "triton"
-    attn_implementation: str = "sdpa"  # "sdpa" (dense boolean mask when rows are packed) | "flex" (block-sparse)
+    attn_implementation: str = "auto"  # "auto" (flex for packed rows on CUDA, else SDPA) | "sdpa" | "flex"
     aux_loss_type: str = "micro"  # "micro" (per micro-batch) | "sequence" | "none"
     aux_loss_alpha: float = 1e-3  # top-k load balancing; perfect balance contributes exactly alpha per layer
     z_loss_coef: float = 0.0  # router z-loss (ST-MoE), ~1e-3 when used
@@ -95,8 +95,8 @@ class BailingMoeConfig:
             raise ConfigError(f"rope_scaling type {kind!r} is not supported; Ling-Lite uses rope_scaling null")
         need(self.expert_backend in EXPERT_BACKENDS,
              f"expert_backend {self.expert_backend!r} is not one of {EXPERT_BACKENDS}")
-        need(self.attn_implementation in ("sdpa", "flex"),
-             f"attn_implementation {self.attn_implementation!r} is not one of ('sdpa', 'flex')")
+        need(self.attn_implementation in ("auto", "sdpa", "flex"),
+             f"attn_implementation {self.attn_implementation!r} is not one of ('auto', 'sdpa', 'flex')")
         need(self.aux_loss_type in ("micro", "sequence", "none"),
              f"aux_loss_type {self.aux_loss_type!r} is not one of ('micro', 'sequence', 'none')")
         need(self.aux_loss_alpha >= 0 and self.z_loss_coef >= 0, "router loss coefficients must be >= 0")

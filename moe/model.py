@@ -9,7 +9,8 @@ Parameter names equal the HF checkpoint's except the routed experts, stacked per
 ``mlp.experts.w_gate_up`` [E, 2I, H] and ``mlp.experts.w_down`` [E, H, I].
 
 Packed rows (several documents in one row) are given by ``document_ids`` [B, S] (padding = -1):
-attention stays inside a document and ``position_ids`` restart per document.
+attention stays inside a document and ``position_ids`` restart per document. The rotary tables are
+built once per forward and shared by every layer.
 """
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ class RMSNorm(nn.Module):
 
 
 def rotary_cos_sin(position_ids_BS: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin [B, S, D] of the rotary embedding at the given positions."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64,
                                              device=position_ids_BS.device).float() / head_dim))
     freqs = position_ids_BS.float()[..., None] * inv_freq  # [B, S, D/2]
@@ -85,37 +87,54 @@ def _rotate_half(x):
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rotary(x_BhSD, cos_BSD, sin_BSD):
-    cos, sin = cos_BSD[:, None], sin_BSD[:, None]
-    return x_BhSD * cos + _rotate_half(x_BhSD) * sin
+def apply_rotary(x, cos, sin):
+    """x * cos + rotate_half(x) * sin; cos/sin broadcast against x (e.g. [B, S, 1, D] over [B, S, h, D])."""
+    return x * cos + _rotate_half(x) * sin
+
+
+def attention_kind(implementation: str, device_type: str, packed: bool) -> str:
+    """'flex' or 'sdpa' for a forward. 'auto' takes flex for packed rows on CUDA: SDPA would need a
+    dense [B, 1, S, S] boolean mask there (268 MB per 16k row, built once and read by every layer)
+    and leave the flash kernel; unpacked rows keep SDPA's causal kernel, and CPU keeps SDPA (flex
+    has no CPU backward)."""
+    if implementation == "auto":
+        return "flex" if device_type == "cuda" and packed else "sdpa"
+    return implementation
+
+
+def _repeat_kv_heads(t_BhSD: torch.Tensor, rep: int) -> torch.Tensor:
+    """Each kv head repeated for the ``rep`` consecutive query heads it serves."""
+    B, h, S, D = t_BhSD.shape
+    return t_BhSD[:, :, None].expand(B, h, rep, S, D).reshape(B, h * rep, S, D)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: BailingMoeConfig):
         super().__init__()
         self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.theta = cfg.rope_theta
         self.query_key_value = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.use_qkv_bias)
         self.dense = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.use_bias)
 
-    def forward(self, x_BSH, position_ids_BS, attn_mask):
+    def forward(self, x_BSH, rope_cos_sin, attn_mask):
+        """rope_cos_sin: the (cos, sin) [B, S, 1, D] of rotary_cos_sin, built once per model forward."""
         B, S, _ = x_BSH.shape
         qkv = self.query_key_value(x_BSH).view(B, S, self.nh + 2 * self.nkv, self.hd)
-        q, k, v = qkv.split([self.nh, self.nkv, self.nkv], dim=2)
+        # One rotation for the q and k heads together (elementwise: the same numbers as one each).
+        qk = apply_rotary(qkv[:, :, :self.nh + self.nkv], *rope_cos_sin)
+        q, k = qk.split([self.nh, self.nkv], dim=2)
+        v = qkv[:, :, self.nh + self.nkv:]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        cos, sin = rotary_cos_sin(position_ids_BS, self.hd, self.theta, q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        flex = attn_mask is not None and not isinstance(attn_mask, torch.Tensor)  # a flex BlockMask
-        if flex:
-            o = _flex_attention()(q, k, v, block_mask=attn_mask, enable_gqa=self.nkv != self.nh)
+        gqa = self.nkv != self.nh  # each kv head serves nh/nkv consecutive query heads
+        if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):  # a flex BlockMask
+            o = _flex_attention()(q, k, v, block_mask=attn_mask, enable_gqa=gqa)
+        elif attn_mask is None:  # SDPA's causal (flash) kernel reads the kv heads as they are
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            if self.nkv != self.nh:  # GQA: each kv head serves nh/nkv consecutive query heads
-                rep = self.nh // self.nkv
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            if attn_mask is None:
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            # With a mask only the memory-efficient and math kernels serve, and on CUDA enable_gqa
+            # would send this to the math kernel: repeat the kv heads instead.
+            if gqa:
+                k, v = _repeat_kv_heads(k, self.nh // self.nkv), _repeat_kv_heads(v, self.nh // self.nkv)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.dense(o.transpose(1, 2).reshape(B, S, self.nh * self.hd))
 
 
@@ -203,8 +222,8 @@ class DecoderLayer(nn.Module):
         self.mlp = (MoEBlock(cfg) if cfg.is_moe_layer(layer_idx)
                     else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.use_bias))
 
-    def forward(self, h, position_ids, attn_mask, token_mask, keep_router_outputs: bool = False):
-        h = h + self.attention(self.input_layernorm(h), position_ids, attn_mask)
+    def forward(self, h, rope_cos_sin, attn_mask, token_mask, keep_router_outputs: bool = False):
+        h = h + self.attention(self.input_layernorm(h), rope_cos_sin, attn_mask)
         x = self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoEBlock):
             y, stats = self.mlp(x, token_mask, keep_router_outputs)
@@ -298,15 +317,16 @@ class BailingMoeForCausalLM(nn.Module):
             token_mask = document_ids >= 0
         if attention_mask is not None:
             token_mask = attention_mask.bool() if token_mask is None else token_mask & attention_mask.bool()
-        if cfg.attn_implementation == "flex":
+        if attention_kind(cfg.attn_implementation, dev.type, document_ids is not None) == "flex":
             attn_mask = build_flex_block_mask(B, S, dev, attention_mask, document_ids)
         else:
             attn_mask = build_attention_mask(B, S, dev, attention_mask, document_ids)
 
         h = self.model.word_embeddings(input_ids)
+        rope = tuple(t[:, :, None] for t in rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype))
         stats: dict[int, MoEStats] = {}
         for layer in self.model.layers:
-            h, st = layer(h, position_ids, attn_mask, token_mask, output_router_logits)
+            h, st = layer(h, rope, attn_mask, token_mask, output_router_logits)
             if st is not None:
                 stats[layer.layer_idx] = st
         h = self.model.norm(h)

@@ -205,7 +205,7 @@ def test_grouped_mm_probe_is_not_fooled_by_no_grad():
 @pytest.mark.filterwarnings("ignore::UserWarning")  # flex_attention warns that it runs uncompiled on CPU
 def test_flex_attention_matches_sdpa_on_packed_and_padded_rows():
     torch.manual_seed(4)
-    cfg = _tiny_cfg()
+    cfg = _tiny_cfg(attn_implementation="sdpa")
     sdpa = BailingMoeForCausalLM(cfg)
     flex = BailingMoeForCausalLM(dataclasses.replace(cfg, attn_implementation="flex"))
     flex.load_state_dict(sdpa.state_dict())
@@ -221,3 +221,52 @@ def test_flex_attention_matches_sdpa_on_packed_and_padded_rows():
         b = flex(ids, attention_mask=left).logits
         assert torch.allclose(a[left.bool()], b[left.bool()], atol=1e-5)
         assert torch.allclose(sdpa(ids).logits, flex(ids).logits, atol=1e-5)
+
+
+def test_auto_attention_takes_flex_only_for_packed_rows_on_cuda():
+    from moe.model import attention_kind
+
+    assert attention_kind("auto", "cuda", packed=True) == "flex"
+    assert attention_kind("auto", "cuda", packed=False) == "sdpa"
+    assert attention_kind("auto", "cpu", packed=True) == "sdpa"
+    assert attention_kind("sdpa", "cuda", packed=True) == "sdpa" and attention_kind("flex", "cpu", packed=False) == "flex"
+
+
+def test_rotary_tables_built_once_per_forward(monkeypatch):
+    import moe.model as mm
+
+    calls = []
+    orig = mm.rotary_cos_sin
+    monkeypatch.setattr(mm, "rotary_cos_sin", lambda *a: calls.append(1) or orig(*a))
+    model = BailingMoeForCausalLM(_tiny_cfg(num_hidden_layers=3))
+    model(torch.randint(0, 97, (2, 6)))
+    assert len(calls) == 1
+
+
+def test_gqa_attention_equals_attention_over_repeated_kv_heads():
+    # Independent reference: plain softmax attention where query head j reads kv head j // (nh/nkv),
+    # with the causal rule, and with a packed-row mask (the repeated-heads path) and without (enable_gqa).
+    from moe.model import Attention, build_attention_mask, rotary_cos_sin
+
+    torch.manual_seed(5)
+    cfg = _tiny_cfg(num_attention_heads=4, num_key_value_heads=2)
+    attn = Attention(cfg)
+    B, S, nh, nkv, hd = 2, 7, 4, 2, cfg.head_dim
+    x = torch.randn(B, S, cfg.hidden_size)
+    doc = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0] * 7])
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3], list(range(7))])
+    rope = tuple(t[:, :, None] for t in rotary_cos_sin(pos, hd, cfg.rope_theta, x.dtype))
+    qkv = attn.query_key_value(x).view(B, S, nh + 2 * nkv, hd)
+    cos, sin = rope
+    rot = lambda t: t * cos + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1) * sin  # noqa: E731
+    q, k, v = rot(qkv[:, :, :nh]), rot(qkv[:, :, nh:nh + nkv]), qkv[:, :, nh + nkv:]
+    for mask_BSS in (build_attention_mask(B, S, "cpu", document_ids=doc)[:, 0], torch.ones(S, S).tril().bool()[None]):
+        want = torch.empty(B, S, nh, hd)
+        for j in range(nh):
+            scores = torch.einsum("bsd,btd->bst", q[:, :, j], k[:, :, j // (nh // nkv)]) / hd ** 0.5
+            scores = scores.masked_fill(~mask_BSS, float("-inf"))
+            want[:, :, j] = torch.einsum("bst,btd->bsd", scores.softmax(-1), v[:, :, j // (nh // nkv)])
+        want = attn.dense(want.reshape(B, S, nh * hd))
+        is_causal_only = mask_BSS.shape[0] == 1
+        got = attn(x, rope, None if is_causal_only else mask_BSS[:, None])
+        assert torch.allclose(got, want, atol=1e-5), is_causal_only

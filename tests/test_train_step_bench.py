@@ -49,7 +49,7 @@ def test_train_step_bench_times_each_backend_around_one_save(tmp_path):
     # Same seed, same rows, same init: the two backends compute the same first loss.
     assert torch_row["loss_first"] == pytest.approx(loop_row["loss_first"], rel=1e-5)
     table = train_step.format_table(res)
-    assert "| torch | sdpa | 2 | 64 x 1 | 256 |" in table and f"{torch_row['ms_before_save']:.1f} / " in table
+    assert "| torch | auto | 2 | 64 x 1 | 256 |" in table and f"{torch_row['ms_before_save']:.1f} / " in table
 
 
 def test_save_step_and_the_split_around_it():

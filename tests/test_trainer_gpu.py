@@ -105,7 +105,8 @@ def test_flex_attention_compiled_matches_sdpa_forward_and_backward(dtype, tol):
     from moe.model import BailingMoeForCausalLM
 
     torch.manual_seed(0)
-    cfg = BailingMoeConfig.preset("tiny", num_hidden_layers=2, expert_backend="torch")
+    # (explicitly: on CUDA the default 'auto' would take flex for these packed rows too)
+    cfg = BailingMoeConfig.preset("tiny", num_hidden_layers=2, expert_backend="torch", attn_implementation="sdpa")
     sdpa = BailingMoeForCausalLM(cfg).to("cuda", dtype)
     flex = BailingMoeForCausalLM(dataclasses.replace(cfg, attn_implementation="flex")).to("cuda", dtype)
     flex.load_state_dict(sdpa.state_dict())
