@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 EXPERT_BACKENDS = ("loop", "torch", "triton")
+AUX_LOSS_TYPES = ("micro", "global", "sequence", "none")
 
 # HF keys we read but that change nothing in the computation (dropouts are 0 in every release,
 # sliding-window attention is off for bailing_moe); kept so a round trip preserves them.
@@ -59,7 +60,7 @@ class BailingMoeConfig:
     # --- lingmoe only (never written to an HF config) ---
     expert_backend: str = "torch"  # "loop" (reference) | "torch" (sorted, grouped) | "triton"
     attn_implementation: str = "auto"  # "auto" (flex for packed rows on CUDA, else SDPA) | "sdpa" | "flex"
-    aux_loss_type: str = "micro"  # "micro" (per micro-batch) | "sequence" | "none"
+    aux_loss_type: str = "micro"  # "micro" (per micro-batch) | "global" (counts given by the caller) | "sequence" | "none"
     aux_loss_alpha: float = 1e-3  # top-k load balancing; perfect balance contributes exactly alpha per layer
     z_loss_coef: float = 0.0  # router z-loss (ST-MoE), ~1e-3 when used
     extra_hf: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -97,8 +98,8 @@ class BailingMoeConfig:
              f"expert_backend {self.expert_backend!r} is not one of {EXPERT_BACKENDS}")
         need(self.attn_implementation in ("auto", "sdpa", "flex"),
              f"attn_implementation {self.attn_implementation!r} is not one of ('auto', 'sdpa', 'flex')")
-        need(self.aux_loss_type in ("micro", "sequence", "none"),
-             f"aux_loss_type {self.aux_loss_type!r} is not one of ('micro', 'sequence', 'none')")
+        need(self.aux_loss_type in AUX_LOSS_TYPES,
+             f"aux_loss_type {self.aux_loss_type!r} is not one of {AUX_LOSS_TYPES}")
         need(self.aux_loss_alpha >= 0 and self.z_loss_coef >= 0, "router loss coefficients must be >= 0")
 
     # ------------------------------------------------------------------ derived sizes

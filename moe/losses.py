@@ -7,10 +7,15 @@ went to expert i, P_i the mean router probability of expert i, and L = alpha * E
 Perfect balance (f_i = P_i = 1/E) gives exactly alpha; every token sending its K slots to the same K
 experts with all probability on them gives alpha * E / K, the maximum.
 
-Global-batch balancing forms f_i from counts summed over ranks (and micro-batches) while P_i stays
-local and differentiable, so callers pass ``counts_E`` from wherever they summed them.
+Global-batch balancing (Qwen, arXiv 2501.11873; Megatron's global_aux_loss) forms f_i from counts
+summed over the data-parallel ranks and over the micro-batches of the optimizer step while P_i stays
+local and differentiable: callers pass ``counts_E`` from wherever they summed them, and
+``CarriedCounts`` keeps the running sum over a step's micro-batches (micro-batch m sees the counts of
+micro-batches 1..m, as Megatron carries them forward: the last one sees the whole step's).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +36,26 @@ def load_balancing_loss(probs_sum_E: torch.Tensor, num_tokens: torch.Tensor | in
     f = counts / total.clamp_min(1)
     P = probs_sum_E.to(dt) / torch.as_tensor(num_tokens, dtype=dt, device=probs_sum_E.device).clamp_min(1)
     return alpha * E * (f * P).sum(-1)
+
+
+class CarriedCounts:
+    """The counts global-batch balancing uses: each call adds a micro-batch's counts, reduced over the
+    data-parallel ranks by ``reduce``, to those of the step's earlier micro-batches and returns the
+    running total. ``reset()`` at the start of every optimizer step. (Megatron keeps the running mean
+    and divides by the micro-batch's token count; f_i = count_i / sum(counts) is the same fraction
+    when micro-batches hold equally many tokens, and the exact one when padding makes them differ.)"""
+
+    def __init__(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.reduce = reduce
+        self.total: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.total = None
+
+    def __call__(self, counts: torch.Tensor) -> torch.Tensor:
+        c = self.reduce(counts) if self.reduce is not None else counts
+        self.total = c if self.total is None else self.total + c
+        return self.total
 
 
 def topk_load_balancing_loss(probs_TE: torch.Tensor, topk_ids_TK: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -303,8 +303,9 @@ class BailingMoeForCausalLM(nn.Module):
         rows, -1 = padding); position_ids [B, S] (default 0..S-1); labels [B, S] unshifted, -100 =
         ignored (position i's logits predict labels[i+1]).
         return_logits=False skips the [B, S, V] logits and computes the loss chunk by chunk.
-        balance_counts_fn maps the local expert counts [L_moe, E] to the counts the balance loss
-        should use (e.g. summed over data-parallel ranks for global-batch balancing).
+        balance_counts_fn (aux_loss_type 'global') maps the local expert counts [L_moe, E] to the counts
+        the balance loss uses: the trainer's sums them over data-parallel ranks and over the step's
+        micro-batches so far (moe.losses.CarriedCounts); without one, 'global' counts locally.
         return_token_logps (with labels) gives per-token label log-probs instead of the loss (DPO).
         """
         cfg = self.config
@@ -361,9 +362,9 @@ class BailingMoeForCausalLM(nn.Module):
         cfg = self.config
         layers = list(stats.values())
         total = layers[0].probs_sum_E.new_zeros((), dtype=torch.float32)
-        if cfg.aux_loss_alpha > 0 and cfg.aux_loss_type == "micro":
+        if cfg.aux_loss_alpha > 0 and cfg.aux_loss_type in ("micro", "global"):
             counts = torch.stack([s.counts_E for s in layers])  # [L, E]
-            if balance_counts_fn is not None:
+            if cfg.aux_loss_type == "global" and balance_counts_fn is not None:
                 counts = balance_counts_fn(counts)
             probs_sum = torch.stack([s.probs_sum_E for s in layers])
             ntok = torch.stack([s.num_tokens for s in layers])

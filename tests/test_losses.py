@@ -88,3 +88,49 @@ def test_chunked_cross_entropy_equals_full():
     ch, cw = torch.autograd.grad(chunked, (h, w))
     assert chunked.item() == pytest.approx(full.item(), rel=1e-5)
     assert torch.allclose(gh, ch, atol=1e-5) and torch.allclose(gw, cw, atol=1e-5)
+
+
+# Global-batch balancing, 2 ranks x 2 micro-batches, E=2, K=1, alpha=1, 2 tokens per micro-batch:
+#   rank 0: mb 1 probs (.75,.25) both tokens -> expert 0; mb 2 probs (.6,.4) -> expert 0
+#   rank 1: mb 1 probs (.5,.5)  both tokens -> expert 1; mb 2 probs (.2,.8) -> expert 0
+# mb 1: counts over ranks (2, 2), f = (.5, .5): rank 0  2*(.5*.75 + .5*.25) = 1.0, rank 1  2*(.5*.5 + .5*.5) = 1.0
+# mb 2: counts carried (2, 2) + (4, 0) = (6, 2), f = (.75, .25):
+#       rank 0  2*(.75*.6 + .25*.4) = 1.1, rank 1  2*(.75*.2 + .25*.8) = 0.7
+# (per micro-batch only, mb 2 would use f = (1, 0): 1.2 and 0.4). The next step starts from zero again.
+_GLOBAL_CASE = {0: [((0.75, 0.25), 0), ((0.6, 0.4), 0)], 1: [((0.5, 0.5), 1), ((0.2, 0.8), 0)]}
+_GLOBAL_WANT = {0: [1.0, 1.1], 1: [1.0, 0.7]}
+
+
+def _global_balance_rank(rank, port, out):
+    import torch.distributed as dist
+
+    from moe.losses import CarriedCounts
+    from trainer.parallel import all_reduce_sum
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        carried = CarriedCounts(all_reduce_sum)
+        got = []
+        for step in range(2):
+            carried.reset()
+            for probs, expert in _GLOBAL_CASE[rank]:
+                p = torch.tensor([probs, probs], dtype=torch.float64)
+                counts = torch.bincount(torch.tensor([expert, expert]), minlength=2)
+                got.append(load_balancing_loss(p.sum(0), 2, carried(counts), 1.0).item())
+        out[rank] = got
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_batch_balance_two_ranks_two_micro_batches_by_hand():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_global_balance_rank, args=(port, out), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert out[rank] == pytest.approx(_GLOBAL_WANT[rank] * 2, rel=1e-12), (rank, out[rank])

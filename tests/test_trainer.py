@@ -297,3 +297,32 @@ def test_single_process_save_and_resume_start_no_thread_team(tmp_path, monkeypat
     print("before the first save:", seen["save"], "\nafter:", after_saves, "\nafter the resume:", after_resume)
     assert after_saves == seen["save"]
     assert after_resume == seen["load"] == seen["save"]
+
+
+def test_global_balance_counts_carry_over_a_steps_micro_batches_and_checkpoints_say_global(tmp_path, monkeypatch):
+    from moe.losses import CarriedCounts
+
+    calls = []
+    orig_call, orig_reset = CarriedCounts.__call__, CarriedCounts.reset
+
+    def spy_call(self, counts):
+        total = orig_call(self, counts)
+        calls.append((counts.clone(), total.clone()))
+        return total
+
+    def spy_reset(self):
+        calls.append("reset")
+        orig_reset(self)
+
+    monkeypatch.setattr(CarriedCounts, "__call__", spy_call)
+    monkeypatch.setattr(CarriedCounts, "reset", spy_reset)
+    run_inproc("sft", TINY + ["--data.synthetic", "true", "--train.steps", "2", "--train.global_batch_size", "4",
+                              "--data.micro_batch_size", "2", "--model.aux_loss_type", "global",
+                              "--checkpoint.export_hf", "false", "--output-dir", str(tmp_path)])
+    assert [c if c == "reset" else "mb" for c in calls] == ["reset", "mb", "mb"] * 2
+    for first, second in (calls[1:3], calls[4:6]):
+        assert torch.equal(first[1], first[0])  # one rank: the first micro-batch's own counts
+        assert torch.equal(second[1], first[0] + second[0])  # then carried forward
+        assert second[0].sum() > 0
+    ckpt = latest_checkpoint(str(tmp_path / "checkpoints"))
+    assert json.loads((pathlib.Path(ckpt) / "model_config.json").read_text())["aux_loss_type"] == "global"

@@ -32,7 +32,8 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from moe.config import BailingMoeConfig
+from moe.config import AUX_LOSS_TYPES, BailingMoeConfig
+from moe.losses import CarriedCounts
 from moe.model import BailingMoeForCausalLM, initial_value
 from trainer import parallel
 from trainer.checkpoint import Checkpointer, latest_checkpoint
@@ -81,7 +82,7 @@ class StepContext:
     accum: int
     logger: RunLogger
     totals: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # the step's global unit counts
-    balance_counts_fn: object = None
+    balance_counts_fn: CarriedCounts | None = None  # global-batch balancing: counts over ranks and micro-batches
 
 
 @dataclasses.dataclass
@@ -101,10 +102,9 @@ def model_config_from_options(opts: Options, device: torch.device) -> tuple[Bail
     """The model config and a ``get_value(name, param, rows)`` for its initial weights (None: from scratch)."""
     m = opts.model
     backend = resolve_backend(m.expert_backend, device)
-    aux_type = {"global": "micro", "micro": "micro", "sequence": "sequence", "none": "none"}.get(m.aux_loss_type)
-    if aux_type is None:
-        raise TrainerError(f"model.aux_loss_type {m.aux_loss_type!r} is not one of global, micro, sequence, none")
-    extra = dict(expert_backend=backend, aux_loss_type=aux_type, z_loss_coef=m.z_loss_coef,
+    if m.aux_loss_type not in AUX_LOSS_TYPES:
+        raise TrainerError(f"model.aux_loss_type {m.aux_loss_type!r} is not one of {', '.join(AUX_LOSS_TYPES)}")
+    extra = dict(expert_backend=backend, aux_loss_type=m.aux_loss_type, z_loss_coef=m.z_loss_coef,
                  aux_loss_alpha=0.0 if m.aux_loss_type == "none" else m.aux_loss_alpha, **m.overrides)
     if not m.init_from:
         cfg = BailingMoeConfig.preset(m.preset, **extra)
@@ -249,8 +249,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, opts.train.steps, warmup, o.min_lr_ratio)
         self.checkpointer = Checkpointer(self.ckpt_root, info.rank, opts.checkpoint.keep_last)
         self.ctx = StepContext(opts, info, self.model, cfg, self.accum, self.logger)
-        if opts.model.aux_loss_type == "global":
-            self.ctx.balance_counts_fn = parallel.all_reduce_sum
+        if cfg.aux_loss_type == "global":
+            self.ctx.balance_counts_fn = CarriedCounts(parallel.all_reduce_sum)
         self.peak_tflops = datasheet_peak_tflops(opts, info.device)
         self.measured_peak_tflops = _peak_by_name(MEASURED_PEAK_TFLOPS, info.device)
         self.flops_per_token = flops_per_token(cfg, opts.data.seq_len)
@@ -296,6 +296,8 @@ class Trainer:
         ctx, dev = self.ctx, self.info.device
         batches = [next(self.loader) for _ in range(self.accum)]
         ctx.totals = parallel.all_reduce_by_name(_sum_by_name(self.task.count(b) for b in batches), dev)
+        if ctx.balance_counts_fn is not None:
+            ctx.balance_counts_fn.reset()  # expert counts are carried over this step's micro-batches only
         sums: dict[str, torch.Tensor] = {}
         for b in batches:
             out = self.task.micro_step(ctx, {k: v.to(dev, non_blocking=True) for k, v in b.items()})

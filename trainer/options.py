@@ -34,8 +34,10 @@ class ModelOptions:
     expert_backend: str = opt("auto", "routed-expert compute: 'auto' (triton on CUDA, torch on CPU), "
                                       "'triton', 'torch' or 'loop'")
     overrides: dict = opt({}, "BailingMoeConfig fields to override, e.g. {num_hidden_layers: 2}")
-    aux_loss_type: str = opt("global", "load balancing: 'global' (expert counts summed over data-parallel "
-                                       "ranks), 'micro' (per rank and micro-batch), 'sequence', or 'none'")
+    aux_loss_type: str = opt("global", "load balancing: 'global' (expert counts summed over the data-parallel "
+                                       "ranks and the step's micro-batches so far, as Megatron's global_aux_loss), "
+                                       "'micro' (per rank and micro-batch), 'sequence' (per row, DeepSeek-V3), "
+                                       "or 'none'")
     aux_loss_alpha: float = opt(1e-3, "load-balancing coefficient (perfect balance adds exactly alpha per MoE layer)")
     z_loss_coef: float = opt(0.0, "router z-loss coefficient (ST-MoE; ~1e-3 when used)")
     activation_checkpointing: bool = opt(False, "recompute each decoder block in backward (routing replayed, not re-decided)")
