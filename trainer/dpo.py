@@ -18,7 +18,11 @@ Losses (margin d = beta * ((lp_w - ref_w) - (lp_l - ref_l))):
   sigmoid  -log sigmoid(d)                                    (default, beta 0.1)
   ipo      ((lp_w - ref_w)/|y_w| - (lp_l - ref_l)/|y_l| - 1/(2 beta))^2
   hinge    relu(1 - d)
-plus dpo.nll_coef x the chosen answer's per-token NLL, and the policy's load-balancing loss.
+plus dpo.nll_coef x an NLL term on the chosen answers, and the policy's load-balancing loss. The NLL
+term (dpo.nll_average) is 'sequence': each chosen answer's mean token NLL, averaged over pairs
+(LLaMA-Factory's pref_ftx, which Ling's recipes use), or 'token': the mean over all chosen tokens of
+the step (TRL's "sft" loss). Logged as TRL users expect: loss (the total) = loss/dpo + nll_coef x
+loss/nll + loss/aux.
 """
 from __future__ import annotations
 
@@ -51,6 +55,14 @@ def dpo_loss(pol_w, pol_l, ref_w, ref_l, len_w, len_l, beta: float, loss_type: s
     else:
         raise ValueError(f"dpo.loss_type {loss_type!r} is not one of {LOSS_TYPES}")
     return loss, beta * dw.detach(), beta * dl.detach()
+
+
+def chosen_nll_sum(logp_chosen: torch.Tensor, len_chosen: torch.Tensor, average: str) -> torch.Tensor:
+    """These pairs' share of the NLL term on chosen answers, a sum to be divided by the step's pairs
+    ('sequence': each answer's mean token NLL) or by its chosen tokens ('token': every token's NLL)."""
+    if average == "sequence":
+        return (-logp_chosen / len_chosen.clamp_min(1)).sum()
+    return -logp_chosen.sum()
 
 
 def _real_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -109,6 +121,7 @@ class DPOTask:
     def build_loader(self, opts, info, accum, cfg):
         import data
 
+        self.options = opts.dpo
         self.pad_id = cfg.pad_token_id
         self.loader = data.DPOLoader(self.source, opts.data.seq_len, opts.data.micro_batch_size, rank=info.rank,
                                      world_size=info.world_size, seed=opts.train.seed)
@@ -175,7 +188,8 @@ class DPOTask:
     # ------------------------------------------------------------------ the step
     @staticmethod
     def count(batch) -> dict[str, torch.Tensor]:
-        return {"pairs": torch.tensor(batch["index"].shape[0])}
+        return {"pairs": torch.tensor(batch["index"].shape[0]),
+                "chosen_tokens": (batch["chosen_labels"][:, 1:] != -100).sum()}
 
     def micro_step(self, ctx: StepContext, b) -> MicroStep:
         o = ctx.opts.dpo
@@ -186,12 +200,15 @@ class DPOTask:
         else:
             rw, rl, _, _, _ = sequence_logps(self.ref, b, self.pad_id, grad=False)
         losses, rew_w, rew_l = dpo_loss(pw, pl, rw, rl, nw, nl, o.beta, o.loss_type)
-        nll = -pw / nw.clamp_min(1)
-        total = losses.sum() + (o.nll_coef * nll.sum() if o.nll_coef > 0 else 0.0)
+        nll = chosen_nll_sum(pw, nw, o.nll_average)
+        nll_over = ctx.totals["pairs" if o.nll_average == "sequence" else "chosen_tokens"]
         aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=pw.device)
-        loss = total * ctx.info.world_size / ctx.totals["pairs"].to(total.dtype) + aux / ctx.accum
+        W, pairs = ctx.info.world_size, ctx.totals["pairs"]
+        loss = losses.sum() * W / pairs.to(pw.dtype) + aux / ctx.accum
+        if o.nll_coef > 0:
+            loss = loss + o.nll_coef * nll * W / nll_over.to(pw.dtype)
         sums = {
-            "loss": losses.sum(), "nll_chosen": nll.sum(),
+            "loss/dpo": losses.sum(), "loss/nll": nll,
             "rewards/chosen": rew_w.sum(), "rewards/rejected": rew_l.sum(),
             "rewards/accuracies": (rew_w > rew_l).double().sum(), "rewards/margins": (rew_w - rew_l).sum(),
             "logps/chosen": pw.sum(), "logps/rejected": pl.sum(),
@@ -200,10 +217,14 @@ class DPOTask:
         return MicroStep(loss, sums, aux=aux, expert_counts=counts,
                          tokens=_real_mask(b["chosen_labels"]).sum() + _real_mask(b["rejected_labels"]).sum())
 
-    @staticmethod
-    def metrics(sums, totals, aux_loss) -> dict:
-        pairs = max(totals["pairs"], 1)
-        return {k: v / pairs for k, v in sums.items()}
+    def metrics(self, sums, totals, aux_loss) -> dict:
+        o = self.options
+        out = {k: v / max(totals["pairs"], 1) for k, v in sums.items()}
+        if o.nll_average == "token":
+            out["loss/nll"] = sums["loss/nll"] / max(totals["chosen_tokens"], 1)
+        out["loss/aux"] = aux_loss
+        out["loss"] = out["loss/dpo"] + o.nll_coef * out["loss/nll"] + aux_loss
+        return out
 
 
 DEMO_SFT_EXPORT = os.path.join("runs", "sft", "hf")

@@ -108,12 +108,16 @@ class DPOOptions:
     loss_type: str = opt("sigmoid", "'sigmoid' (DPO), 'ipo' or 'hinge'")
     beta: float = opt(0.1, "DPO beta")
     nll_coef: float = opt(0.0, "weight of an NLL term on the chosen answer (RPO / pref_ftx); 0 = off")
+    nll_average: str = opt("sequence", "the NLL term's mean: 'sequence' (each chosen answer's token mean, then "
+                                       "over pairs: LLaMA-Factory's pref_ftx) or 'token' (over all chosen tokens "
+                                       "of the step: TRL's sft loss)")
     reference: str = opt("precomputed", "'precomputed' (a first pass stores reference log-probs) or 'live' "
                                         "(a frozen reference model stays resident)")
 
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 DPO_REFERENCES = ("precomputed", "live")
+DPO_NLL_AVERAGES = ("sequence", "token")
 
 SFT_SECTIONS = dict(model=ModelOptions, data=DataOptions, optim=OptimOptions, train=TrainOptions,
                     checkpoint=CheckpointOptions, log=LogOptions)
@@ -244,6 +248,9 @@ def _check_combinations(built: dict, where: str) -> None:
         raise OptionsError(f"{where}: dpo.loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {dpo.loss_type!r}")
     if dpo is not None and dpo.reference not in DPO_REFERENCES:
         raise OptionsError(f"{where}: dpo.reference must be one of {', '.join(DPO_REFERENCES)}, got {dpo.reference!r}")
+    if dpo is not None and dpo.nll_average not in DPO_NLL_AVERAGES:
+        raise OptionsError(f"{where}: dpo.nll_average must be one of {', '.join(DPO_NLL_AVERAGES)}, "
+                           f"got {dpo.nll_average!r}")
     if data is not None and data.synthetic_docs_per_row not in (1, 2):
         raise OptionsError(f"{where}: data.synthetic_docs_per_row must be 1 or 2, got {data.synthetic_docs_per_row}")
 
