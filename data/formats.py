@@ -143,7 +143,7 @@ def normalize_dpo(obj):
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "domain": domain, "tags": tags}
 
 
-def encode_dpo_pair(tokenizer, example):
+def encode_dpo_pair(tokenizer, example, eos_every_turn=False):
     """Encode {"prompt", "chosen", "rejected"} (strings or message lists; see normalize_dpo).
 
     Returns {"chosen": (ids, labels), "rejected": (ids, labels)}; each side is the prompt
@@ -153,7 +153,7 @@ def encode_dpo_pair(tokenizer, example):
     out = {}
     for side in ("chosen", "rejected"):
         msgs = ex["prompt"] + [{"role": "assistant", "content": ex[side]}]
-        out[side] = encode_chat(tokenizer, msgs)
+        out[side] = encode_chat(tokenizer, msgs, eos_every_turn=eos_every_turn)
     return out
 
 

@@ -77,9 +77,9 @@ class _Sequences:
         return [self.tokens.close(), self.mask.close(), self.offsets.close()]
 
 
-def _encode_many(tokenizer, conversations):
+def _encode_many(tokenizer, conversations, eos_every_turn=False):
     """encode_chat over many conversations with one batched tokenizer call."""
-    seg_lists = [chat_segments(msgs) for msgs in conversations]
+    seg_lists = [chat_segments(msgs, eos_every_turn=eos_every_turn) for msgs in conversations]
     flat = [t for segs in seg_lists for t, _ in segs]
     pieces = tokenizer.encode_batch(flat)
     out, k = [], 0
@@ -129,8 +129,11 @@ def _publish(tmp, out_dir):
 
 
 def prepare(files, tokenizer, out_dir, kind="sft", skip_bad=False, max_len=None, overlong="truncate",
-            default_domain=None, progress=False):
+            default_domain=None, progress=False, eos_every_turn=False):
     """Tokenize ``files`` into ``out_dir``; returns the manifest dict.
+
+    ``eos_every_turn``: the template writes and trains EOS after every assistant turn (LLaMA-Factory's
+    bailing template), not only after the last; recorded in the manifest as template.eos_every_turn.
 
     ``tokenizer`` is a Tokenizer or a tokenizer directory. Raises DataError on the first bad
     record unless ``skip_bad``; either way nothing is left at ``out_dir`` unless it all worked.
@@ -149,7 +152,8 @@ def prepare(files, tokenizer, out_dir, kind="sft", skip_bad=False, max_len=None,
             raise DataError("input file not found", file=f)
     out_dir, tmp = _atomic_output(out_dir)
     try:
-        manifest = _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, default_domain, progress)
+        manifest = _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, default_domain, progress,
+                                 eos_every_turn)
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -157,7 +161,7 @@ def prepare(files, tokenizer, out_dir, kind="sft", skip_bad=False, max_len=None,
     return manifest
 
 
-def _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, default_domain, progress):
+def _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, default_domain, progress, eos_every_turn):
     from tqdm import tqdm
 
     sides = [""] if kind == "sft" else ["chosen_", "rejected_"]
@@ -179,7 +183,7 @@ def _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, defa
         else:
             convs = [[r["prompt"] + [{"role": "assistant", "content": r[s]}] for s in ("chosen", "rejected")]
                      for r in chunk]
-        flat = _encode_many(tokenizer, [c for group in convs for c in group])
+        flat = _encode_many(tokenizer, [c for group in convs for c in group], eos_every_turn)
         per = len(sides)
         for i, rec in enumerate(chunk):
             encoded = flat[i * per:(i + 1) * per]
@@ -246,6 +250,7 @@ def _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, defa
         "domains": domains, "domain_counts": domain_counts, "tag_counts": tag_counts,
         "tokenizer": {"fingerprint": tokenizer.fingerprint(), "vocab_size": tokenizer.vocab_size,
                       "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id},
+        "template": {"eos_every_turn": bool(eos_every_turn)},
         "max_len": max_len, "overlong": overlong if max_len is not None else None,
         "truncated": stats["truncated"], "dropped_long": stats["dropped_long"],
         "num_skipped": len(bad),
@@ -291,6 +296,9 @@ def build_parser():
                    help="with --max-len: truncate long samples to N tokens or drop them (default truncate)")
     p.add_argument("--domain", default=None,
                    help="domain name for records without a 'domain' field (default 'default')")
+    p.add_argument("--eos-every-turn", action="store_true",
+                   help="write and train <|endoftext|> after every assistant turn, as LLaMA-Factory's bailing "
+                        "template does (default: once, after the last assistant turn)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -300,7 +308,7 @@ def main(argv=None):
     try:
         manifest = prepare(args.files, args.tokenizer, args.out, kind=args.kind, skip_bad=args.skip_bad,
                            max_len=args.max_len, overlong=args.overlong, default_domain=args.domain,
-                           progress=not args.quiet)
+                           progress=not args.quiet, eos_every_turn=args.eos_every_turn)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -12,6 +12,10 @@ Labels are -100 everywhere except assistant content and the final EOS. An assist
 is followed by another turn ends where the next ``<role>`` begins; that ``<role>`` token is part of
 the following turn's prefix and is not trained.
 
+``eos_every_turn=True`` writes and trains ``<|endoftext|>`` after EVERY assistant turn instead, as
+LLaMA-Factory's "bailing" template does (efficient_eos): that is the fine-tuning Ling's own README
+recommends (LLaMA-Factory). The default keeps one EOS after the last answer.
+
 We tokenize each segment separately and concatenate the ids; the concatenation is exactly what
 we train on. That is what makes label boundaries exact. With the bailing markers every segment
 boundary sits next to a special token (which the tokenizer splits out before BPE anyway), so for
@@ -98,7 +102,7 @@ def validate_messages(messages, require_final_assistant=True):
         raise DataError("conversation has only a system message")
 
 
-def chat_segments(messages, add_eos=True):
+def chat_segments(messages, add_eos=True, eos_every_turn=False):
     """The rendered conversation as (text, trained) segments, in order."""
     segs = []
     last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
@@ -112,18 +116,18 @@ def chat_segments(messages, add_eos=True):
             segs.append((TOOL_PREFIX + m["content"] + ASSISTANT_PREFIX, False))
         else:
             segs.append((_assistant_text(m), True))
-            if add_eos and i == last_assistant and i == len(messages) - 1:
+            if add_eos and (eos_every_turn or (i == last_assistant and i == len(messages) - 1)):
                 segs.append((EOS_TOKEN, True))
     return segs
 
 
-def render_chat(messages, add_eos=True):
+def render_chat(messages, add_eos=True, eos_every_turn=False):
     """The conversation as the exact string the model sees."""
     # A conversation ending with a user/tool turn renders as a generation prompt.
     ends_with_answer = isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
         and messages[-1].get("role") == "assistant"
     validate_messages(messages, require_final_assistant=bool(ends_with_answer))
-    return "".join(text for text, _ in chat_segments(messages, add_eos=add_eos))
+    return "".join(text for text, _ in chat_segments(messages, add_eos=add_eos, eos_every_turn=eos_every_turn))
 
 
 def _encode_segments(tokenizer, segs):
@@ -136,7 +140,7 @@ def _encode_segments(tokenizer, segs):
     return input_ids, labels
 
 
-def encode_chat(tokenizer, messages):
+def encode_chat(tokenizer, messages, eos_every_turn=False):
     """(input_ids, labels) for one SFT conversation; labels are unshifted (the model shifts)."""
     validate_messages(messages)
     eos = getattr(tokenizer, "eos_id", None)
@@ -144,12 +148,12 @@ def encode_chat(tokenizer, messages):
         # The template writes the EOS as text; it must map to the tokenizer's eos id, or the
         # model would be trained to stop on a token the generator never watches for.
         raise DataError(f"tokenizer eos id {eos} is not the id of {EOS_TOKEN!r}")
-    return _encode_segments(tokenizer, chat_segments(messages))
+    return _encode_segments(tokenizer, chat_segments(messages, eos_every_turn=eos_every_turn))
 
 
-def encode_prompt(tokenizer, messages):
+def encode_prompt(tokenizer, messages, eos_every_turn=False):
     """Token ids of a generation prompt (ends with ``<role>ASSISTANT</role>``), nothing trained."""
     validate_messages(messages, require_final_assistant=False)
-    ids, _ = _encode_segments(tokenizer, chat_segments(messages))
+    ids, _ = _encode_segments(tokenizer, chat_segments(messages, eos_every_turn=eos_every_turn))
     return ids
 

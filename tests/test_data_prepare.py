@@ -148,3 +148,23 @@ def test_cli_success_and_error(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "samples=2" in out and "skipped_bad=1" in out and f"{good}:2" in out
     assert PreparedSFT(tmp_path / "o").manifest["num_skipped"] == 1
+
+
+def test_eos_every_turn_is_prepared_recorded_and_checked_by_the_trainer(tmp_path):
+    two_turns = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
+                              {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    f = write_jsonl(tmp_path / "a.jsonl", [two_turns])
+    m = prepare([f], tiny_tokenizer(), tmp_path / "every", eos_every_turn=True)
+    assert m["template"] == {"eos_every_turn": True}
+    ids, labels = PreparedSFT(tmp_path / "every")[0]
+    assert (ids.tolist(), labels.tolist()) == encode_chat(tiny_tokenizer(), two_turns["messages"], eos_every_turn=True)
+    assert labels.tolist().count(0) == 2  # both answers' EOS trained
+    assert prepare([f], tiny_tokenizer(), tmp_path / "last")["template"] == {"eos_every_turn": False}
+    assert PreparedSFT(tmp_path / "last")[0][1].tolist().count(0) == 1
+    # A prepared directory made the other way is refused by the trainer, naming the fix.
+    from trainer.errors import TrainerError
+    from trainer.sources import _check_template
+
+    _check_template(str(tmp_path / "every"), True)
+    with pytest.raises(TrainerError, match="prepared with eos_every_turn true.*data.eos_every_turn false"):
+        _check_template(str(tmp_path / "every"), False)

@@ -41,6 +41,20 @@ def test_two_user_turns_one_eos_at_end():
     assert ids.count(0) == 1
 
 
+def test_eos_after_every_assistant_turn_as_llama_factory_bailing():
+    # LLaMA-Factory's bailing template (efficient_eos): every assistant answer ends with a trained EOS.
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    assert render_chat(msgs, eos_every_turn=True) == ("<role>HUMAN</role>hi<role>ASSISTANT</role>ok<|endoftext|>"
+                                                      "<role>HUMAN</role>x<role>ASSISTANT</role>y<|endoftext|>")
+    ids, labels = encode_chat(tiny_tokenizer(), msgs, eos_every_turn=True)
+    assert ids == [1, 4, 2, 7, 1, 5, 2, 11, 0, 1, 4, 2, 18, 1, 5, 2, 19, 0]
+    assert labels == [M] * 7 + [11, 0] + [M] * 7 + [19, 0]
+    # A generation prompt after such a history renders the earlier answer's EOS too, untrained.
+    assert encode_prompt(tiny_tokenizer(), msgs[:3], eos_every_turn=True) == [1, 4, 2, 7, 1, 5, 2, 11, 0, 1, 4, 2, 18,
+                                                                             1, 5, 2]
+
+
 def test_tool_calls_field_rendered_inside_assistant_turn():
     msgs = [{"role": "user", "content": "hi"},
             {"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": '{"a": 1}'}]},

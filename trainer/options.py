@@ -55,6 +55,9 @@ class DataOptions:
     micro_batch_size: int = opt(4, "rows per micro-batch on each rank")
     cache_dir: str = opt("", "where prepared (tokenized) data is cached; empty = <output-dir>/prepared")
     skip_bad: bool = opt(False, "skip malformed samples (counted in the summary) instead of stopping")
+    eos_every_turn: bool = opt(False, "train <|endoftext|> after every assistant turn of multi-turn data, as "
+                                      "LLaMA-Factory's bailing template (Ling's recommended fine-tuning) does; "
+                                      "false = only after the last one")
     synthetic: bool = opt(False, "random token rows instead of real data (benchmarks and tests)")
     synthetic_docs_per_row: int = opt(2, "documents packed in each synthetic row (1 or 2); 1 = one causal "
                                          "sequence per row, which takes SDPA's plain causal kernel")

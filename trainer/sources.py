@@ -38,9 +38,12 @@ def _cache_dir(opts) -> str:
     return opts.data.cache_dir or os.path.join(opts.output_dir, "prepared")
 
 
-def _fingerprint(path: str, tokenizer_dir: str, kind: str) -> str:
+def _fingerprint(path: str, tokenizer_dir: str, kind: str, eos_every_turn: bool = False) -> str:
     st = os.stat(path)
-    h = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{kind}|".encode())
+    key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{kind}|"
+    if eos_every_turn:  # (the default's key is the one caches were made with before the option existed)
+        key += "eos_every_turn|"
+    h = hashlib.sha256(key.encode())
     with open(os.path.join(tokenizer_dir, "tokenizer.json"), "rb") as f:
         h.update(hashlib.sha256(f.read()).digest())
     return h.hexdigest()[:16]
@@ -62,6 +65,8 @@ def prepared_sources(opts, rank: int, kind: str, demo_key) -> tuple[dict[str, st
         if rank != 0:
             paths = data.ensure_demo_data(demo_dir)  # already written: only checks the stamp
         dirs, weights = demo_key(paths)
+        for d in dirs.values():
+            _check_template(d, opts.data.eos_every_turn)
         return dirs, weights, paths["tokenizer"]
 
     dirs, weights, todo = {}, {}, []
@@ -78,9 +83,10 @@ def prepared_sources(opts, rank: int, kind: str, demo_key) -> tuple[dict[str, st
             raise TrainerError(f"data.sources[{i}]: {path}: no such file or directory")
         weights[name] = float(src.get("weight", 1.0))
         if os.path.isdir(path) and os.path.exists(os.path.join(path, "manifest.json")):
+            _check_template(path, opts.data.eos_every_turn)
             dirs[name] = path
         else:
-            out = os.path.join(_cache_dir(opts), f"{name}-{_fingerprint(path, tok_dir, kind)}")
+            out = os.path.join(_cache_dir(opts), f"{name}-{_fingerprint(path, tok_dir, kind, opts.data.eos_every_turn)}")
             dirs[name] = out
             todo.append((path, out))
     failure = None
@@ -90,7 +96,8 @@ def prepared_sources(opts, rank: int, kind: str, demo_key) -> tuple[dict[str, st
             if os.path.exists(os.path.join(out, "manifest.json")):
                 continue
             try:
-                manifest = data.prepare_data([path], tokenizer, out, kind=kind, skip_bad=opts.data.skip_bad, progress=True)
+                manifest = data.prepare_data([path], tokenizer, out, kind=kind, skip_bad=opts.data.skip_bad, progress=True,
+                                             eos_every_turn=opts.data.eos_every_turn)
                 from data.prepare import summary
 
                 print(f"prepared {path} -> {out}\n{summary(manifest)}", flush=True)
@@ -104,6 +111,16 @@ def prepared_sources(opts, rank: int, kind: str, demo_key) -> tuple[dict[str, st
     if flag[0]:
         raise TrainerError(flag[0] + ("" if opts.data.skip_bad else " (data.skip_bad true skips and counts bad samples)"))
     return dirs, weights, tok_dir
+
+
+def _check_template(prepared: str, eos_every_turn: bool) -> None:
+    """A prepared directory was encoded with one template choice; it must be the run's."""
+    with open(os.path.join(prepared, "manifest.json")) as f:
+        made = json.load(f).get("template", {}).get("eos_every_turn", False)
+    if made != eos_every_turn:
+        raise TrainerError(f"{prepared} was prepared with eos_every_turn {str(made).lower()}, but this run has "
+                           f"data.eos_every_turn {str(eos_every_turn).lower()}: prepare it again (python -m "
+                           f"data.prepare{' --eos-every-turn' if eos_every_turn else ''}) or change the option")
 
 
 def sources_and_vocab(opts, rank: int, kind: str, demo_key, cfg):
