@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU work of issue 12 in stages, each with its own time limit, so that several fit in one
+# The GPU work (kernels, training steps, the suite on CUDA) in stages, each with its own time limit, so that several fit in one
 # 10-minute device call and a stage that hangs or fails costs only its own limit:
 #
 #   bash benchmarks/gpu_session.sh check    # versions, the two ceilings, tests/test_kernels_gpu.py   (~2 min)

@@ -423,7 +423,7 @@ def main(argv=None):
 
     _add_relative(rows)
     _print_table(rows, device, notes)
-    targets = issue_targets(rows)
+    targets = kernel_targets(rows)
     _print_targets(targets)
     meta = dict(run_metadata(device), interpreter=interp, notes=notes, targets=targets, rows=rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -455,12 +455,12 @@ def _add_relative(rows):
             r[f"speedup_vs_{name}"] = other["ms"] / r["ms"] if other and r["ms"] else None
 
 
-# Issue 12's targets for the triton kernels at T=8192, uniform routing unless noted.
+# Targets for the triton kernels at T=8192, uniform routing unless noted (docs/kernels.md).
 TARGETS = {"fwd % of dense": 65.0, "fwd+bwd % of dense": 55.0, "fwd+bwd x liger": 1.15,
            "fwd+bwd x grouped_mm": 1.3, "fwd+bwd x loop": 10.0, "fwd+bwd skewed / uniform": 0.85}
 
 
-def issue_targets(rows, T: int = 8192) -> list[dict]:
+def kernel_targets(rows, T: int = 8192) -> list[dict]:
     """The triton rows against TARGETS at T tokens, for each expert shape that was run: forward and
     forward+backward as % of the dense GEMM of equal FLOPs measured in the same run, the speed-up of
     forward+backward over Liger, the grouped_mm MLP and the loop, and the most skewed run's
@@ -494,7 +494,7 @@ def issue_targets(rows, T: int = 8192) -> list[dict]:
 def _print_targets(targets):
     if not targets:
         return
-    print(f"issue-12 targets at T={targets[0]['T']} (triton, bf16 on the GPU):")
+    print(f"targets at T={targets[0]['T']} (triton, bf16 on the GPU):")
     for t in targets:
         print(f"  E={t['E']} K={t['K']} H={t['H']} I={t['I']}  {t['target']:<26}{t['value']:>9.2f}  "
               f"(>= {t['threshold']:g})  {'met' if t['met'] else 'MISSED'}")

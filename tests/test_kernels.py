@@ -5,6 +5,7 @@ the interpreter costs ~ms per program, and the kernels use 16-wide blocks there,
 I=24 already exercise ragged column blocks and multi-tile experts.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -103,18 +104,24 @@ def test_non_contiguous_inputs():
     assert torch.count_nonzero(gx[:, :, 1]) == 0 and torch.count_nonzero(gtw[:, :, 0]) == 0
 
 
-def test_weight_grads_bitwise_deterministic():
-    inputs = _make(24, 20, 8, 5, 2, skew_to=1, seed=5)
-    first = _fwd_bwd(kernels.moe_mlp, *inputs)
-    second = _fwd_bwd(kernels.moe_mlp, *inputs)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-    assert first[2].abs().sum() > 0 and first[3].abs().sum() > 0
+def test_kernels_use_no_atomics():
+    # Run-to-run determinism (tests/test_kernels_gpu.py checks it bitwise on a GPU) rests on every output
+    # element being written by one program with a fixed reduction order. Under the interpreter programs
+    # run one after another, so a second run cannot differ there; what can be checked here is that no
+    # kernel accumulates through atomics (a float atomic_add makes the sum's order the scheduler's)
+    # and, below, that the result does not depend on the order programs are launched in.
+    import inspect
+
+    from kernels import _grouped_gemm
+
+    src = inspect.getsource(_grouped_gemm)
+    assert "@triton.jit" in src and "tl.atomic" not in src
 
 
 def test_launch_order_changes_nothing_but_the_order(monkeypatch):
     # tile_order only permutes which program runs when; each output element is still computed by
-    # one program with the same reduction order, so both orders agree bit for bit.
+    # one program with the same reduction order, so both orders agree bit for bit. (Output tiles
+    # accumulated across programs would differ in their last bits between the two orders.)
     inputs = _make(24, 20, 8, 5, 2, skew_to=1, seed=6, unused_experts=(4,))
     monkeypatch.setenv("LINGMOE_TRITON_CONFIG", "tile_order=0")
     old = _fwd_bwd(kernels.moe_mlp, *inputs)
@@ -188,6 +195,8 @@ def test_grouped_mm_reference_matches_loop():
 
 
 def test_bench_cli_rows(tmp_path):
+    from torch.utils.flop_counter import FlopCounterMode
+
     out = tmp_path / "bench.json"
     T, E, K, H, I = 16, 4, 2, 32, 16
     env = dict(os.environ)
@@ -199,6 +208,7 @@ def test_bench_cli_rows(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     print(proc.stdout[-3000:], proc.stderr[-3000:])
     assert proc.returncode == 0
+    assert "issue" not in proc.stdout.lower()
     meta = json.loads(out.read_text())
     for field in ("device", "torch", "triton", "git_commit", "date", "rows"):
         assert field in meta
@@ -210,47 +220,62 @@ def test_bench_cli_rows(tmp_path):
     assert len(rows) == 20
     liger_runs = torch.cuda.is_available() and liger_available() is None
     assert {r["impl"] for r in rows if r["skipped"]} == (set() if liger_runs else {"liger"})
-    rows = [r for r in rows if not r["skipped"]]
-    fwd_flops = 6 * T * K * H * I
-    for r in rows:
+    # The FLOPs the bench divides by, against torch's own count of the loop reference's matmuls.
+    x, w_gu, w_d, ids, tw, dy = _make(T, H, I, E, K)
+    counted = {}
+    for pass_ in ("fwd", "fwd+bwd"):
+        leaves = [t.detach().requires_grad_(pass_ != "fwd") for t in (x, w_gu, w_d, tw)]
+        with FlopCounterMode(display=False) as fc:
+            y = reference.moe_mlp(leaves[0], leaves[1], leaves[2], ids, leaves[3])
+            if pass_ != "fwd":
+                torch.autograd.grad(y, leaves, dy)
+        counted[pass_] = fc.get_total_flops()
+    for r in (r for r in rows if not r["skipped"]):
         assert (r["T"], r["E"], r["K"], r["H"], r["I"], r["dtype"]) == (T, E, K, H, I, "fp32")
-        assert r["flops"] == (fwd_flops if r["pass"] == "fwd" else 3 * fwd_flops)
+        assert r["flops"] == counted[r["pass"]]
         assert r["ms"] > 0 and r["ms_p10"] <= r["ms"] <= r["ms_p90"] and r["error"] is None
-        assert abs(r["tflops"] - r["flops"] / (r["ms"] * 1e-3) / 1e12) <= 1e-9 * r["tflops"]
         if r["impl"] == "dense":
-            assert r["max_rel_err"] is None and abs(r["pct_of_dense"] - 100.0) < 1e-9
+            assert r["max_rel_err"] is None
         elif r["impl"] == "liger":
             # Liger's fp32 dots run as tf32 on the GPU: right to ~1e-3, and the bench says it is
             # over the fp32 tolerance instead of hiding it.
             assert r["max_rel_err"] < 5e-3 and r["ok"] == (r["max_rel_err"] <= 1e-4)
         else:
             assert r["ok"] and r["max_rel_err"] < 1e-4
-        if r["impl"] == "loop":
-            assert r["speedup_vs_loop"] == 1.0
-        if r["impl"] == "grouped_mm":
-            assert r["speedup_vs_grouped_mm"] == 1.0
-    assert meta["targets"] == []  # the issue's targets are judged at T=8192 only
+    assert meta["targets"] == []  # the targets are judged at T=8192 only
 
 
-def test_issue_targets_from_hand_made_rows():
-    from kernels.bench import _add_relative, issue_targets
+def test_bench_check_catches_a_wrong_output_or_gradient():
+    # What makes a bench row trustworthy: the check against the fp32 loop reference runs before any
+    # timing, and it must flag an implementation that is off in its output, in one gradient, or NaN.
+    from kernels import bench
 
-    def row(impl, pass_, ms, tflops, skew=0.0, T=8192, E=64):
-        return dict(impl=impl, T=T, E=E, K=6, H=2048, I=1408, skew=skew, ms=ms, tflops=tflops, **{"pass": pass_})
+    inputs = _make(12, 24, 16, 4, 2, seed=11)
+    ref = bench._reference(inputs)
+    assert bench._check(reference.grouped_mm_moe_mlp, inputs, True, ref) < 1e-5
 
-    rows = [row("dense", "fwd", 1.0, 700.0), row("triton", "fwd", 1.5, 455.0),             # 65.0% of dense: met
-            row("dense", "fwd+bwd", 3.0, 700.0), row("triton", "fwd+bwd", 6.0, 378.0),     # 54.0%: missed
-            row("liger", "fwd+bwd", 6.6, 340.0),                                           # 1.1x: missed
-            row("grouped_mm", "fwd+bwd", 7.8, 280.0), row("loop", "fwd+bwd", 66.0, 31.0),  # 1.3x met, 11x met
-            row("triton", "fwd+bwd", 7.0, 317.52, skew=1.2),                               # 0.84 of uniform
-            row("triton", "fwd", 0.1, 1.0, T=4096),                                        # other T: ignored
-            row("triton", "fwd", 2.0, 300.0, E=128), row("dense", "fwd", 1.0, 600.0, E=128)]  # another shape
-    _add_relative(rows)
-    got = {(t["E"], t["target"]): (round(t["value"], 6), t["met"]) for t in issue_targets(rows)}
-    assert got == {(64, "fwd % of dense"): (65.0, True), (64, "fwd+bwd % of dense"): (54.0, False),
-                   (64, "fwd+bwd x liger"): (1.1, False), (64, "fwd+bwd x grouped_mm"): (1.3, True),
-                   (64, "fwd+bwd x loop"): (11.0, True), (64, "fwd+bwd skewed / uniform"): (0.84, False),
-                   (128, "fwd % of dense"): (50.0, False)}
+    class ScaledGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 1.01
+
+    def wrong_output(x, wgu, wd, ids, tw):
+        return reference.moe_mlp(x, wgu, wd, ids, tw) * 1.01
+
+    def wrong_dx(x, wgu, wd, ids, tw):
+        return reference.moe_mlp(ScaledGrad.apply(x), wgu, wd, ids, tw)
+
+    def nan_output(x, wgu, wd, ids, tw):
+        return reference.moe_mlp(x, wgu, wd, ids, tw) * float("nan")
+
+    assert bench._check(wrong_output, inputs, False, ref[:1]) == pytest.approx(0.01, rel=1e-3)
+    assert bench._check(wrong_dx, inputs, False, ref[:1]) < 1e-6  # forward alone cannot see it
+    assert bench._check(wrong_dx, inputs, True, ref) == pytest.approx(0.01, rel=1e-3)
+    assert math.isnan(bench._check(nan_output, inputs, False, ref[:1]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
