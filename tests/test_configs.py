@@ -1,33 +1,61 @@
-"""The shipped recipes parse with every key valid and carry the report's numbers."""
+"""The shipped recipes: each resolves with every key valid, builds its model on the meta device with the
+parameter count its header claims, and splits its global batch evenly over the ranks of the command
+its header gives."""
 import pathlib
+import re
 
 import pytest
+import torch
 
+from moe import BailingMoeConfig, BailingMoeForCausalLM
+from trainer import parallel
+from trainer.loop import model_overrides
 from trainer.options import DPO_SECTIONS, SFT_SECTIONS, OptionsError, parse_options
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 
 
 def _load(name, sections=SFT_SECTIONS, extra=()):
     return parse_options(["--config", str(CONFIGS / name), *extra], "t", sections, "", "runs/x")
 
 
-def test_stage1_recipe():
-    o = _load("ling_lite_sft_stage1.yaml")
-    assert (o.optim.lr, o.train.global_batch_size) == (4e-5, 256)
-    assert o.model.aux_loss_type == "global" and o.model.activation_checkpointing
+def _command(name):
+    """(ranks, script) from the recipe header's launch line; the demo runs as one process."""
+    m = re.search(r"--nproc_per_node=(\d+) trainer/(\w+)\.py --config configs/(\S+)", (CONFIGS / name).read_text())
+    if m is None:
+        return 1, "sft"
+    assert m.group(3) == name, f"{name}'s header launches configs/{m.group(3)}"
+    return int(m.group(1)), m.group(2)
 
 
-def test_stage2_recipe_mixture():
-    o = _load("ling_lite_sft_stage2.yaml")
-    assert (o.optim.lr, o.train.global_batch_size) == (1e-5, 128)
-    weights = [s["weight"] for s in o.data.sources]
-    assert weights == [340, 550]  # 340K general : 550K reasoning
+def test_there_are_recipes():
+    assert {"tiny_demo.yaml", "ling_lite_sft_stage1.yaml", "ling_lite_sft_stage2.yaml", "ling_lite_dpo.yaml"} <= set(RECIPES)
 
 
-def test_dpo_recipe():
-    o = _load("ling_lite_dpo.yaml", DPO_SECTIONS)
-    assert (o.dpo.beta, o.dpo.loss_type, o.optim.lr) == (0.1, "sigmoid", 1e-5)
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_resolves_and_builds_its_model_on_meta(name):
+    ranks, script = _command(name)
+    o = _load(name, DPO_SECTIONS if script == "dpo" else SFT_SECTIONS)
+    assert ("dpo" in o.sections) == (script == "dpo")
+    # A recipe starting from a checkpoint starts from Ling-Lite, whose config.json is the ling-lite
+    # preset (tests/test_model.py checks the preset against the real file's values).
+    cfg = BailingMoeConfig.preset("ling-lite" if o.model.init_from else o.model.preset,
+                                  **model_overrides(o, torch.device("cpu")))
+    with torch.device("meta"):
+        model = BailingMoeForCausalLM(cfg)
+    if o.model.activation_checkpointing:
+        parallel.apply_activation_checkpointing(model)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == cfg.num_params() and all(p.is_meta for p in model.parameters())
+    claimed = re.search(r"A ([\d.]+)M-parameter model", (CONFIGS / name).read_text())
+    if o.model.init_from:
+        assert round(n / 1e9, 1) == 16.8
+    elif claimed:
+        assert round(n / 1e6, 1) == float(claimed.group(1)), (n, claimed.group(0))
+    # The global batch splits into whole micro-batches on every rank of the header's command.
+    assert o.train.global_batch_size % (o.data.micro_batch_size * ranks) == 0
+    assert o.data.seq_len <= cfg.max_position_embeddings
 
 
 def test_tiny_demo_recipe_equals_the_defaults():

@@ -152,37 +152,98 @@ def _cli(args, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_cli_help_lists_every_option_and_rejects_unknown_ones(tmp_path):
-    from trainer.options import SFT_SECTIONS
-    import dataclasses
+# A valid value other than the default for string options with a fixed set of values.
+_OTHER_CHOICE = {("model", "preset"): "ling-lite", ("model", "expert_backend"): "torch",
+                 ("model", "aux_loss_type"): "micro", ("model", "param_dtype"): "fp32", ("train", "device"): "cpu",
+                 ("dpo", "loss_type"): "ipo", ("dpo", "reference"): "live", ("dpo", "nll_average"): "token"}
+# Options that only go with another one.
+_COMPANIONS = {("checkpoint", "save_final"): ["--checkpoint.export_hf", "false"]}
 
-    h = _cli(["--help"])
-    assert h.returncode == 0
-    for sec, cls in SFT_SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            assert f"--{sec}.{f.name}" in h.stdout, f"--{sec}.{f.name} missing from --help"
-    bad = _cli(["--optim.learning_rate", "1e-4", "--output-dir", str(tmp_path / "x")])
-    assert bad.returncode == 2 and "--optim.lr" in bad.stderr and "learning_rate" in bad.stderr
+
+def _other_value(sec, key, default):
+    if (sec, key) in _OTHER_CHOICE:
+        return [_OTHER_CHOICE[sec, key]]
+    if isinstance(default, bool):
+        return [str(not default).lower()]
+    if isinstance(default, int):
+        return [str(default + 1), str(default - 1)]
+    if isinstance(default, float):
+        return [repr(default * 2 + 0.5)]
+    if isinstance(default, list):
+        return ["[a.jsonl]"]
+    if isinstance(default, dict):
+        return ["{num_hidden_layers: 2}"]
+    return ["some/where"]
+
+
+@pytest.mark.parametrize("script", ["sft", "dpo"])
+def test_every_option_in_help_is_accepted_and_changes_the_resolved_config(script):
+    import dataclasses
+    import re
+
+    from trainer import dpo, sft
+    from trainer.options import DPO_SECTIONS, SFT_SECTIONS, OptionsError, build_parser, parse_options
+
+    sections, defaults, doc = ((SFT_SECTIONS, None, sft.__doc__) if script == "sft"
+                               else (DPO_SECTIONS, dpo.DPO_DEFAULTS, dpo.__doc__))
+
+    def resolve(args):
+        return parse_options(args, script, sections, doc, "runs/x", defaults=defaults).to_dict()
+
+    help_text = build_parser(script, sections, doc, defaults).format_help()
+    listed = set(re.findall(r"^\s+--(\w+)\.(\w+) V\b", help_text, flags=re.M))  # the option lines
+    assert listed == {(sec, f.name) for sec, cls in sections.items() for f in dataclasses.fields(cls)}
+    base = resolve([])
+    for sec, key in sorted(listed):
+        companions = _COMPANIONS.get((sec, key), [])
+        for value in _other_value(sec, key, base[sec][key]):
+            try:
+                got = resolve([f"--{sec}.{key}", value, *companions])
+                break
+            except OptionsError:
+                continue
+        else:
+            raise AssertionError(f"no value of --{sec}.{key} was accepted")
+        changed = {(s, k) for s in sections for k in got[s] if got[s][k] != base[s][k]}
+        want = {(sec, key)} | {tuple(c[2:].split(".")) for c in companions[::2]}
+        assert changed == want, (sec, key, changed)
+    if script == "dpo":  # the DPO script's own defaults are what it resolves to
+        assert (base["optim"]["lr"], base["dpo"]["nll_coef"], base["train"]["steps"]) == (2e-4, 1.0, 150)
+
+
+def test_unknown_options_and_keys_are_rejected_naming_the_valid_ones(tmp_path, capsys):
+    from trainer.sft import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--optim.learning_rate", "1e-4", "--output-dir", str(tmp_path / "x")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--optim.lr" in err and "learning_rate" in err
     recipe = tmp_path / "r.yaml"
     recipe.write_text("optim:\n  lr: 1e-4\n  momentum: 0.9\n")
-    bad = _cli(["--config", str(recipe), "--output-dir", str(tmp_path / "y")])
-    assert bad.returncode != 0 and "unknown key optim.momentum" in bad.stderr and "'lr'" in bad.stderr
-    missing = _cli(["--data.sources", "[{path: /nonexistent/train.jsonl}]", "--output-dir", str(tmp_path / "z")])
-    assert missing.returncode != 0 and "/nonexistent/train.jsonl: no such file" in missing.stderr
+    with pytest.raises(SystemExit, match=r"unknown key optim.momentum.*'lr'"):
+        main(["--config", str(recipe), "--output-dir", str(tmp_path / "y")])
+    with pytest.raises(SystemExit, match="/nonexistent/train.jsonl: no such file"):
+        main(["--data.sources", "[{path: /nonexistent/train.jsonl}]", "--train.device", "cpu",
+              "--output-dir", str(tmp_path / "z")])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     assert not (tmp_path / "z" / "checkpoints").exists()
 
 
 def test_device_option_is_checked_before_anything_is_written(tmp_path):
-    bad = _cli(["--train.device", "tpu", "--output-dir", str(tmp_path / "a")])
-    assert bad.returncode != 0 and "train.device must be auto, cuda or cpu" in bad.stderr
+    from trainer.sft import main
+
+    with pytest.raises(SystemExit, match="train.device must be auto, cuda or cpu"):
+        main(["--train.device", "tpu", "--output-dir", str(tmp_path / "a")])
     if torch.cuda.is_available():  # the other half of this check runs in tests/test_trainer_gpu.py
         return
-    no_gpu = _cli([*TINY[:-2], "--data.synthetic", "true", "--train.device", "cuda", "--output-dir", str(tmp_path / "b")])
-    assert no_gpu.returncode != 0 and "no CUDA device" in no_gpu.stderr and "--train.device cpu" in no_gpu.stderr
-    assert not (tmp_path / "b" / "checkpoints").exists()
+    with pytest.raises(SystemExit, match=r"no CUDA device.*--train.device cpu"):
+        main([*TINY[:-2], "--data.synthetic", "true", "--train.device", "cuda", "--output-dir", str(tmp_path / "b")])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_bad_sample_reported_with_file_and_line_before_training(tmp_path):
+    # Through the real command line: the message on stderr and a non-zero exit status.
     data = tmp_path / "train.jsonl"
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     data.write_text(json.dumps(good) + "\n" + '{"messages": [{"role": "wizard", "content": "x"}]}\n')
@@ -232,10 +293,11 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
 
 
 def test_token_ids_beyond_the_model_vocabulary_are_refused_before_training(tmp_path):
-    p = _cli(["--model.overrides", "{vocab_size: 1000}", "--output-dir", str(tmp_path / "run"),
+    from trainer.sft import main
+
+    with pytest.raises(SystemExit, match="vocabulary of 2000 ids, but the model embeds only 1000"):
+        main(["--model.overrides", "{vocab_size: 1000}", "--output-dir", str(tmp_path / "run"), "--train.device", "cpu",
               "--data.cache_dir", str(tmp_path / "cache"), "--train.progress", "false"])
-    assert p.returncode != 0
-    assert "vocabulary of 2000 ids, but the model embeds only 1000" in p.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

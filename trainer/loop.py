@@ -98,21 +98,25 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def model_config_from_options(opts: Options, device: torch.device) -> tuple[BailingMoeConfig, object]:
-    """The model config and a ``get_value(name, param, rows)`` for its initial weights (None: from scratch)."""
+def model_overrides(opts: Options, device: torch.device) -> dict:
+    """The BailingMoeConfig fields the training options set on top of a preset or a checkpoint's config."""
     m = opts.model
-    backend = resolve_backend(m.expert_backend, device)
     if m.aux_loss_type not in AUX_LOSS_TYPES:
         raise TrainerError(f"model.aux_loss_type {m.aux_loss_type!r} is not one of {', '.join(AUX_LOSS_TYPES)}")
-    extra = dict(expert_backend=backend, aux_loss_type=m.aux_loss_type, z_loss_coef=m.z_loss_coef,
-                 aux_loss_alpha=0.0 if m.aux_loss_type == "none" else m.aux_loss_alpha, **m.overrides)
-    if not m.init_from:
-        cfg = BailingMoeConfig.preset(m.preset, **extra)
-        return cfg, None
+    return dict(expert_backend=resolve_backend(m.expert_backend, device), aux_loss_type=m.aux_loss_type,
+                z_loss_coef=m.z_loss_coef, aux_loss_alpha=0.0 if m.aux_loss_type == "none" else m.aux_loss_alpha,
+                **m.overrides)
+
+
+def model_config_from_options(opts: Options, device: torch.device) -> tuple[BailingMoeConfig, object]:
+    """The model config and a ``get_value(name, param, rows)`` for its initial weights (None: from scratch)."""
+    extra = model_overrides(opts, device)
+    if not opts.model.init_from:
+        return BailingMoeConfig.preset(opts.model.preset, **extra), None
     from checkpoints_convert import CheckpointError, open_checkpoint
 
     try:  # HF or native, validated (names, shapes, shard files) before anything is allocated
-        ckpt = open_checkpoint(m.init_from, **extra)
+        ckpt = open_checkpoint(opts.model.init_from, **extra)
     except CheckpointError as e:
         raise TrainerError(f"model.init_from: {e}") from None
     return ckpt.cfg, lambda name, p, rows: ckpt.get_native(name, rows=rows)
