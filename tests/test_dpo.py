@@ -68,6 +68,7 @@ def test_first_step_loss_is_ln2_when_policy_equals_reference(tmp_path, demo_pair
     assert m["loss/aux"] > 0 and m["loss/nll"] > 0
 
 
+@pytest.mark.slow
 def test_two_rank_fsdp_equals_single_process(tmp_path, demo_pairs):
     # DPOLoader gives rank r the global positions r, r+W, ...: one rank with 4 pairs per micro-batch
     # sees exactly the pairs two ranks with 2 each see, and the loss is a sum over pairs / pairs. The

@@ -194,6 +194,7 @@ def test_grouped_mm_reference_matches_loop():
         assert _rel(a, b) < 1e-5
 
 
+@pytest.mark.slow
 def test_bench_cli_rows(tmp_path):
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -309,6 +310,7 @@ def test_config_override_from_environment(monkeypatch):
             pick_config(8192 * 6, 64, torch.bfloat16)
 
 
+@pytest.mark.slow
 def test_bf16_tiles_compile_for_sm90_without_spills(tmp_path):
     # Compiles the GPU configurations (both tile buckets) for the H100 with triton's own ptxas and
     # reads the machine code: every 16-bit kernel must use wgmma and no local memory.

@@ -122,6 +122,7 @@ def _global_balance_rank(rank, port, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_global_batch_balance_two_ranks_two_micro_batches_by_hand():
     import socket
 

@@ -22,6 +22,7 @@ import train_step  # noqa: E402
 TINY2_FLOPS_PER_TOKEN_S64 = 3204864 + 98304
 
 
+@pytest.mark.slow
 def test_train_step_bench_times_each_backend_around_one_save(tmp_path):
     out = tmp_path / "ts.json"
     runs = tmp_path / "runs"

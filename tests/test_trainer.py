@@ -22,6 +22,7 @@ def _close(a, b, rtol=1e-5, atol=1e-6):
     return abs(a - b) <= atol + rtol * abs(b)
 
 
+@pytest.mark.slow
 def test_two_rank_fsdp_equals_single_process(tmp_path):
     # From the golden HF checkpoint: each rank reads only its rows (its experts) of every tensor.
     # The two-rank side also recomputes blocks in backward (activation checkpointing, routing replayed).
@@ -86,6 +87,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path):
     assert not (crashed / "checkpoints" / "step_00000006.tmp").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -106,6 +108,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert ckpt is not None and ckpt.endswith(f"step_{last:08d}")
 
 
+@pytest.mark.slow
 def test_load_balancing_loss_evens_out_a_skewed_router(tmp_path):
     from checkpoints_convert import save_hf
     from moe import BailingMoeConfig, BailingMoeForCausalLM
