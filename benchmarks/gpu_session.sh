@@ -12,6 +12,7 @@
 #   bash benchmarks/gpu_session.sh suite    # the whole pytest suite on CUDA                          (~3 min)
 #   bash benchmarks/gpu_session.sh train    # benchmarks/train_step.py, 3 backends, S=4096            (~4 min)
 #   bash benchmarks/gpu_session.sh flex     # packed 16k rows, 2 documents: flex vs SDPA dense mask  (~3 min)
+#   bash benchmarks/gpu_session.sh aftersave  # 2 Ling-Lite layers, step time before/after a mid-run save (~3 min)
 #
 # Liger-Kernel, when wanted, is installed first from wheels carried in .whl/ (device README).
 # Results go to $OUT (the device tool's output folder) or benchmarks/gpu_out; copy them into
@@ -75,8 +76,13 @@ for stage in "$@"; do
           | tee "$out/flex_$attn.log"
       done
       ;;
+    aftersave)
+      # The default train stage cannot save mid-run (6 layers' fp32 state is ~41 GB): 2 layers can.
+      timeout 300 python3 benchmarks/train_step.py --backends triton --layers 2 --steps 8 --warmup 2 --save-at 6 \
+        --json "$out/train_step_aftersave.json" 2>&1 | tee "$out/aftersave.log"
+      ;;
     *)
-      echo "unknown stage $stage: check kernels quick profile tune suite train flex" >&2
+      echo "unknown stage $stage: check kernels quick profile tune suite train flex aftersave" >&2
       exit 2
       ;;
   esac
