@@ -360,8 +360,10 @@ def test_single_process_save_and_resume_start_no_thread_team(tmp_path, monkeypat
         from trainer import parallel
         parallel.shutdown_distributed()
     print("before the first save:", seen["save"], "\nafter:", after_saves, "\nafter the resume:", after_resume)
-    assert after_saves == seen["save"]
-    assert after_resume == seen["load"] == seen["save"]
+    # (Only the gloo-named threads are compared: other threads, e.g. tqdm's monitor, may come and go.)
+    gloo = lambda names: names.count("pt_gloo_runloop")  # noqa: E731
+    assert gloo(after_saves) == gloo(seen["save"])
+    assert gloo(after_resume) == gloo(seen["load"]) == gloo(seen["save"])
 
 
 def test_global_balance_counts_carry_over_a_steps_micro_batches_and_checkpoints_say_global(tmp_path, monkeypatch):

@@ -47,9 +47,10 @@ from trainer.options import Options, dump_yaml
 # most specific first: torch.cuda.get_device_name gives e.g. "NVIDIA H100 80GB HBM3" for the SXM part.
 DATASHEET_PEAK_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),
                          ("H200 NVL", 835.0), ("H200", 989.0), ("A100", 312.0))
-# Dense bf16 matmul rates measured on the lent GPUs (8192^3, benchmarks/ceilings.py): logged beside
-# MFU as mfu_vs_measured_peak, a ceiling reachable in practice, never as MFU itself.
-MEASURED_PEAK_TFLOPS = {"H100": 798.0, "H200": 790.0}
+# Dense bf16 matmul rates measured by benchmarks/ceilings.py (8192^3) on the lent GPUs: logged beside
+# MFU as mfu_vs_measured_peak, a ceiling reachable in practice, never as MFU itself. H100:
+# benchmarks/h100_2026-11-23/1_check_quick_profile_5559c7b/ceilings.json. No H200 measured yet.
+MEASURED_PEAK_TFLOPS = {"H100": 753.0}
 
 
 @dataclasses.dataclass
@@ -302,23 +303,40 @@ class Trainer:
         ctx.totals = parallel.all_reduce_by_name(_sum_by_name(self.task.count(b) for b in batches), dev)
         if ctx.balance_counts_fn is not None:
             ctx.balance_counts_fn.reset()  # expert counts are carried over this step's micro-batches only
-        sums: dict[str, torch.Tensor] = {}
+        sums: dict = {}
         for b in batches:
             out = self.task.micro_step(ctx, {k: v.to(dev, non_blocking=True) for k, v in b.items()})
             out.loss.backward()
             _add_micro_step(sums, out)
-        grad_norm = _grad_norm(self.model, self.opts.optim.grad_clip)
+        grad_norm = _grad_norm(self.model, self.opts.optim.grad_clip).item()
+        metrics, reduced = self._reduce(sums)
+        finite = math.isfinite(grad_norm) and all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
+        lr_used = self._update(finite)
+        dt = time.perf_counter() - t0
+        metrics.update(lr=lr_used, grad_norm=grad_norm, tokens_per_s=reduced["_tokens"] / dt, step_time_s=dt,
+                       skipped=int(not finite), **self._throughput_metrics(reduced["_tokens"] / dt))
+        return metrics
+
+    def _reduce(self, sums: dict) -> tuple[dict, dict]:
+        """One all-reduce of every sum by name, with the data counters and the stop request; returns the
+        task's metrics (plus aux_loss, data counters, expert load) and all reduced values."""
         counters = getattr(self.loader, "counters", {})
-        # One collective carries every sum, the data counters and the stop request, each by its name.
-        sums.update(data_truncated=counters.get("truncated", 0), data_dropped=counters.get("dropped", 0),
+        sums = dict(sums, data_truncated=counters.get("truncated", 0), data_dropped=counters.get("dropped", 0),
                     stop_requested=float(self.stop.requested))
-        reduced = _host_floats(parallel.all_reduce_by_name(sums, dev))
-        totals = _host_floats(ctx.totals)
-        aux_loss = reduced.pop("aux", 0.0) / (self.accum * self.info.world_size)
-        metrics = self.task.metrics({k: v for k, v in reduced.items() if not k.startswith(("_", "data_", "stop"))},
-                                    totals, aux_loss)
-        grad_norm = grad_norm.item()
-        finite = math.isfinite(grad_norm) and all(math.isfinite(v) for v in metrics.values())
+        reduced = _host_floats(parallel.all_reduce_by_name(sums, self.info.device))
+        self.stop_requested = reduced["stop_requested"] > 0
+        aux_loss = reduced.get("aux", 0.0) / (self.accum * self.info.world_size)
+        task_sums = {k: v for k, v in reduced.items() if k not in _TRAINER_SUMS}
+        metrics = self.task.metrics(task_sums, _host_floats(self.ctx.totals), aux_loss)
+        # Documents cut to seq_len / left out as too long, so far (all ranks): never silent.
+        metrics.update(aux_loss=aux_loss, data_truncated=int(reduced["data_truncated"]),
+                       data_dropped=int(reduced["data_dropped"]))
+        if "_expert_counts" in reduced:
+            metrics.update(_expert_load_metrics(torch.tensor(reduced["_expert_counts"], dtype=torch.float64)))
+        return metrics, reduced
+
+    def _update(self, finite: bool) -> float:
+        """The optimizer step, or its skip when the loss or gradient is not finite; returns the lr used."""
         if finite:
             self.optimizer.step()
             self.state.bad_in_a_row = 0
@@ -330,16 +348,7 @@ class Trainer:
         lr_used = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.state.step += 1
-        self.stop_requested = reduced["stop_requested"] > 0
-        dt = time.perf_counter() - t0
-        metrics.update(aux_loss=aux_loss, lr=lr_used, grad_norm=grad_norm,
-                       tokens_per_s=reduced["_tokens"] / dt, step_time_s=dt, skipped=int(not finite),
-                       # Documents cut to seq_len / left out as too long, so far (all ranks): never silent.
-                       data_truncated=int(reduced["data_truncated"]), data_dropped=int(reduced["data_dropped"]))
-        metrics.update(self._throughput_metrics(reduced["_tokens"] / dt))
-        if "_expert_counts" in reduced:
-            metrics.update(_expert_load_metrics(torch.tensor(reduced["_expert_counts"], dtype=torch.float64)))
-        return metrics
+        return lr_used
 
     def _throughput_metrics(self, tokens_per_s: float) -> dict:
         out = {}
@@ -409,8 +418,12 @@ def _sum_by_name(dicts) -> dict[str, torch.Tensor]:
     return out
 
 
+# Sums the trainer adds beside the task's (the task's metrics() never sees them).
+_TRAINER_SUMS = ("aux", "_tokens", "_expert_counts", "data_truncated", "data_dropped", "stop_requested")
+
+
 def _add_micro_step(sums: dict, out: MicroStep) -> None:
-    """Accumulate a micro-batch's sums; the trainer's own are named with a leading underscore."""
+    """Accumulate a micro-batch's sums beside the trainer's own (_TRAINER_SUMS)."""
     extra = {"_tokens": out.tokens}
     if out.aux is not None:
         extra["aux"] = out.aux.detach()

@@ -84,7 +84,8 @@ class TrainOptions:
     seed: int = opt(1234, "seed for init, data order and dropout-free randomness")
     log_every: int = opt(1, "print and record metrics every N steps")
     max_bad_steps: int = opt(5, "stop after this many consecutive steps with a non-finite loss or gradient")
-    peak_tflops: float = opt(0.0, "dense bf16 peak per GPU for MFU; 0 = measured figure for known GPUs")
+    peak_tflops: float = opt(0.0, "dense bf16 peak per GPU for MFU; 0 = the datasheet figure for known GPUs "
+                                  "(H100/H200 SXM 989)")
     progress: bool = opt(True, "show a progress bar on rank 0")
     device: str = opt("auto", "'auto' (one GPU per rank when CUDA is available, else CPU), 'cuda' or 'cpu' "
                               "(CPU and gloo even on a GPU machine: debugging, exact fp32 comparisons)")
