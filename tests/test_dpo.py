@@ -110,6 +110,22 @@ def test_resume_reproduces_the_uninterrupted_run_and_reuses_reference_cache(tmp_
     assert table.shape == (N_PAIRS, 2) and torch.isfinite(table).all() and (table < 0).all()
 
 
+def test_reference_logps_recomputed_on_resume_are_the_initial_models(tmp_path, demo_pairs):
+    # The cache is gone when a run resumes: the reference pass must use the initial weights (what the
+    # first run stored), not the trained ones the resume restores.
+    args = TINY + ["--data.sources", f"[{demo_pairs}]", "--checkpoint.every", "1", "--checkpoint.keep_last", "3",
+                   "--data.seq_len", "128", "--train.global_batch_size", "4", "--data.micro_batch_size", "4",
+                   "--optim.lr", "1e-2", "--checkpoint.export_hf", "false", "--data.cache_dir", str(tmp_path / "cache"),
+                   "--output-dir", str(tmp_path / "run")]
+    run_inproc("dpo", args + ["--train.steps", "2"])
+    (cache,) = (tmp_path / "cache").rglob("ref_logps-*.pt")
+    first = torch.load(cache)
+    cache.unlink()
+    run_inproc("dpo", args + ["--train.steps", "3"])  # resumes at step 2, recomputes the cache
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3]
+    assert torch.equal(torch.load(cache), first)
+
+
 def _sequence_logp(model, ids, labels):
     """log p(completion | prompt) of one unpadded sequence, straight from the full logits."""
     logp = torch.log_softmax(model(ids[None]).logits[0].float(), -1)

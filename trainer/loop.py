@@ -1,7 +1,8 @@
 """The training loop SFT and DPO share, as a small Trainer.
 
     trainer = Trainer(task, opts)   # joins (or creates) the process group
-    trainer.build()                 # model (meta -> FSDP2 -> materialised), logger, data, optimizer, schedule
+    trainer.build()                 # model (meta -> FSDP2 -> materialised), logger, data, optimizer, schedule,
+                                    # and the task's preparation on the initial weights (DPO's reference pass)
     trainer.resume()                # from the latest complete checkpoint, when there is one and it is asked for
     trainer.fit()                   # step() until done; checkpoints, SIGTERM, logging; final save and export
     trainer.close()
@@ -259,6 +260,9 @@ class Trainer:
         self.peak_tflops = datasheet_peak_tflops(opts, info.device)
         self.measured_peak_tflops = _peak_by_name(MEASURED_PEAK_TFLOPS, info.device)
         self.flops_per_token = flops_per_token(cfg, opts.data.seq_len)
+        # The task's own preparation runs on the initial weights, before any resume restores trained
+        # ones (DPO's reference log-probs are those of the initial model).
+        self.task.before_training(self.ctx)
 
     # ------------------------------------------------------------------ resume / save / export
     def resume(self) -> str | None:
@@ -270,7 +274,6 @@ class Trainer:
             self.loader.load_state_dict(rstate["loader"])
             torch.set_rng_state(rstate["rng"])
             self.logger.info(f"resumed from {self.resume_from} at step {self.state.step}")
-        self.task.before_training(self.ctx)
         return self.resume_from
 
     def save(self) -> str:
