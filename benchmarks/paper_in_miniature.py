@@ -199,8 +199,13 @@ def main(argv=None) -> int:
     corpus = write_corpus(os.path.join(a.out_dir, "corpus"), a.seed, a.scale)
     stages = [s for s in ("base", "stage1", "stage2", "dpo", "one_stage") if a.only is None or s in a.only]
     seconds = {}
-    for s in stages:
-        seconds[s] = train(s, a.out_dir, corpus, a.seed, a.fresh, a.scale)
+    from trainer import parallel
+
+    try:
+        for s in stages:
+            seconds[s] = train(s, a.out_dir, corpus, a.seed, a.fresh, a.scale)
+    finally:  # the stages share one process group; leave none behind (nor its port in the environment)
+        parallel.shutdown_distributed()
     rows, details = [], {}
     for s in stages:
         t0 = time.perf_counter()

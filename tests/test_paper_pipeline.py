@@ -2,7 +2,10 @@
 the issue's schema, finished stages are reused only when nothing changed, reruns give the same rows."""
 import importlib.util
 import json
+import os
 import pathlib
+
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -37,7 +40,11 @@ def test_smoke_run_schema_reuse_and_rerun(tmp_path):
     args = ["--out-dir", str(tmp_path / "runs"), "--scale", "0.005", "-n", "3", "--max-new-tokens", "6",
             "--threads", "1"]
     out1, out2, out3 = (tmp_path / f"r{i}.json" for i in (1, 2, 3))
+    port_before = os.environ.get("MASTER_PORT")
     assert paper.main(args + ["--json", str(out1), "--plot", str(tmp_path / "p.png")]) == 0
+    # No process group (and no port in the environment) outlives the run: a later torchrun-style
+    # child would inherit MASTER_PORT and fail to bind it.
+    assert not torch.distributed.is_initialized() and os.environ.get("MASTER_PORT") == port_before
     rec = json.loads(out1.read_text())
     assert set(rec) >= {"commit", "date", "rows"}
     assert [r["model"] for r in rec["rows"]] == ["base", "stage1", "stage2", "dpo", "one_stage"]
