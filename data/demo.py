@@ -6,6 +6,8 @@ structural format error. Everything derives from one integer seed, so the shippe
 data/demo/tokenizer/ can be rebuilt bit for bit with ``python -m data.demo build-tokenizer``.
 
 Trainers call ``ensure_demo_data(out_dir)`` to get JSONL plus prepared shards in a few seconds.
+The corpus of the pipeline in miniature (base, stage 1, stage 2, DPO, and held-out evaluation
+prompts for four ability families) is data.demo_pipeline's; ``python -m data.demo pipeline`` writes it.
 """
 import argparse
 import json
@@ -370,6 +372,11 @@ def build_parser():
     g = sub.add_parser("generate", help="write the demo JSONL files only")
     g.add_argument("--out", required=True, help="directory for sft_general/sft_reasoning/dpo .jsonl")
     g.add_argument("--seed", type=int, default=DEFAULT_SEED, help="corpus seed (default %(default)s)")
+    pl = sub.add_parser("pipeline", help="write the pipeline-in-miniature corpus (data.demo_pipeline) as JSONL, plus "
+                                         "its held-out evaluation prompts")
+    pl.add_argument("--out", required=True, help="directory for base/stage1_reasoning/stage2_*/dpo .jsonl and eval_prompts.jsonl")
+    pl.add_argument("--seed", type=int, default=DEFAULT_SEED, help="corpus seed (default %(default)s)")
+    pl.add_argument("-n", type=int, default=100, help="evaluation prompts per family (default %(default)s)")
     e = sub.add_parser("ensure", help="write JSONL and prepared shards (skipped when already intact)")
     e.add_argument("--out", default="demo_data", help="output directory (default %(default)s)")
     e.add_argument("--seed", type=int, default=DEFAULT_SEED, help="corpus seed (default %(default)s)")
@@ -386,6 +393,16 @@ def main(argv=None):
     elif args.cmd == "generate":
         os.makedirs(args.out, exist_ok=True)
         for name, records in generate(args.seed).items():
+            path = os.path.join(args.out, name + ".jsonl")
+            write_jsonl(records, path)
+            print(f"wrote {path} ({len(records)} records)")
+    elif args.cmd == "pipeline":
+        from .demo_pipeline import eval_prompts, pipeline_corpus
+
+        os.makedirs(args.out, exist_ok=True)
+        parts = dict(pipeline_corpus(args.seed))
+        parts["eval_prompts"] = [it for items in eval_prompts(args.n).values() for it in items]
+        for name, records in parts.items():
             path = os.path.join(args.out, name + ".jsonl")
             write_jsonl(records, path)
             print(f"wrote {path} ({len(records)} records)")

@@ -66,3 +66,25 @@ def format_check(text):
     for kind, pos, _ in stack:
         errors.append(f"pos {pos}: unclosed <{kind}>")
     return errors
+
+
+_SENTENCE_RE = re.compile(r"[^.!?\n]+[.!?]?")
+
+
+def redundancy_check(text):
+    """Errors for a repeated answer: the same sentence or line (3+ words) twice outside <think>.
+
+    The report counts redundancy (a final answer written twice, text after the end) among the
+    structural errors; what follows EOS is format_check's, this catches the repetition."""
+    tail = text.rsplit(THINK_CLOSE, 1)[-1] if THINK_CLOSE in text else (
+        "" if THINK_OPEN in text else text)
+    offset = len(text) - len(tail)
+    seen = set()
+    for m in _SENTENCE_RE.finditer(tail):
+        s = " ".join(m.group(0).split()).strip(" -*").rstrip(".!?").lower()
+        if len(s.split()) < 3:
+            continue
+        if s in seen:
+            return [f"pos {offset + m.start()}: repeated answer ({s[:40]!r} twice)"]
+        seen.add(s)
+    return []

@@ -1,5 +1,7 @@
-"""The BailingMoe (Ling-Lite) model in plain PyTorch, on one device."""
+"""The BailingMoe (Ling-Lite) model in plain PyTorch, on one device, and text generation for it."""
 from moe.config import BailingMoeConfig, ConfigError
+from moe.generation import KVCache, generate, generate_stream
 from moe.model import BailingMoeForCausalLM, CausalLMOutput
 
-__all__ = ["BailingMoeConfig", "ConfigError", "BailingMoeForCausalLM", "CausalLMOutput"]
+__all__ = ["BailingMoeConfig", "ConfigError", "BailingMoeForCausalLM", "CausalLMOutput", "KVCache", "generate",
+           "generate_stream"]

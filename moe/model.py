@@ -11,6 +11,9 @@ Parameter names equal the HF checkpoint's except the routed experts, stacked per
 Packed rows (several documents in one row) are given by ``document_ids`` [B, S] (padding = -1):
 attention stays inside a document and ``position_ids`` restart per document. The rotary tables are
 built once per forward and shared by every layer.
+
+Incremental decoding passes a ``kv_cache`` (moe.generation.KVCache): each attention layer appends its
+new keys/values (after RoPE) to the cache and attends over everything cached; see moe.generation.
 """
 from __future__ import annotations
 
@@ -115,7 +118,7 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.use_qkv_bias)
         self.dense = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.use_bias)
 
-    def forward(self, x_BSH, rope_cos_sin, attn_mask):
+    def forward(self, x_BSH, rope_cos_sin, attn_mask, kv_cache=None, layer_idx: int = 0):
         """rope_cos_sin: the (cos, sin) [B, S, 1, D] of rotary_cos_sin, built once per model forward."""
         B, S, _ = x_BSH.shape
         qkv = self.query_key_value(x_BSH).view(B, S, self.nh + 2 * self.nkv, self.hd)
@@ -125,8 +128,13 @@ class Attention(nn.Module):
         v = qkv[:, :, self.nh + self.nkv:]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         gqa = self.nkv != self.nh  # each kv head serves nh/nkv consecutive query heads
+        if kv_cache is not None:  # keys/values of every earlier position, then these (the mask is explicit)
+            k, v = kv_cache.update(layer_idx, k, v)
         if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):  # a flex BlockMask
             o = _flex_attention()(q, k, v, block_mask=attn_mask, enable_gqa=gqa)
+        elif kv_cache is not None:  # decoding: the mask is explicit (None = every key is visible; SDPA's
+            # is_causal would align a short query block top-left); SDPA repeats kv heads itself
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         elif attn_mask is None:  # SDPA's causal (flash) kernel reads the kv heads as they are
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
@@ -189,7 +197,7 @@ class MoEBlock(nn.Module):
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts, cfg.use_bias)
                                if cfg.num_shared_experts > 0 else None)
 
-    def forward(self, x_BSH, token_mask_BS, keep_router_outputs: bool):
+    def forward(self, x_BSH, token_mask_BS, keep_router_outputs: bool, router_stats: bool = True):
         B, S, H = x_BSH.shape
         x = x_BSH.reshape(B * S, H)
         mask_T = None if token_mask_BS is None else token_mask_BS.reshape(-1)
@@ -197,6 +205,8 @@ class MoEBlock(nn.Module):
         y = self.experts(x, r.topk_ids_TK, r.topk_weights_TK)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
+        if not router_stats:  # decoding: no router losses, and a step costs a few ops less
+            return y.view(B, S, H), None
         probs = r.probs_TE if mask_T is None else r.probs_TE * mask_T[:, None]
         ntok = (torch.tensor(B * S, device=x.device) if mask_T is None else mask_T.sum())
         stats = MoEStats(
@@ -222,11 +232,11 @@ class DecoderLayer(nn.Module):
         self.mlp = (MoEBlock(cfg) if cfg.is_moe_layer(layer_idx)
                     else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.use_bias))
 
-    def forward(self, h, rope_cos_sin, attn_mask, token_mask, keep_router_outputs: bool = False):
-        h = h + self.attention(self.input_layernorm(h), rope_cos_sin, attn_mask)
+    def forward(self, h, rope_cos_sin, attn_mask, token_mask, keep_router_outputs: bool = False, kv_cache=None):
+        h = h + self.attention(self.input_layernorm(h), rope_cos_sin, attn_mask, kv_cache, self.layer_idx)
         x = self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoEBlock):
-            y, stats = self.mlp(x, token_mask, keep_router_outputs)
+            y, stats = self.mlp(x, token_mask, keep_router_outputs, router_stats=kv_cache is None)
             return h + y, stats
         return h + self.mlp(x), None
 
@@ -243,6 +253,21 @@ def build_attention_mask(B: int, S: int, device, attention_mask=None, document_i
         allowed = allowed & attention_mask.bool()[:, None, :]
     # A query with no visible key (left padding) would softmax over nothing: let it see itself.
     allowed = allowed | torch.eye(S, dtype=torch.bool, device=device)[None]
+    return allowed[:, None]
+
+
+def build_cached_attention_mask(S: int, past: int, device, attention_mask=None):
+    """Boolean [B or 1, 1, S, past + S] mask for S new queries after ``past`` cached positions:
+    causal over the absolute positions, real keys only (``attention_mask`` [B, past + S]), and a
+    query always sees itself (the rule of build_attention_mask, so a left-padded prompt decodes as
+    it would without the cache). None when one query may see every key (S = 1, no padding)."""
+    if S == 1 and (attention_mask is None or bool(attention_mask.bool().all())):
+        return None
+    q = torch.arange(past, past + S, device=device)[:, None]
+    kpos = torch.arange(past + S, device=device)[None, :]
+    allowed = (kpos <= q)[None]  # [1, S, past + S]
+    if attention_mask is not None:
+        allowed = (allowed & attention_mask.bool()[:, None, :]) | (kpos == q)[None]
     return allowed[:, None]
 
 
@@ -297,7 +322,8 @@ class BailingMoeForCausalLM(nn.Module):
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, output_router_logits: bool = False,
                 return_logits: bool = True, balance_counts_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                ce_chunk_size: int | None = None, return_token_logps: bool = False) -> CausalLMOutput:
+                ce_chunk_size: int | None = None, return_token_logps: bool = False,
+                kv_cache=None) -> CausalLMOutput:
         """
         input_ids [B, S]; attention_mask [B, S] (1 = real token) and/or document_ids [B, S] (packed
         rows, -1 = padding); position_ids [B, S] (default 0..S-1); labels [B, S] unshifted, -100 =
@@ -307,18 +333,26 @@ class BailingMoeForCausalLM(nn.Module):
         the balance loss uses: the trainer's sums them over data-parallel ranks and over the step's
         micro-batches so far (moe.losses.CarriedCounts); without one, 'global' counts locally.
         return_token_logps (with labels) gives per-token label log-probs instead of the loss (DPO).
+        kv_cache (moe.generation.KVCache) decodes incrementally: input_ids are the tokens after the
+        ``kv_cache.length`` cached ones, attention_mask [B, cached + S] covers both, position_ids
+        default to cached..cached+S-1; the cache grows by S.
         """
         cfg = self.config
         B, S = input_ids.shape
         dev = input_ids.device
+        past = 0 if kv_cache is None else kv_cache.length
+        if kv_cache is not None and (document_ids is not None or cfg.attn_implementation == "flex"):
+            raise ValueError("kv_cache works with SDPA attention over unpacked rows (no document_ids, no flex)")
         if position_ids is None:
-            position_ids = torch.arange(S, device=dev)[None].expand(B, S)
-        token_mask = None
+            position_ids = torch.arange(past, past + S, device=dev)[None].expand(B, S)
+        token_mask = None  # which tokens the router statistics count (none are kept while decoding)
         if document_ids is not None:
             token_mask = document_ids >= 0
-        if attention_mask is not None:
+        if attention_mask is not None and kv_cache is None:
             token_mask = attention_mask.bool() if token_mask is None else token_mask & attention_mask.bool()
-        if attention_kind(cfg.attn_implementation, dev.type, document_ids is not None) == "flex":
+        if kv_cache is not None:
+            attn_mask = build_cached_attention_mask(S, past, dev, attention_mask)
+        elif attention_kind(cfg.attn_implementation, dev.type, document_ids is not None) == "flex":
             attn_mask = build_flex_block_mask(B, S, dev, attention_mask, document_ids)
         else:
             attn_mask = build_attention_mask(B, S, dev, attention_mask, document_ids)
@@ -327,9 +361,14 @@ class BailingMoeForCausalLM(nn.Module):
         rope = tuple(t[:, :, None] for t in rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype))
         stats: dict[int, MoEStats] = {}
         for layer in self.model.layers:
-            h, st = layer(h, rope, attn_mask, token_mask, output_router_logits)
+            if kv_cache is None:  # (wrappers such as activation checkpointing see the training signature)
+                h, st = layer(h, rope, attn_mask, token_mask, output_router_logits)
+            else:
+                h, st = layer(h, rope, attn_mask, token_mask, output_router_logits, kv_cache=kv_cache)
             if st is not None:
                 stats[layer.layer_idx] = st
+        if kv_cache is not None:
+            kv_cache.advance(S)
         h = self.model.norm(h)
 
         out = CausalLMOutput()
