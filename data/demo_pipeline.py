@@ -27,8 +27,8 @@ import hashlib
 import json
 import random
 
-from .demo import CITIES, CONDITIONS, ITEMS, NAMES, SYSTEMS, TOOL_SYSTEM, WORDS, _corrupt, _task
-from .template import EOS_TOKEN, THINK_CLOSE, THINK_OPEN, TOOL_CLOSE, TOOL_OPEN
+from .demo_samples import CITIES, CONDITIONS, ITEMS, NAMES, SYSTEMS, TOOL_SYSTEM, WORDS, _corrupt, _task
+from .template import THINK_CLOSE, THINK_OPEN, TOOL_CLOSE, TOOL_OPEN
 
 PIPELINE_VERSION = 1
 KB_SEED = 4321
