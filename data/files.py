@@ -182,17 +182,25 @@ class OwnedTempDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
-        os.remove(os.path.join(self.tmp, OWNER_FILE))
         if os.path.exists(self.target):
             if not self.replace:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 raise FileExistsError(errno.EEXIST, "appeared while writing; left untouched", self.target)
-            old = self.target + f".old-{os.getpid()}"
+            # The old output goes aside under a temporary's name with our owner record, so a kill
+            # before it is removed leaves something the next writer sweeps, never an orphan.
+            old = tempfile.mkdtemp(prefix=_tmp_prefix(self.target), dir=os.path.dirname(self.target))
+            os.rmdir(old)
             os.rename(self.target, old)
+            with open(os.path.join(old, OWNER_FILE), "w") as f:
+                json.dump({"owner": process_identity()}, f)
             os.replace(self.tmp, self.target)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.tmp, self.target)
+        # The owner record goes after the rename: a kill before it leaves a swept temporary, a kill
+        # after it at worst a stray record in the finished output.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self.target, OWNER_FILE))
         return False
 
 

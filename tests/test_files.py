@@ -94,3 +94,29 @@ def test_process_identity_survives_pid_reuse():
     assert files.process_alive(f"another-host-{host}:{pid}:{start}") is None
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     assert files.process_alive(f"{host}:{int(done.stdout)}:{start}") is False
+
+
+def test_a_kill_at_any_point_of_publishing_leaves_nothing_unswept(tmp_path, monkeypatch):
+    """Killed between the steps of __exit__ (simulated: the step after raises and the owner is then
+    declared dead): every directory left beside the target is swept by the next writer."""
+    target = tmp_path / "out"
+    with files.OwnedTempDir(target) as tmp:
+        open(os.path.join(tmp, "v1"), "w").close()
+    real_replace = os.replace
+
+    class Killed(BaseException):
+        pass
+
+    def dies(*a):
+        raise Killed
+
+    monkeypatch.setattr(files.os, "replace", dies)  # dies after moving the old output aside
+    with pytest.raises(Killed):
+        with files.OwnedTempDir(target, replace=True) as tmp:
+            open(os.path.join(tmp, "v2"), "w").close()
+    monkeypatch.setattr(files.os, "replace", real_replace)
+    left = sorted(p for p in os.listdir(tmp_path) if p != "out")
+    assert len(left) == 2  # the new temporary and the old output set aside, both with an owner
+    monkeypatch.setattr(files, "process_alive", lambda identity: False)  # their owner is gone now
+    assert len(files.sweep_stale_temporaries(target)) == 2
+    assert sorted(os.listdir(tmp_path)) == []
