@@ -91,3 +91,34 @@ def test_skip_bad_on_the_command_line_counts_them_in_the_report(tmp_path, capsys
                          "--skip-bad"]) == 0
     out = capsys.readouterr().out
     assert "samples=2" in out and "skipped_bad=1" in out and f"skipped {f}:2: 'chosen' and 'rejected'" in out
+
+
+# ---------------------------------------------------------------- through the trainer
+
+def _trainer_error(args):
+    from tests.trainer_utils import TINY, run_inproc
+
+    with pytest.raises(SystemExit) as e:
+        run_inproc("sft", TINY + ["--train.steps", "1"] + args)
+    return str(e.value.code)
+
+
+def test_a_missing_tokenizer_is_one_line_naming_the_path_and_the_option(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [GOOD])
+    msg = _trainer_error(["--data.sources", f"[{f}]", "--data.tokenizer", str(tmp_path / "nope"),
+                          "--output-dir", str(tmp_path / "run")])
+    assert msg.startswith("error: data.tokenizer: ") and str(tmp_path / "nope") in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("weights, needle", [
+    (["-1", "1"], "data.sources[0] (a): weight -1"),
+    (["1", "nan"], "data.sources[1] (b): weight"),
+    (["0", "0"], "sum to 0"),
+])
+def test_mixture_weights_are_refused_before_any_tokenizing(tmp_path, weights, needle):
+    a, b = write_jsonl(tmp_path / "a.jsonl", [GOOD]), write_jsonl(tmp_path / "b.jsonl", [GOOD])
+    sources = f"[{{path: {a}, weight: {weights[0]}}}, {{path: {b}, weight: {weights[1]}}}]"
+    msg = _trainer_error(["--data.sources", sources, "--data.cache_dir", str(tmp_path / "cache"),
+                          "--output-dir", str(tmp_path / "run")])
+    assert msg.startswith("error: ") and needle in msg and "\n" not in msg
+    assert not (tmp_path / "cache").exists() or not os.listdir(tmp_path / "cache")  # nothing tokenized
