@@ -13,10 +13,9 @@ import argparse
 import json
 import os
 import random
-import shutil
 import sys
-import tempfile
 
+from .files import OwnedTempDir
 from .template import EOS_TOKEN, SPECIAL_TOKENS, render_chat
 from .demo_samples import dpo_pair, general_sample, reasoning_sample, tool_sample
 
@@ -75,21 +74,12 @@ def tokenizer_config():
 
 
 def save_tokenizer(tok, out_dir):
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=parent)
-    try:
+    # An owned temporary (data.files): a killed save's is removed by the next one.
+    with OwnedTempDir(out_dir, replace=True) as tmp:
         tok.save(os.path.join(tmp, "tokenizer.json"), pretty=True)
         with open(os.path.join(tmp, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(tokenizer_config(), f, indent=2)
             f.write("\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shipped directory should not be
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_jsonl(records, path):
@@ -135,8 +125,9 @@ def _up_to_date(out_dir, expect):
         return False
 
 
-class _Lock:
-    """Exclusive lock on a file, so ranks calling ensure_demo_data together build once."""
+class FileLock:
+    """Exclusive lock on a file (flock: released by the kernel when its holder dies, so never stale),
+    so processes building the same output together build it once."""
 
     def __init__(self, path):
         self.path, self.f = path, None
@@ -169,7 +160,7 @@ def ensure_demo_data(out_dir="demo_data", seed=DEFAULT_SEED, sizes=None, force=F
     sizes = dict(SIZES, **(sizes or {}))
     expect = _stamp(seed, sizes, tokenizer)
     paths = _paths(out_dir)
-    with _Lock(os.path.join(out_dir, ".lock")):
+    with FileLock(os.path.join(out_dir, ".lock")):
         if not force and _up_to_date(out_dir, expect):
             return paths
         corpus = generate(seed, sizes)

@@ -87,6 +87,19 @@ def _to_messages(obj, field):
     return obj
 
 
+def check_turns(messages):
+    """Training-data checks beyond the template's structure: the first turn after the system prompt
+    is not the assistant's (nothing to answer), and no assistant turn is empty (it would train the
+    model to say nothing). Chat and generation prompts are not held to these."""
+    first = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
+    if first is not None and messages[first]["role"] == "assistant":
+        raise DataError(f"message {first}: the conversation starts with an assistant turn "
+                        "(expected a user turn first)")
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
+            raise DataError(f"message {i}: assistant turn with empty content")
+
+
 def normalize_sft(obj):
     """{"messages", "domain", "tags"} from one SFT record, or DataError."""
     if not isinstance(obj, dict):
@@ -100,6 +113,7 @@ def normalize_sft(obj):
     if isinstance(messages, list) and not messages:
         raise DataError("empty conversation")
     validate_messages(messages)
+    check_turns(messages)
     domain, tags = _meta(obj)
     return {"messages": messages, "domain": domain, "tags": tags}
 
@@ -137,8 +151,14 @@ def normalize_dpo(obj):
     else:
         prompt = _to_messages(prompt, "prompt")
     validate_messages(prompt, require_final_assistant=False)
+    check_turns(prompt)
     chosen = _answer_text(obj["chosen"], "chosen")
     rejected = _answer_text(obj["rejected"], "rejected")
+    for side, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise DataError(f"'{side}' is empty")
+    if chosen == rejected:
+        raise DataError("'chosen' and 'rejected' are the same answer (the pair teaches nothing)")
     domain, tags = _meta(obj)
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "domain": domain, "tags": tags}
 
@@ -166,11 +186,14 @@ def read_jsonl(path, kind="sft", skip_bad=False, bad=None):
     """
     normalize = {"sft": normalize_sft, "dpo": normalize_dpo}[kind]
     path = str(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        offset = 0  # of the line's first byte in the file
+        for lineno, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
             try:
+                line = _decode_line(raw, start)
+                if not line.strip():
+                    continue
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -185,14 +208,25 @@ def read_jsonl(path, kind="sft", skip_bad=False, bad=None):
             yield lineno, rec
 
 
+def _decode_line(raw, start):
+    """One line's text; bytes that are not UTF-8 are a DataError naming their byte offset in the file."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"not valid UTF-8: byte {raw[e.start:e.start + 1]!r} at byte offset {start + e.start} of the "
+                        f"file (byte {e.start + 1} of the line): {e.reason}") from None
+    # A byte-order mark some editors write at the start of the file is not part of the JSON.
+    return text[1:] if start == 0 and text.startswith("\ufeff") else text
+
+
 def detect_kind(path):
     """'dpo' if the first record looks like a preference pair, else 'sft'."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.strip():
                 try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
+                    obj = json.loads(raw.decode("utf-8-sig"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
                     return "sft"
                 return "dpo" if isinstance(obj, dict) and "chosen" in obj else "sft"
     return "sft"

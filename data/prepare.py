@@ -16,14 +16,13 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 
 from .errors import DataError
-from .formats import read_jsonl
+from .files import NoSpaceError, OwnedTempDir, require_space, writing
+from .formats import normalize_dpo, normalize_sft, read_jsonl
 from .packing import fit_document
 from .template import chat_segments, EOS_TOKEN, IGNORE_INDEX
 from .tokenizer import load_tokenizer
@@ -102,11 +101,9 @@ def _count_lines(path):
     return n
 
 
-def _atomic_output(out_dir):
-    """A fresh temp dir beside ``out_dir`` (same filesystem, so the final rename is atomic)."""
+def _check_output(out_dir):
+    """The absolute output path, after refusing to replace anything that is not prepared data."""
     out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
     if os.path.exists(out_dir):
         if not os.path.isdir(out_dir):
             raise DataError("output exists and is not a directory", file=out_dir)
@@ -114,18 +111,42 @@ def _atomic_output(out_dir):
             # Refuse to replace a directory we did not write.
             raise DataError("output directory is not empty and holds no prepared data; refusing to replace it",
                             file=out_dir)
-    return out_dir, tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".tmp-", dir=parent)
+    return out_dir
 
 
-def _publish(tmp, out_dir):
-    old = None
-    if os.path.exists(out_dir):
-        old = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".old-", dir=os.path.dirname(out_dir))
-        os.rmdir(old)
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+# Bytes per token (int32 id + uint8 mask) and per sample (int64 offset + int16 domain, per side).
+_TOKEN_BYTES, _SAMPLE_BYTES = 5, 10
+_SAMPLE_RECORDS = 256  # records per file tokenized to measure tokens per input byte
+
+
+def estimate_bytes(files, tokenizer, kind, eos_every_turn=False):
+    """Bytes the prepared arrays will take, from a quick pass: the first records of each file are
+    tokenized and their tokens per input byte scaled to the whole file (exact for small files; DPO
+    counts the prompt once per side, as it is stored). Bad records are left to the real pass."""
+    total = 0
+    for path in files:
+        size = os.path.getsize(path)
+        recs, nbytes = [], 0
+        with open(path, "rb") as f:
+            for raw in f:
+                nbytes += len(raw)
+                try:
+                    rec = (normalize_sft if kind == "sft" else normalize_dpo)(json.loads(raw.decode("utf-8-sig")))
+                except (UnicodeDecodeError, ValueError):  # DataError and JSONDecodeError are ValueErrors
+                    continue
+                recs.append(rec)
+                if len(recs) >= _SAMPLE_RECORDS:
+                    break
+        if not recs or not nbytes:
+            continue
+        if kind == "sft":
+            convs = [r["messages"] for r in recs]
+        else:
+            convs = [r["prompt"] + [{"role": "assistant", "content": r[s]}] for r in recs for s in ("chosen", "rejected")]
+        need = sum(len(ids) for ids, _ in _encode_many(tokenizer, convs, eos_every_turn)) * _TOKEN_BYTES
+        need += len(convs) * _SAMPLE_BYTES
+        total += int(need * size / nbytes) + 1
+    return total + 64 * 1024  # manifest, offsets' leading zeros
 
 
 def prepare(files, tokenizer, out_dir, kind="sft", skip_bad=False, max_len=None, overlong="truncate",
@@ -137,6 +158,9 @@ def prepare(files, tokenizer, out_dir, kind="sft", skip_bad=False, max_len=None,
 
     ``tokenizer`` is a Tokenizer or a tokenizer directory. Raises DataError on the first bad
     record unless ``skip_bad``; either way nothing is left at ``out_dir`` unless it all worked.
+    Before writing, the arrays' size is estimated (estimate_bytes) and compared with the free space
+    (data.files.NoSpaceError: "needs X GB at PATH, Y GB free"); a write that still runs out of space
+    raises NoSpaceError naming the path, and the temporary directory is removed.
     """
     if kind not in ("sft", "dpo"):
         raise ValueError(f"kind must be 'sft' or 'dpo', got {kind!r}")
@@ -150,14 +174,14 @@ def prepare(files, tokenizer, out_dir, kind="sft", skip_bad=False, max_len=None,
     for f in files:
         if not os.path.isfile(f):
             raise DataError("input file not found", file=f)
-    out_dir, tmp = _atomic_output(out_dir)
-    try:
+    out_dir = _check_output(out_dir)
+    require_space(os.path.dirname(out_dir), estimate_bytes(files, tokenizer, kind, eos_every_turn),
+                  f"preparing {', '.join(files)}")
+    # An owned temporary beside out_dir: removed on any failure, renamed into place on success, and
+    # swept by the next preparation of out_dir if this process is killed.
+    with OwnedTempDir(out_dir, replace=True) as tmp, writing(out_dir):
         manifest = _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, default_domain, progress,
                                  eos_every_turn)
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -309,7 +333,7 @@ def main(argv=None):
         manifest = prepare(args.files, args.tokenizer, args.out, kind=args.kind, skip_bad=args.skip_bad,
                            max_len=args.max_len, overlong=args.overlong, default_domain=args.domain,
                            progress=not args.quiet, eos_every_turn=args.eos_every_turn)
-    except DataError as e:
+    except (DataError, NoSpaceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {os.path.abspath(args.out)}")

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.trainer_utils import TINY, exported, metrics, run_inproc, run_torchrun
 from trainer.dpo import chosen_nll_sum, dpo_loss
@@ -104,9 +105,9 @@ def test_resume_reproduces_the_uninterrupted_run_and_reuses_reference_cache(tmp_
         assert x["loss"] == y["loss"] and x["rewards/margins"] == y["rewards/margins"]
     wa, wb = exported(tmp_path / "straight"), exported(crashed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    caches = list((tmp_path / "cache").rglob("ref_logps-*.pt"))
+    caches = list((tmp_path / "cache").rglob("ref_logps-*.safetensors"))
     assert len(caches) == 1  # one data x model key, computed once and reused by the later runs
-    table = torch.load(caches[0])
+    table = load_file(caches[0])["logps"]
     assert table.shape == (N_PAIRS, 2) and torch.isfinite(table).all() and (table < 0).all()
 
 
@@ -118,12 +119,12 @@ def test_reference_logps_recomputed_on_resume_are_the_initial_models(tmp_path, d
                    "--optim.lr", "1e-2", "--checkpoint.export_hf", "false", "--data.cache_dir", str(tmp_path / "cache"),
                    "--output-dir", str(tmp_path / "run")]
     run_inproc("dpo", args + ["--train.steps", "2"])
-    (cache,) = (tmp_path / "cache").rglob("ref_logps-*.pt")
-    first = torch.load(cache)
+    (cache,) = (tmp_path / "cache").rglob("ref_logps-*.safetensors")
+    first = load_file(cache)["logps"]
     cache.unlink()
     run_inproc("dpo", args + ["--train.steps", "3"])  # resumes at step 2, recomputes the cache
     assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3]
-    assert torch.equal(torch.load(cache), first)
+    assert torch.equal(load_file(cache)["logps"], first)
 
 
 def _sequence_logp(model, ids, labels):

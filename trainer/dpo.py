@@ -9,8 +9,9 @@ preference pairs, whose rejected answers carry the formatting errors of the Ring
 report (unclosed <think>, unpaired <tool_call>, invalid tool JSON).
 
 Reference log-probs: by default a first pass computes log p_ref(y|x) for every pair with the same
-sharded model before training and stores them next to the prepared data, keyed by the data's and the
-initial model's hashes, so a single model is resident while training ("--dpo.reference live" keeps
+sharded model before training and stores them next to the prepared data (a safetensors file), keyed by
+everything they depend on (the data, the reference weights' content, seq_len and the overlong policy,
+the template, the tokenizer, the compute dtype), so a single model is resident while training ("--dpo.reference live" keeps
 a frozen reference model instead). Chosen and rejected run in one forward pass; log-probs are summed
 over completion tokens only.
 
@@ -93,12 +94,31 @@ def sequence_logps(model, b: dict, pad_id: int, balance_counts_fn=None, grad: bo
     return lp[:B], lp[B:], n[:B], n[B:], out
 
 
-def _file_hash(paths: list[str]) -> str:
+# Weights directories up to this size are fingerprinted by content; larger ones (a 33 GB Ling-Lite) by
+# each file's size, mtime, inode and safetensors header, which any rewrite or re-save changes.
+CONTENT_HASH_LIMIT = 1 << 30
+
+
+def weights_fingerprint(directory: str) -> str:
+    """A hash of a weights directory that changes when any file in it is rewritten, even in place."""
+    files = []
+    for root, dirs, names in os.walk(directory):
+        dirs.sort()
+        files += [os.path.join(root, n) for n in sorted(names)]
+    stats = [os.stat(p) for p in files]
+    by_content = sum(st.st_size for st in stats) <= CONTENT_HASH_LIMIT
     h = hashlib.sha256()
-    for p in paths:
-        if os.path.exists(p):
-            with open(p, "rb") as f:
-                h.update(f.read())
+    for p, st in zip(files, stats):
+        h.update(f"{os.path.relpath(p, directory)}|{st.st_size}|".encode())
+        with open(p, "rb") as f:
+            if by_content:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+                continue
+            h.update(f"{st.st_mtime_ns}|{st.st_ino}|".encode())
+            if p.endswith(".safetensors"):
+                n = int.from_bytes(f.read(8), "little")
+                h.update(f.read(min(n, 100 << 20)))  # dtypes, shapes, offsets, metadata
     return h.hexdigest()
 
 
@@ -128,15 +148,21 @@ class DPOTask:
         return self.loader
 
     # ------------------------------------------------------------------ reference log-probs
-    def _model_hash(self, opts, cfg) -> str:
+    def _reference_key(self, opts, cfg, device) -> dict:
+        """Everything the cached reference log-probs depend on: the data, the reference weights (their
+        content, or seed and config for a from-scratch init), how rows are cut, the template, the
+        tokenizer and the compute dtype."""
         init = opts.model.init_from
-        parts = json.dumps({"init_from": os.path.abspath(init) if init else "", "cfg": cfg.to_dict(),
-                            "seed": opts.train.seed if not init else None}, sort_keys=True, default=str)
-        files = [os.path.join(init, n) for n in ("config.json", "model.safetensors.index.json")] if init else []
-        return hashlib.sha256((parts + _file_hash(files)).encode()).hexdigest()
+        return {"version": 2, "data_hash": self.loader.data_hash,
+                "weights": weights_fingerprint(init) if init else None,
+                "init_from": os.path.abspath(init) if init else None,
+                "seed": None if init else opts.train.seed, "cfg": cfg.to_dict(),
+                "seq_len": self.loader.seq_len, "overlong": self.loader.overlong,
+                "eos_every_turn": bool(opts.data.eos_every_turn), "tokenizer": self.tokenizer.fingerprint(),
+                "device": torch.device(device).type, "param_dtype": opts.model.param_dtype}
 
     @torch.no_grad()
-    def _precompute(self, ctx: StepContext, path: str) -> torch.Tensor:
+    def _precompute(self, ctx: StepContext, path: str, key: str) -> torch.Tensor:
         """Every pair's reference log-probs: ranks split the pairs, then gather them on every rank."""
         info, model = ctx.info, ctx.model
         batches = list(self.loader.iter_all(ctx.opts.data.micro_batch_size))
@@ -161,9 +187,18 @@ class DPOTask:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # each pair was computed by exactly one rank
             table = t.cpu()
         if info.is_main:
-            tmp = path + ".tmp"
-            torch.save(table, tmp)
-            os.replace(tmp, path)
+            from safetensors.torch import save_file
+
+            from data.files import writing
+
+            tmp = f"{path}.tmp-{os.getpid()}"
+            try:
+                with writing(path):
+                    save_file({"logps": table.contiguous()}, tmp, metadata={"key": key})
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
         if dist.is_initialized():
             dist.barrier()
         return table
@@ -175,15 +210,33 @@ class DPOTask:
             ref.eval()
             self.ref = ref
             return
-        key = f"ref_logps-{self.loader.data_hash[:12]}-{self._model_hash(ctx.opts, ctx.cfg)[:12]}.pt"
-        path = os.path.join(self.source, key) if os.access(self.source, os.W_OK) else \
-            os.path.join(ctx.opts.output_dir, key)
-        if os.path.exists(path):
-            self.ref = torch.load(path)
+        key = json.dumps(self._reference_key(ctx.opts, ctx.cfg, ctx.info.device), sort_keys=True, default=str)
+        name = f"ref_logps-{self.loader.data_hash[:12]}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+        path = os.path.join(self.source, name) if os.access(self.source, os.W_OK) else \
+            os.path.join(ctx.opts.output_dir, name)
+        self.ref = self._load_cached(path, key)
+        if self.ref is not None:
             ctx.logger.info(f"reference log-probs: {path} (cached)")
         else:
             ctx.logger.info(f"reference log-probs: first pass over {len(self.loader.dataset)} pairs -> {path}")
-            self.ref = self._precompute(ctx, path)
+            self.ref = self._precompute(ctx, path, key)
+
+    def _load_cached(self, path: str, key: str) -> torch.Tensor | None:
+        """The cached table when it exists and was made under exactly this key; safetensors, so
+        loading it runs no code. A damaged or foreign file is recomputed over."""
+        from safetensors import safe_open
+
+        if not os.path.exists(path):
+            return None
+        try:
+            with safe_open(path, "pt") as f:
+                if (f.metadata() or {}).get("key") != key:
+                    return None
+                table = f.get_tensor("logps")
+        except Exception:  # a truncated or foreign file: safetensors raises its own error types
+            return None
+        n = len(self.loader.dataset)
+        return table if table.shape == (n, 2) and table.dtype == torch.float64 else None
 
     # ------------------------------------------------------------------ the step
     @staticmethod

@@ -1,14 +1,16 @@
 """Turn the data options into prepared directories and a tokenizer, once, before training starts.
 
-Rank 0 does any tokenizing (JSONL sources are prepared into the cache directory, keyed by the file's
-path, size, mtime and the tokenizer); the other ranks wait at a barrier and then only open the
-memory-mapped results. Problems (a missing file, a bad sample, token ids the model cannot embed)
-are reported here, before a single step runs.
+Local rank 0 of each node does any tokenizing (JSONL sources are prepared into the cache directory,
+keyed by the file's path, size, mtime and the tokenizer), under a file lock so that nodes or launches
+sharing the cache prepare it once; the other ranks wait and then only open the memory-mapped results.
+Problems (a missing file or tokenizer, a bad sample, mixture weights that cannot be sampled, too little
+disk space, token ids the model cannot embed) are reported here, before a single step runs.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 
 import torch.distributed as dist
@@ -27,7 +29,11 @@ def _barrier():
 
 def resolve_tokenizer_dir(opts) -> str:
     if opts.data.tokenizer:
-        return opts.data.tokenizer
+        tok = opts.data.tokenizer
+        if not os.path.exists(os.path.join(tok, "tokenizer.json") if os.path.isdir(tok) else tok):
+            raise TrainerError(f"data.tokenizer: {tok}: no tokenizer.json there (give a Hugging Face tokenizer "
+                               f"directory, or leave data.tokenizer empty for the model's or the demo tokenizer)")
+        return tok
     init = opts.model.init_from
     if init and os.path.exists(os.path.join(init, "tokenizer.json")):
         return init
@@ -44,7 +50,8 @@ def _fingerprint(path: str, tokenizer_dir: str, kind: str, eos_every_turn: bool 
     if eos_every_turn:  # (the default's key is the one caches were made with before the option existed)
         key += "eos_every_turn|"
     h = hashlib.sha256(key.encode())
-    with open(os.path.join(tokenizer_dir, "tokenizer.json"), "rb") as f:
+    tok_file = tokenizer_dir if os.path.isfile(tokenizer_dir) else os.path.join(tokenizer_dir, "tokenizer.json")
+    with open(tok_file, "rb") as f:
         h.update(hashlib.sha256(f.read()).digest())
     return h.hexdigest()[:16]
 
@@ -59,10 +66,10 @@ def prepared_sources(opts, rank: int, kind: str, demo_key) -> tuple[dict[str, st
     tok_dir = resolve_tokenizer_dir(opts)
     if not opts.data.sources:
         demo_dir = os.path.join(_cache_dir(opts), "demo")
-        if rank == 0:
+        if _preparer(rank):
             paths = data.ensure_demo_data(demo_dir)
         _barrier()
-        if rank != 0:
+        if not _preparer(rank):
             paths = data.ensure_demo_data(demo_dir)  # already written: only checks the stamp
         dirs, weights = demo_key(paths)
         for d in dirs.values():
@@ -81,7 +88,7 @@ def prepared_sources(opts, rank: int, kind: str, demo_key) -> tuple[dict[str, st
             name = f"{name}_{i}"
         if not os.path.exists(path):
             raise TrainerError(f"data.sources[{i}]: {path}: no such file or directory")
-        weights[name] = float(src.get("weight", 1.0))
+        weights[name] = _weight(src.get("weight", 1.0), i, name)
         if os.path.isdir(path) and os.path.exists(os.path.join(path, "manifest.json")):
             _check_template(path, opts.data.eos_every_turn)
             dirs[name] = path
@@ -89,28 +96,61 @@ def prepared_sources(opts, rank: int, kind: str, demo_key) -> tuple[dict[str, st
             out = os.path.join(_cache_dir(opts), f"{name}-{_fingerprint(path, tok_dir, kind, opts.data.eos_every_turn)}")
             dirs[name] = out
             todo.append((path, out))
+    if sum(weights.values()) <= 0:
+        raise TrainerError(f"data.sources: the weights ({', '.join(f'{n} {w:g}' for n, w in weights.items())}) sum to "
+                           f"0: give at least one source a positive weight")
     failure = None
-    if rank == 0:
+    if _preparer(rank):
         tokenizer = data.load_tokenizer(tok_dir)
         for path, out in todo:
-            if os.path.exists(os.path.join(out, "manifest.json")):
-                continue
             try:
-                manifest = data.prepare_data([path], tokenizer, out, kind=kind, skip_bad=opts.data.skip_bad, progress=True,
-                                             eos_every_turn=opts.data.eos_every_turn)
-                from data.prepare import summary
-
-                print(f"prepared {path} -> {out}\n{summary(manifest)}", flush=True)
+                _prepare_once(data, path, out, tokenizer, kind, opts)
             except data.DataError as e:
-                failure = str(e)
+                failure = str(e) + ("" if opts.data.skip_bad else " (data.skip_bad true skips and counts bad samples)")
                 break
-    # Every rank learns of a failure on rank 0, so none is left waiting in a collective.
-    flag = [failure]
+            except OSError as e:  # no space (data.files.NoSpaceError), permissions
+                failure = f"preparing {path} -> {out}: {e}"
+                break
+    # Every rank learns of a failure on any preparing rank, so none is left waiting in a collective.
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(flag, src=0)
-    if flag[0]:
-        raise TrainerError(flag[0] + ("" if opts.data.skip_bad else " (data.skip_bad true skips and counts bad samples)"))
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, failure)
+        failure = next((f for f in every if f), None)
+    if failure:
+        raise TrainerError(failure)
     return dirs, weights, tok_dir
+
+
+def _preparer(rank: int) -> bool:
+    """Local rank 0 of each node prepares: once per file system when the cache is shared (the lock in
+    _prepare_once makes the other nodes wait and then find it), and per node when it is not."""
+    return int(os.environ.get("LOCAL_RANK", rank)) == 0
+
+
+def _prepare_once(data, path: str, out: str, tokenizer, kind: str, opts) -> None:
+    """Prepare ``path`` into ``out`` unless it is there; under a file lock, so two launches sharing the
+    cache directory prepare it once (the second finds the first's result) instead of racing."""
+    from data.demo import FileLock
+    from data.prepare import summary
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with FileLock(out + ".lock"):
+        if os.path.exists(os.path.join(out, "manifest.json")):
+            return
+        manifest = data.prepare_data([path], tokenizer, out, kind=kind, skip_bad=opts.data.skip_bad, progress=True,
+                                     eos_every_turn=opts.data.eos_every_turn)
+    print(f"prepared {path} -> {out}\n{summary(manifest)}", flush=True)
+
+
+def _weight(value, i: int, name: str) -> float:
+    """A source's mixture weight: a finite number >= 0 (checked before anything is tokenized)."""
+    try:
+        w = float(value)
+    except (TypeError, ValueError):
+        w = float("nan")
+    if not math.isfinite(w) or w < 0:
+        raise TrainerError(f"data.sources[{i}] ({name}): weight {value!r} must be a number >= 0")
+    return w
 
 
 def _check_template(prepared: str, eos_every_turn: bool) -> None:
