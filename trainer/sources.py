@@ -14,6 +14,7 @@ import os
 import torch.distributed as dist
 
 from data.demo import TOKENIZER_DIR as DEMO_TOKENIZER  # the demo tokenizer's one path is data/demo.py's
+from data.demo import run_tokenizer_dir  # the rule is data/demo.py's: dcp_to_hf applies it too
 from trainer.errors import TrainerError
 
 # A from-scratch model embeds the tokenizer's ids rounded up to this, for matmul-friendly shapes.
@@ -26,12 +27,14 @@ def _barrier():
 
 
 def resolve_tokenizer_dir(opts) -> str:
-    if opts.data.tokenizer:
-        return opts.data.tokenizer
-    init = opts.model.init_from
-    if init and os.path.exists(os.path.join(init, "tokenizer.json")):
-        return init
-    return DEMO_TOKENIZER
+    return run_tokenizer_dir(opts.data.tokenizer, opts.model.init_from)
+
+
+def export_sources(opts) -> dict:
+    """What goes beside the weights of this run's HF export (dcp_to_hf's keywords): the tokenizer it
+    trained with (none for synthetic token rows), the directory it started from, its template option."""
+    return {"tokenizer": None if opts.data.synthetic else resolve_tokenizer_dir(opts),
+            "source_hf": opts.model.init_from or None, "eos_every_turn": opts.data.eos_every_turn}
 
 
 def _cache_dir(opts) -> str:
