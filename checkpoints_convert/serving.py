@@ -71,7 +71,7 @@ def check_serving(path: str, out=None) -> int:
         if kind != "hf":
             line("BAD", "weights", f"a {kind} checkpoint; serving stacks read the HF layout (native_to_hf)")
         else:
-            line("ok", "weights", f"{n} native tensors' HF pieces present with the shapes config.json implies")
+            line("ok", "weights", f"all {n} tensors (counted by native name) present, shapes as config.json implies")
     except CheckpointError as e:
         line("BAD", "weights", str(e))
     raw, err = _json(os.path.join(path, "config.json"))

@@ -83,7 +83,7 @@ def _hf_source(tmp_path) -> pathlib.Path:
     shutil.copy(DEMO_TOK / "tokenizer.json", src / "tokenizer.json")
     (src / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>", "chat_template": "{{ the source\'s }}"}')
     (src / "special_tokens_map.json").write_text('{"eos_token": "<|endoftext|>"}\n')
-    (src / "generation_config.json").write_text('{\n "eos_token_id": 0, "do_sample": true, "top_p": 0.8}\n')
+    (src / "generation_config.json").write_text('{\n "eos_token_id": 5, "do_sample": true, "top_p": 0.8}\n')
     (src / "README.md").write_text("# a model card\n")
     (src / "LICENSE").write_text("license text\n")
     return src
@@ -174,3 +174,20 @@ def test_dcp_to_hf_reads_the_run_and_takes_overrides(demo_run, tmp_path):
     assert tcfg["chat_template"] == chat_template(True)
     dcp_to_hf(str(demo_run / "checkpoints"), str(tmp_path / "bare"), tokenizer=None)
     assert not (tmp_path / "bare" / "tokenizer.json").exists()
+
+
+def test_export_of_a_model_trained_from_an_hf_dir_carries_its_code(demo_run, tmp_path):
+    """As if the demo run had started from an HF directory: its code and license travel, its
+    generation settings are kept with our eos/pad ids, its model card (about other weights) does not."""
+    from checkpoints_convert.dcp_to_hf import dcp_to_hf
+
+    src = _hf_source(tmp_path)
+    dcp_to_hf(str(demo_run / "checkpoints"), str(tmp_path / "out"), source_hf=str(src))
+    out = tmp_path / "out"
+    for name in ("configuration_bailing_moe.py", "modeling_bailing_moe.py", "LICENSE"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+    assert not (out / "README.md").exists()
+    assert json.loads((out / "generation_config.json").read_text()) == {
+        "eos_token_id": 0, "pad_token_id": 0, "do_sample": True, "top_p": 0.8}  # demo tokenizer: eos = pad = 0
+    auto = json.loads((out / "config.json").read_text())["auto_map"]
+    assert auto["AutoModelForCausalLM"] == "modeling_bailing_moe.BailingMoeForCausalLM"
