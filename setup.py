@@ -25,7 +25,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=7", "matplotlib"],
+        "dev": ["pytest>=7", "matplotlib", "jinja2"],  # jinja2: tests render the exported chat template
         "bench": ["matplotlib"],
         "wandb": ["wandb"],
     },

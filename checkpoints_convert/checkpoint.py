@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from checkpoints_convert import adapter
+from checkpoints_convert import adapter, export_files
 from checkpoints_convert.io import (AtomicDir, CheckpointError, SafetensorsReader, ShardWriter, cast, dtype_name,
                                     nbytes_of, parse_dtype, parse_size)
 from moe.config import BailingMoeConfig, ConfigError
@@ -174,7 +174,8 @@ def write_checkpoint(named_tensors: Iterable[tuple[str, torch.Tensor]], cfg: Bai
                      path: str | os.PathLike, layout: str = "hf", shard_size: str | int = "5GB",
                      dtype: torch.dtype | str | None = None,
                      source_dtypes: Mapping[str, torch.dtype] | torch.dtype | None = None,
-                     overwrite: bool = False, progress: bool = False) -> None:
+                     overwrite: bool = False, progress: bool = False,
+                     extra_files: Callable[[str], None] | None = None) -> None:
     """Stream native tensors into a new checkpoint directory in ``layout`` 'hf' or 'native'.
 
     ``named_tensors`` yields (native_name, tensor) in ``adapter.native_shapes(cfg)`` order, each tensor
@@ -183,7 +184,9 @@ def write_checkpoint(named_tensors: Iterable[tuple[str, torch.Tensor]], cfg: Bai
     keeps them); to plan the shards before the first byte arrives the writer must know the dtypes
     it will get: ``source_dtypes`` (one dtype, or native name -> dtype; default config torch_dtype).
     Output shards are filled and closed one after another; nothing is kept in memory but the
-    tensor being written. The directory appears only when complete.
+    tensor being written. The directory appears only when complete: ``extra_files(tmp)`` writes
+    what goes beside the weights (export_files) into it first. An HF config.json never keeps an
+    ``auto_map`` entry whose module file is not there.
     """
     if layout not in ("hf", "native"):
         raise ValueError(f"layout must be 'hf' or 'native', not {layout!r}")
@@ -246,22 +249,36 @@ def write_checkpoint(named_tensors: Iterable[tuple[str, torch.Tensor]], cfg: Bai
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=2)
             f.write("\n")
+        if extra_files is not None:
+            extra_files(tmp)
+        if layout == "hf":
+            export_files.drop_dangling_auto_map(tmp)
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, layout: str, shard_size: str | int = "5GB",
-            dtype: torch.dtype | str | None = None, expect: str | None = None, progress: bool = False) -> None:
-    """Convert checkpoint ``src`` (validated first) into a new directory ``out`` in ``layout``."""
+            dtype: torch.dtype | str | None = None, expect: str | None = None, progress: bool = False,
+            tokenizer: str | None = None, source_hf: str | None = None, eos_every_turn: bool = False) -> None:
+    """Convert checkpoint ``src`` (validated first) into a new directory ``out`` in ``layout``.
+
+    ``src``'s other files (tokenizer, model code, generation config, ...) travel unchanged;
+    ``tokenizer`` (the tokenizer a run trained with) and ``source_hf`` (the HF directory the model
+    came from) add what export_files.write_export_files writes for them."""
     dtype = parse_dtype(dtype)
     parse_size(shard_size)
     if os.path.exists(out):
         raise CheckpointError(f"{os.path.abspath(out)}: output directory already exists (choose another or remove it)")
+    export_files.check_sources(source_hf, tokenizer)
     with open_checkpoint(src) as ckpt:
         if expect is not None and ckpt.kind != expect:
             raise CheckpointError(f"{ckpt.config_file}: this is a {ckpt.kind} checkpoint, expected {expect}")
         write_checkpoint(ckpt.iter_native(dtype), ckpt.cfg, out, layout, shard_size, dtype,
                          source_dtypes={n: (dtype if dtype is not None and d.is_floating_point else d)
                                         for n, d in ckpt.dtypes.items()},
-                         progress=progress)
+                         progress=progress,
+                         extra_files=lambda tmp: export_files.write_export_files(
+                             tmp, carry_from=os.fspath(src), model_dir=source_hf, tokenizer_dir=tokenizer,
+                             eos_every_turn=eos_every_turn, model_max_length=ckpt.cfg.max_position_embeddings,
+                             hf=layout == "hf"))
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -324,9 +341,11 @@ def save_native(model, path: str | os.PathLike, shard_size: str | int = "5GB", d
 
 def write_hf_from_native(named_tensors: Iterable[tuple[str, torch.Tensor]], cfg: BailingMoeConfig,
                          path: str | os.PathLike, shard_size: str | int = "5GB", dtype: torch.dtype | None = None,
-                         overwrite: bool = False, source_dtypes=None, progress: bool = False) -> None:
+                         overwrite: bool = False, source_dtypes=None, progress: bool = False,
+                         extra_files=None) -> None:
     """Stream native tensors (adapter order) into an HF checkpoint directory (see write_checkpoint)."""
-    write_checkpoint(named_tensors, cfg, path, "hf", shard_size, dtype, source_dtypes, overwrite, progress)
+    write_checkpoint(named_tensors, cfg, path, "hf", shard_size, dtype, source_dtypes, overwrite, progress,
+                     extra_files)
 
 
 def write_native(named_tensors: Iterable[tuple[str, torch.Tensor]], cfg: BailingMoeConfig,

@@ -6,6 +6,12 @@ CKPT is a step directory written by the trainer (it holds model_config.json), or
 checkpoints/ directory (the latest complete step is taken). Tensors are read from the sharded
 checkpoint one decoder layer at a time, in a single process with no process group, so exporting
 never holds more than a layer plus the output shard being filled.
+
+Beside the weights go the run's tokenizer with the chat template it trained with, a
+generation_config.json and, when the run started from an HF directory, that directory's model code
+(see checkpoints_convert/export_files.py). Which tokenizer and source the run used is read from
+the step's config.yaml (data.tokenizer, model.init_from, data.eos_every_turn; relative paths
+resolve from the current directory); --tokenizer, --source-hf and --eos-every-turn override it.
 """
 from __future__ import annotations
 
@@ -14,24 +20,61 @@ import sys
 
 import torch
 
-from checkpoints_convert import _cli
+import os
+
+from checkpoints_convert import _cli, export_files
 from checkpoints_convert.checkpoint import write_hf_from_native
-from checkpoints_convert.dcp_layout import iter_native_tensors, read_model_config, resolve_step_dir, stored_dtypes
-from checkpoints_convert.io import parse_dtype
+from checkpoints_convert.dcp_layout import (RUN_CONFIG, iter_native_tensors, read_model_config, resolve_step_dir,
+                                            stored_dtypes)
+from checkpoints_convert.io import CheckpointError, parse_dtype
+
+
+def run_sources(step_dir: str) -> dict:
+    """{tokenizer, source_hf, eos_every_turn} of the run that wrote ``step_dir``, from its config.yaml."""
+    import yaml
+
+    from data.demo import run_tokenizer_dir
+
+    path = os.path.join(step_dir, RUN_CONFIG)
+    if not os.path.isfile(path):
+        return {"tokenizer": None, "source_hf": None, "eos_every_turn": False}
+    try:
+        with open(path) as f:
+            run = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{path}: not valid YAML ({e})") from None
+    data, model = run.get("data") or {}, run.get("model") or {}
+    init_from = model.get("init_from") or None
+    synthetic = bool(data.get("synthetic"))  # random token rows: no tokenizer was trained with
+    tokenizer = None if synthetic else run_tokenizer_dir(data.get("tokenizer") or "", init_from or "")
+    return {"tokenizer": tokenizer, "source_hf": init_from, "eos_every_turn": bool(data.get("eos_every_turn"))}
 
 
 def dcp_to_hf(ckpt: str, out: str, dtype: torch.dtype | str = "auto", shard_size: str = "5GB",
-              overwrite: bool = False, progress: bool = False) -> str:
+              overwrite: bool = False, progress: bool = False, tokenizer: str | None = "auto",
+              source_hf: str | None = "auto", eos_every_turn: bool | None = None) -> str:
     """dtype: "auto" = the model config's torch_dtype (bf16 for Ling-Lite, not the fp32 master
-    weights), "keep" = as stored, or a dtype / its name."""
+    weights), "keep" = as stored, or a dtype / its name. tokenizer / source_hf: "auto" = as the
+    run's config.yaml says, None = none; eos_every_turn None = as the run trained."""
     ckpt = resolve_step_dir(ckpt)
     cfg = read_model_config(ckpt)
     if dtype == "auto":
         dtype = parse_dtype(cfg.torch_dtype)
     elif isinstance(dtype, str):
         dtype = parse_dtype(dtype)
+    run = run_sources(ckpt)
+    tokenizer = run["tokenizer"] if tokenizer == "auto" else tokenizer
+    source_hf = run["source_hf"] if source_hf == "auto" else source_hf
+    eos_every_turn = run["eos_every_turn"] if eos_every_turn is None else eos_every_turn
+    tokenizer, source_hf = tokenizer or None, source_hf or None  # '' = none
+    export_files.check_sources(source_hf, tokenizer)  # before any weight is written
+
+    def extra_files(tmp):
+        export_files.write_export_files(tmp, model_dir=source_hf, tokenizer_dir=tokenizer,
+                                        eos_every_turn=eos_every_turn,
+                                        model_max_length=cfg.max_position_embeddings)
     write_hf_from_native(iter_native_tensors(ckpt, cfg), cfg, out, shard_size, dtype, overwrite,
-                         source_dtypes=stored_dtypes(ckpt, cfg), progress=progress)
+                         source_dtypes=stored_dtypes(ckpt, cfg), progress=progress, extra_files=extra_files)
     return ckpt
 
 
@@ -48,8 +91,17 @@ def main(argv=None) -> int:
             action.choices = ["auto", "keep", "bf16", "fp32", "fp16"]
             action.help = ("dtype of the tensors written: auto (default: the model config's torch_dtype, bf16 for "
                            "Ling-Lite, not the fp32 master weights), keep (as stored), bf16, fp32 or fp16")
+    p.add_argument("--tokenizer", metavar="DIR", default="auto",
+                   help="the tokenizer the run trained with (default: as the step's config.yaml says; '' = none)")
+    p.add_argument("--source-hf", metavar="DIR", default="auto",
+                   help="the HF directory the run started from, whose model code and generation config travel "
+                        "(default: model.init_from of the step's config.yaml; '' = none)")
+    p.add_argument("--eos-every-turn", action=argparse.BooleanOptionalAction, default=None,
+                   help="the chat template writes <|endoftext|> after every assistant turn (default: as the run "
+                        "trained, data.eos_every_turn)")
     a = p.parse_args(argv)
-    src = dcp_to_hf(a.ckpt, a.out, a.dtype, a.shard_size, progress=not a.quiet)
+    src = dcp_to_hf(a.ckpt, a.out, a.dtype, a.shard_size, progress=not a.quiet, tokenizer=a.tokenizer,
+                    source_hf=a.source_hf, eos_every_turn=a.eos_every_turn)
     print(f"exported {src} -> {a.out}")
     return 0
 

@@ -1,5 +1,7 @@
 """python -m checkpoints_convert.verify A B [--atol 0]: are two checkpoints (HF or native, either side) the same?
 
+``verify --serving DIR`` instead checks that an export is complete for serving (checkpoints_convert/serving.py).
+
 Both sides are read as native tensors through the adapter, so an HF checkpoint and a native one are
 compared tensor for tensor (a layer's stacked experts against its 64 x 3 HF matrices). With the
 default --atol 0 equality is bitwise (NaN payloads and signed zeros included) and dtypes must match.
@@ -147,7 +149,10 @@ def parser() -> argparse.ArgumentParser:
                     "shape/dtype mismatch, number of differing elements, max abs diff).",
         epilog="Exit status: 0 identical, 1 different, 2 error (unreadable or invalid checkpoint).")
     p.add_argument("a", metavar="A", help="first checkpoint directory (HF or native)")
-    p.add_argument("b", metavar="B", help="second checkpoint directory (HF or native)")
+    p.add_argument("b", metavar="B", nargs="?", help="second checkpoint directory (HF or native)")
+    p.add_argument("--serving", action="store_true",
+                   help="instead: is the export A complete for serving (weights, config, tokenizer, chat template, "
+                        "generation config, and does the template render as data/template.py)? exit 0 yes, 1 no")
     p.add_argument("--atol", type=float, default=0.0,
                    help="largest absolute difference counted as equal (default 0: bitwise equality)")
     p.add_argument("--ignore-dtype", action="store_true",
@@ -160,6 +165,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.serving:
+        from checkpoints_convert.serving import check_serving
+        return check_serving(args.a)
+    if args.b is None:
+        raise ValueError("verify needs two checkpoints A B (or --serving A)")
     if args.atol < 0:
         raise ValueError("--atol must be >= 0")
     return verify(args.a, args.b, args.atol, args.ignore_dtype, args.max_report, progress=args.progress)

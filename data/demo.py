@@ -27,6 +27,15 @@ TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo",
 VOCAB_SIZE = 2000
 
 
+def run_tokenizer_dir(tokenizer: str = "", init_from: str = "") -> str:
+    """The tokenizer a run uses: data.tokenizer, else model.init_from's when it has one, else the demo's."""
+    if tokenizer:
+        return tokenizer
+    if init_from and os.path.exists(os.path.join(init_from, "tokenizer.json")):
+        return init_from
+    return TOKENIZER_DIR
+
+
 # ---------------------------------------------------------------- corpus
 
 def generate(seed=DEFAULT_SEED, sizes=None):

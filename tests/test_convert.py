@@ -96,8 +96,8 @@ def test_hf_config_round_trip(converted):
     for key in ARCH_FIELDS:
         if key in ref:
             assert out[key] == ref[key]
-    assert out["auto_map"]["AutoModelForCausalLM"] == "modeling_bailing_moe.BailingMoeForCausalLM"
-    assert out["auto_map"]["AutoConfig"] == "configuration_bailing_moe.BailingMoeConfig"
+    # The fixture ships no modeling_bailing_moe.py, so an auto_map would point at missing files.
+    assert "auto_map" not in out and not list((converted / "hf").glob("*.py"))
 
 
 def test_native_layout(converted, golden):

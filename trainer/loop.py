@@ -290,8 +290,9 @@ class Trainer:
         hf_dir = os.path.join(self.opts.output_dir, "hf")
         if self.info.is_main:
             from checkpoints_convert.dcp_to_hf import dcp_to_hf
+            from trainer.sources import export_sources
 
-            dcp_to_hf(checkpoint, hf_dir, overwrite=True)
+            dcp_to_hf(checkpoint, hf_dir, overwrite=True, **export_sources(self.opts))
             self.logger.info(f"exported Hugging Face checkpoint to {hf_dir}")
         if dist.is_initialized():
             dist.barrier()

@@ -15,7 +15,7 @@ import os
 
 import torch.distributed as dist
 
-from data.demo import TOKENIZER_DIR as DEMO_TOKENIZER  # the demo tokenizer's one path is data/demo.py's
+from data.demo import run_tokenizer_dir  # the rule is data/demo.py's: dcp_to_hf applies it too
 from trainer.errors import TrainerError
 
 # A from-scratch model embeds the tokenizer's ids rounded up to this, for matmul-friendly shapes.
@@ -28,16 +28,18 @@ def _barrier():
 
 
 def resolve_tokenizer_dir(opts) -> str:
-    if opts.data.tokenizer:
-        tok = opts.data.tokenizer
-        if not os.path.exists(os.path.join(tok, "tokenizer.json") if os.path.isdir(tok) else tok):
-            raise TrainerError(f"data.tokenizer: {tok}: no tokenizer.json there (give a Hugging Face tokenizer "
-                               f"directory, or leave data.tokenizer empty for the model's or the demo tokenizer)")
-        return tok
-    init = opts.model.init_from
-    if init and os.path.exists(os.path.join(init, "tokenizer.json")):
-        return init
-    return DEMO_TOKENIZER
+    tok = opts.data.tokenizer
+    if tok and not os.path.exists(os.path.join(tok, "tokenizer.json") if os.path.isdir(tok) else tok):
+        raise TrainerError(f"data.tokenizer: {tok}: no tokenizer.json there (give a Hugging Face tokenizer "
+                           f"directory, or leave data.tokenizer empty for the model's or the demo tokenizer)")
+    return run_tokenizer_dir(tok, opts.model.init_from)
+
+
+def export_sources(opts) -> dict:
+    """What goes beside the weights of this run's HF export (dcp_to_hf's keywords): the tokenizer it
+    trained with (none for synthetic token rows), the directory it started from, its template option."""
+    return {"tokenizer": None if opts.data.synthetic else resolve_tokenizer_dir(opts),
+            "source_hf": opts.model.init_from or None, "eos_every_turn": opts.data.eos_every_turn}
 
 
 def _cache_dir(opts) -> str:

@@ -1,0 +1,139 @@
+"""Is an HF export complete for serving? (``python -m checkpoints_convert.verify --serving DIR``)
+
+Checks, each reported on one line (``ok`` / ``MISSING`` / ``BAD`` / ``skipped``): the weights
+(validated as open_checkpoint validates them), config.json (HF bailing_moe, every auto_map module
+present), the tokenizer (loads with `tokenizers`, fits the embedding), the chat template in
+tokenizer_config.json, generation_config.json (its eos id is the tokenizer's), and whether the
+chat template renders data/hf_template.SAMPLE_CONVERSATIONS exactly as data.template.render_chat
+does (with either eos placement; needs jinja2, skipped without it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from checkpoints_convert.export_files import GENERATION_CONFIG, TOKENIZER_CONFIG
+from checkpoints_convert.io import CheckpointError
+
+
+def _json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f), None
+    except (OSError, json.JSONDecodeError) as e:
+        return None, f"{path}: {e}"
+
+
+def template_matches(template: str) -> tuple[bool | None, str]:
+    """(True/False, which eos placement or the first mismatch); (None, why) when jinja2 is absent."""
+    try:
+        import jinja2  # noqa: F401
+    except ImportError:
+        return None, "jinja2 is not installed, the template was not rendered"
+    from data.hf_template import SAMPLE_CONVERSATIONS, render_with_jinja
+    from data.template import render_chat
+
+    first_diff = ""
+    for every, how in ((False, "eos after the last answer"), (True, "eos after every answer")):
+        for i, conv in enumerate(SAMPLE_CONVERSATIONS):
+            try:
+                got = render_with_jinja(template, conv, add_generation_prompt=conv[-1]["role"] != "assistant")
+            except Exception as e:  # a template error of any kind is a failed check
+                got = f"<error: {e}>"
+            want = render_chat(conv, eos_every_turn=every)
+            if got != want:
+                if not first_diff:
+                    first_diff = f"conversation {i}: rendered {got!r}, data/template.py renders {want!r}"
+                break
+        else:
+            return True, f"renders the {len(SAMPLE_CONVERSATIONS)} test conversations as data/template.py ({how})"
+    return False, first_diff
+
+
+def check_serving(path: str, out=None) -> int:
+    """Print one line per check; 0 when complete for serving, 1 otherwise."""
+    out = sys.stdout if out is None else out
+    bad = 0
+
+    def line(status, what, detail):
+        nonlocal bad
+        bad += status not in ("ok", "skipped")
+        print(f"{status:8s}{what}: {detail}", file=out)
+
+    from checkpoints_convert.checkpoint import open_checkpoint
+
+    cfg = None
+    try:
+        with open_checkpoint(path) as ck:
+            kind, cfg = ck.kind, ck.cfg
+            n = len(ck.names)
+        if kind != "hf":
+            line("BAD", "weights", f"a {kind} checkpoint; serving stacks read the HF layout (native_to_hf)")
+        else:
+            line("ok", "weights", f"all {n} tensors (counted by native name) present, shapes as config.json implies")
+    except CheckpointError as e:
+        line("BAD", "weights", str(e))
+    raw, err = _json(os.path.join(path, "config.json"))
+    if raw is not None and cfg is not None:
+        auto = raw.get("auto_map") or {}
+        missing = sorted({v.rsplit(".", 1)[0] + ".py" for v in auto.values() if isinstance(v, str) and "--" not in v
+                          and not os.path.isfile(os.path.join(path, v.rsplit(".", 1)[0] + ".py"))})
+        if missing:
+            line("BAD", "config", f"auto_map names {', '.join(missing)}, not in {path}")
+        else:
+            code = "with its model code" if auto else "no auto_map (vLLM/SGLang implement bailing_moe natively)"
+            line("ok", "config", f"model_type {raw.get('model_type')}, {code}")
+    elif err:
+        line("BAD", "config", err)
+
+    tok = None
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        line("MISSING", "tokenizer", f"no tokenizer.json in {path}")
+    else:
+        from data import load_tokenizer
+        from data.errors import DataError
+        try:
+            tok = load_tokenizer(path)
+        except DataError as e:
+            line("BAD", "tokenizer", str(e))
+        else:
+            if cfg is not None and tok.vocab_size > cfg.vocab_size:
+                line("BAD", "tokenizer", f"{tok.vocab_size} ids but the model embeds {cfg.vocab_size}")
+            elif tok.eos_id is None:
+                line("BAD", "tokenizer", "no eos token")
+            else:
+                line("ok", "tokenizer", f"{tok.vocab_size} ids, eos {tok.eos_token!r} = {tok.eos_id}")
+
+    tcfg, err = _json(os.path.join(path, TOKENIZER_CONFIG))
+    template = None
+    if tcfg is None:
+        line("MISSING", "chat template", f"no readable {TOKENIZER_CONFIG}" + (f" ({err})" if os.path.exists(
+            os.path.join(path, TOKENIZER_CONFIG)) else ""))
+    else:
+        template = tcfg.get("chat_template")
+        if isinstance(template, list):  # [{name, template}, ...]: the "default" one serves
+            template = next((t.get("template") for t in template if isinstance(t, dict)
+                             and t.get("name") == "default"), None)
+        if isinstance(template, str) and template:
+            line("ok", "chat template", f"in {TOKENIZER_CONFIG}")
+        else:
+            template = None
+            line("MISSING", "chat template", f"{TOKENIZER_CONFIG} has no chat_template")
+
+    gen, err = _json(os.path.join(path, GENERATION_CONFIG))
+    if gen is None:
+        line("MISSING", "generation config", f"no readable {GENERATION_CONFIG}")
+    else:
+        eos = gen.get("eos_token_id")
+        ids = eos if isinstance(eos, list) else [eos]
+        if tok is not None and tok.eos_id not in ids:
+            line("BAD", "generation config", f"eos_token_id {eos} does not hold the tokenizer's eos id {tok.eos_id}")
+        else:
+            line("ok", "generation config", f"eos_token_id {eos}, do_sample {gen.get('do_sample', False)}")
+
+    if template is not None:
+        ok, detail = template_matches(template)
+        line("skipped" if ok is None else "ok" if ok else "BAD", "template renders as trained", detail)
+    print("complete for serving" if not bad else f"NOT complete for serving: {bad} problem(s)", file=out)
+    return 0 if not bad else 1
