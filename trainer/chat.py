@@ -13,7 +13,6 @@ When the conversation no longer fits the model's context, the oldest turns are d
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
@@ -121,7 +120,7 @@ def main(argv=None, stdin=None, stdout=None) -> int:
     out = stdout or sys.stdout
     import data
     from checkpoints_convert import CheckpointError, load_checkpoint
-    from trainer.sources import DEMO_TOKENIZER
+    from data.demo import run_tokenizer_dir
 
     if a.temperature < 0:
         print("error: --temperature must be >= 0", file=sys.stderr)
@@ -132,7 +131,7 @@ def main(argv=None, stdin=None, stdout=None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tok_dir = a.tokenizer or (a.model if os.path.exists(os.path.join(a.model, "tokenizer.json")) else DEMO_TOKENIZER)
+    tok_dir = run_tokenizer_dir(a.tokenizer, a.model)  # the model's own tokenizer when it has one, else the demo's
     try:
         tok = data.load_tokenizer(tok_dir)
     except data.DataError as e:

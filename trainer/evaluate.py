@@ -301,9 +301,9 @@ def git_state() -> str:
 def load_model_and_tokenizer(path: str, tokenizer: str = "", backend: str = "torch"):
     import data
     from checkpoints_convert import load_checkpoint
-    from trainer.sources import DEMO_TOKENIZER
+    from data.demo import run_tokenizer_dir
 
-    tok_dir = tokenizer or (path if os.path.exists(os.path.join(path, "tokenizer.json")) else DEMO_TOKENIZER)
+    tok_dir = run_tokenizer_dir(tokenizer, path)  # the export's own tokenizer when it has one, else the demo's
     tok = data.load_tokenizer(tok_dir)
     model = load_checkpoint(path, dtype=torch.float32, expert_backend=backend).eval()
     return model, tok
