@@ -44,7 +44,7 @@ def demo_model(path: str | None):
 
         return load_checkpoint(path, dtype=torch.float32, expert_backend="torch").eval()
     import data
-    from trainer.sources import DEMO_TOKENIZER
+    from data.demo import TOKENIZER_DIR as DEMO_TOKENIZER
 
     tok = data.load_tokenizer(DEMO_TOKENIZER)
     cfg = BailingMoeConfig.preset("tiny", vocab_size=(tok.vocab_size + 63) // 64 * 64, eos_token_id=tok.eos_id,
@@ -57,7 +57,7 @@ def demo_model(path: str | None):
 def demo_prompt() -> list[int]:
     import data
     from data.demo import generate
-    from trainer.sources import DEMO_TOKENIZER
+    from data.demo import TOKENIZER_DIR as DEMO_TOKENIZER
 
     tok = data.load_tokenizer(DEMO_TOKENIZER)
     rec = generate(seed=7, sizes={"general": 0, "tool": 0, "reasoning": 1, "dpo": 0})["sft_reasoning"][0]

@@ -10,7 +10,7 @@ import moe
 from checkpoints_convert import save_hf
 from moe import BailingMoeConfig, BailingMoeForCausalLM
 from trainer import chat
-from trainer.sources import DEMO_TOKENIZER
+from data.demo import TOKENIZER_DIR as DEMO_TOKENIZER
 
 
 @pytest.fixture(scope="module")

@@ -192,7 +192,7 @@ def test_cli_compares_models_side_by_side(tmp_path, capsys):
     import data
     from checkpoints_convert import save_hf
     from trainer import evaluate
-    from trainer.sources import DEMO_TOKENIZER
+    from data.demo import TOKENIZER_DIR as DEMO_TOKENIZER
 
     tok = data.load_tokenizer(DEMO_TOKENIZER)
     paths = []
