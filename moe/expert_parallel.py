@@ -61,6 +61,19 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
 def _local(p: torch.Tensor) -> torch.Tensor:
     """This rank's experts of a weight: the local shard of a DTensor, or the tensor itself."""
     return p.to_local() if hasattr(p, "to_local") else p
@@ -70,7 +83,11 @@ class ExpertParallelExperts(nn.Module):
     """GroupedExperts' forward (x_TH, topk_ids_TK with global ids, topk_weights_TK) -> y_TH with this
     rank's El experts stored as ``w_gate_up`` [El, 2I, H] and ``w_down`` [El, H, I]: plain tensors, or
     DTensors of global shape [E, ...] sharded Shard(0) over a 1-D ep mesh (what DCP and FSDP2 need;
-    ``apply_expert_parallel(..., mesh=...)`` makes them). Parameter names equal GroupedExperts'."""
+    ``apply_expert_parallel(..., mesh=...)`` makes them). Parameter names equal GroupedExperts'.
+
+    ``grad_scale`` multiplies the weights' gradients: a data-parallel wrapper that averages expert
+    gradients over the world/ep copies of an expert while the rest is averaged over all ranks sets
+    1/ep (each expert's gradient already sums the tokens of its whole EP group)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, backend: str, group):
         super().__init__()
@@ -82,6 +99,7 @@ class ExpertParallelExperts(nn.Module):
         if num_experts % self.ep:
             raise ValueError(f"{num_experts} experts cannot be split evenly over {self.ep} expert-parallel ranks")
         self.num_experts, self.backend = num_experts, backend
+        self.grad_scale = 1.0
         n = num_experts // self.ep
         self.w_gate_up = nn.Parameter(torch.empty(n, 2 * intermediate_size, hidden_size))
         self.w_down = nn.Parameter(torch.empty(n, hidden_size, intermediate_size))
@@ -92,6 +110,8 @@ class ExpertParallelExperts(nn.Module):
         E, ep = self.num_experts, self.ep
         El = E // ep
         w_gu, w_d = _local(self.w_gate_up), _local(self.w_down)
+        if self.grad_scale != 1.0:
+            w_gu, w_d = _ScaleGrad.apply(w_gu, self.grad_scale), _ScaleGrad.apply(w_d, self.grad_scale)
         # 2. slots in global expert order; counts over ALL tokens (padding is computed too, as without EP)
         flat = topk_ids_TK.reshape(-1)
         order = torch.argsort(flat, stable=True)

@@ -134,9 +134,10 @@ def shard_model(model: nn.Module, mesh, param_dtype: torch.dtype | None, compile
         experts = getattr(layer.mlp, "experts", None)
         if ep_mesh is not None and isinstance(experts, ExpertParallelExperts):
             fully_shard(experts, mesh=ep_mesh["edp"], mp_policy=mp)
-            # Each rank's expert gradient already sums the tokens of its whole EP group: divide by all
-            # ranks (as FSDP does for the rest), not by the edp copies only.
-            experts.set_gradient_divide_factor(float(mesh.size()))
+            # Each rank's expert gradient already sums the tokens of its whole EP group: FSDP divides
+            # by the edp copies, 1/ep more makes it all ranks, as for the rest. (A scale in backward,
+            # not FSDP's set_gradient_divide_factor: that needs PREMUL_SUM, which gloo lacks.)
+            experts.grad_scale = 1.0 / ep_mesh["ep"].size()
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
 
