@@ -133,7 +133,11 @@ def build_model(opts: Options, info: parallel.DistInfo, task: Task) -> tuple[Bai
         parallel.apply_activation_checkpointing(model)
     param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[opts.model.param_dtype] \
         if info.device.type == "cuda" else None
-    parallel.shard_model(model, info.mesh, param_dtype, compile_blocks=opts.model.compile)
+    ep = opts.parallel.ep
+    if ep > 1 and cfg.num_experts % ep:
+        raise TrainerError(f"parallel.ep ({ep}) must divide the model's {cfg.num_experts} routed experts")
+    ep_mesh = parallel.expert_mesh(info.device.type, info.world_size, ep) if ep > 1 else None
+    parallel.shard_model(model, info.mesh, param_dtype, compile_blocks=opts.model.compile, ep_mesh=ep_mesh)
     if get_full is None:
         seed = opts.train.seed
         def get_full(name, p, rows):
@@ -191,9 +195,30 @@ class _StopFlag:
 
 def _grad_norm(model, max_norm: float) -> torch.Tensor:
     params = [p for p in model.parameters() if p.grad is not None]
+    meshes = {getattr(p.grad, "device_mesh", None) for p in params}
+    if len(meshes) > 1:  # expert parallelism: DTensor ops cannot mix meshes, so one norm per mesh
+        return _grad_norm_by_mesh(params, max_norm)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
+    return norm
+
+
+def _grad_norm_by_mesh(params, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ for gradients on several meshes: the total norm from each mesh's norm."""
+    groups: dict = {}
+    for p in params:
+        groups.setdefault(p.grad.device_mesh, []).append(p.grad)
+    norms = []
+    for grads in groups.values():
+        n = torch.nn.utils.get_total_norm(grads, foreach=True)
+        norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
+    norm = torch.linalg.vector_norm(torch.stack(norms))
+    if max_norm > 0:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for grads in groups.values():
+            for g in grads:
+                g.mul_(coef)
     return norm
 
 

@@ -92,6 +92,13 @@ class TrainOptions:
 
 
 @dataclass
+class ParallelOptions:
+    ep: int = opt(1, "expert parallelism: each group of ep consecutive ranks splits the routed experts (E/ep "
+                     "whole experts per rank, tokens sent by all-to-all); expert weights are FSDP-sharded over the "
+                     "other world/ep ranks, everything else over all ranks. 1 = no expert parallelism")
+
+
+@dataclass
 class CheckpointOptions:
     every: int = opt(100, "save a checkpoint every N steps (and always at the end); 0 = only at the end")
     keep_last: int = opt(2, "checkpoints to keep (older ones are deleted after a successful save)")
@@ -124,7 +131,8 @@ DPO_REFERENCES = ("precomputed", "live")
 DPO_NLL_AVERAGES = ("sequence", "token")
 
 SFT_SECTIONS = dict(model=ModelOptions, data=DataOptions, optim=OptimOptions, train=TrainOptions,
-                    checkpoint=CheckpointOptions, log=LogOptions)
+                    checkpoint=CheckpointOptions, log=LogOptions,
+                    parallel=ParallelOptions)
 DPO_SECTIONS = dict(SFT_SECTIONS, dpo=DPOOptions)
 
 

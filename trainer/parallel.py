@@ -105,16 +105,39 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         layer.forward = forward
 
 
-def shard_model(model: nn.Module, mesh, param_dtype: torch.dtype | None, compile_blocks: bool = False) -> None:
+def expert_mesh(device_type: str, world_size: int, ep: int):
+    """The 2-D mesh (edp, ep) for expert parallelism: ep consecutive ranks share the experts (the
+    all-to-all stays inside a node when ep divides the GPUs per node), edp = world/ep copies of them."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if ep < 1 or world_size % ep:
+        raise TrainerError(f"parallel.ep ({ep}) must divide the number of ranks ({world_size})")
+    return init_device_mesh(device_type, (world_size // ep, ep), mesh_dim_names=("edp", "ep"))
+
+
+def shard_model(model: nn.Module, mesh, param_dtype: torch.dtype | None, compile_blocks: bool = False,
+                ep_mesh=None) -> None:
     """FSDP2: each decoder block its own unit (gathered just before use, freed after), then the root
     (embeddings, final norm, lm_head). Mixed precision computes in ``param_dtype`` and reduces
-    gradients in fp32."""
+    gradients in fp32. With ``ep_mesh`` (expert_mesh's), the routed experts are split over its "ep"
+    dimension (moe.expert_parallel) and FSDP-sharded over "edp" as their own unit."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+    if ep_mesh is not None:
+        from moe.expert_parallel import ExpertParallelExperts, apply_expert_parallel
+
+        apply_expert_parallel(model, mesh=ep_mesh["ep"])
     for layer in model.model.layers:
         if compile_blocks:
             layer.compile()
+        experts = getattr(layer.mlp, "experts", None)
+        if ep_mesh is not None and isinstance(experts, ExpertParallelExperts):
+            fully_shard(experts, mesh=ep_mesh["edp"], mp_policy=mp)
+            # Each rank's expert gradient already sums the tokens of its whole EP group: FSDP divides
+            # by the edp copies, 1/ep more makes it all ranks, as for the rest. (A scale in backward,
+            # not FSDP's set_gradient_divide_factor: that needs PREMUL_SUM, which gloo lacks.)
+            experts.grad_scale = 1.0 / ep_mesh["ep"].size()
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
 
@@ -128,14 +151,18 @@ def materialize(model: nn.Module, device: torch.device, get_value) -> None:
     only for its own rows, so each rank reads only the part of a checkpoint it holds (for stacked
     experts: only its experts) and memory peaks at one shard, never the model.
     """
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
     model.to_empty(device=device)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
     for name, p in model.named_parameters():
-        if isinstance(p, DTensor) and p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),):
+        if isinstance(p, DTensor):  # a block of rows of dim 0 (FSDP2's Shard(0), under EP too): read only it
+            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            rows_only = tuple(shape[1:]) == tuple(p.shape[1:]) and not any(offset[1:])
+        if isinstance(p, DTensor) and rows_only and p.to_local().shape == torch.Size(shape):
             local = p.to_local()
-            n, W = p.shape[0], p.device_mesh.size()
-            start = min(n, p.device_mesh.get_local_rank() * -(-n // W))  # torch.chunk's split
+            start = min(p.shape[0], offset[0]) if shape[0] else p.shape[0]
             value = get_value(name, p, (start, start + local.shape[0]))
             local.copy_(value.to(device=device, dtype=local.dtype))
         elif isinstance(p, DTensor):

@@ -1,0 +1,86 @@
+"""trainer.plan's memory estimate against the measured peak of CPU training steps (one process, fp32).
+
+    PYTHONPATH=. python benchmarks/plan_vs_measured.py [--out benchmarks/plan_vs_measured_cpu.json]
+
+Each case runs in a fresh process: peak resident memory (ru_maxrss) after two AdamW steps of the
+model, minus the resident memory after importing torch and before building the model, against the
+planner's terms for one GPU in fp32 (no FSDP: nothing is gathered, so the planner's gathered term
+is left out of the compared total). RSS also holds allocator slack and freed-but-kept pages, so
+agreement within tens of percent is what to expect.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+CFG = dict(vocab_size=8192, hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+           intermediate_size=1024, moe_intermediate_size=256, num_experts=16, num_experts_per_tok=4,
+           num_shared_experts=1, first_k_dense_replace=1, torch_dtype="float32", expert_backend="torch")
+SEQ, BATCH = 512, 2
+
+
+def _measure(ac: bool) -> dict:
+    import resource
+
+    import torch
+
+    torch.set_num_threads(2)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from moe.config import BailingMoeConfig
+    from moe.model import BailingMoeForCausalLM
+    from moe.router import checkpoint_context_fn
+    from torch.utils.checkpoint import checkpoint
+
+    model = BailingMoeForCausalLM(BailingMoeConfig(**CFG))
+    if ac:
+        for layer in model.model.layers:
+            inner = layer.forward
+            layer.forward = (lambda *a, _i=inner, _l=layer, **k: checkpoint(
+                _i, *a, use_reentrant=False, context_fn=lambda: checkpoint_context_fn(_l), **k))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, CFG["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        out = model(ids, labels=ids, return_logits=False)
+        (out.loss + out.aux_loss).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # gradients stay allocated, as under FSDP
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"measured_gib": (peak - base) / 2 ** 30}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "plan_vs_measured_cpu.json"))
+    p.add_argument("--case", choices=["ac", "no_ac"], help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.case:  # child process
+        print(json.dumps(_measure(a.case == "ac")))
+        return
+    from moe.config import BailingMoeConfig
+    from trainer.plan import plan
+
+    cfg = BailingMoeConfig(**CFG)
+    rows = []
+    for case in ("no_ac", "ac"):
+        got = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True, check=True)
+        measured = json.loads(got.stdout.strip().splitlines()[-1])["measured_gib"]
+        lay = plan(cfg, gpus=1, gpu_memory_gib=1e9, seq_len=SEQ, micro_batch=BATCH,
+                   activation_checkpointing=case == "ac", compute_bytes=4)
+        est = lay.total_gib - lay.gathered_gib
+        rows.append(dict(case=case, measured_gib=round(measured, 4), estimated_gib=round(est, 4),
+                         ratio=round(est / measured, 3), params_gib=lay.params_gib, grads_gib=lay.grads_gib,
+                         optimizer_gib=lay.optimizer_gib, activations_gib=lay.activations_gib))
+        print(rows[-1])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    import torch
+
+    with open(a.out, "w") as f:
+        json.dump({"commit": commit, "torch": torch.__version__, "device": "cpu (2 cores)", "config": CFG,
+                   "seq_len": SEQ, "micro_batch": BATCH, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""trainer.plan against hand-derived counts for a small config (exact terms: parameters, sharded
+state, the gathered block under EP, the all-to-all traffic) and its recommendation."""
+import json
+
+import pytest
+
+from moe.config import BailingMoeConfig
+from trainer.errors import TrainerError
+from trainer.plan import GIB, main, param_counts, plan
+
+CFG = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+           intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+           num_shared_experts=1, first_k_dense_replace=1, torch_dtype="float32")
+
+
+def test_counts_and_exact_terms():
+    cfg = BailingMoeConfig(**CFG)
+    c = param_counts(cfg)
+    assert c["total"] == cfg.num_params()  # the config's own formula, independent of the meta model
+    assert c["routed"] == 1 * 8 * 3 * 32 * 16  # one MoE layer, E * (2I*H + H*I)
+    one = plan(cfg, gpus=4, gpu_memory_gib=80, seq_len=64, micro_batch=2, ep=1)
+    four = plan(cfg, gpus=4, gpu_memory_gib=80, seq_len=64, micro_batch=2, ep=4)
+    assert one.optimizer_gib * GIB == pytest.approx(8 * c["total"] / 4)
+    assert one.params_gib == four.params_gib and one.grads_gib * GIB == pytest.approx(4 * c["total"] / 4)
+    # A MoE block gathers E/ep experts under EP: 3/4 of 12288 routed weights less, at 2+2+4 bytes each.
+    assert (one.gathered_gib - four.gathered_gib) * GIB == pytest.approx(12288 * 3 / 4 * 8)
+    # EP4: 4 exchanges of T*K*H bf16 rows per MoE layer, 3/4 of them leave the GPU; none without EP.
+    rows = 128 * 2 * 32 * 2
+    assert four.all_to_all_comm_gib_per_step * GIB == pytest.approx(4 * rows * 3 / 4)
+    assert one.all_to_all_comm_gib_per_step == 0 and one.all_to_all_gib == 0
+    ac = plan(cfg, gpus=4, gpu_memory_gib=80, seq_len=64, micro_batch=2, ep=4, activation_checkpointing=True)
+    assert ac.activations_gib < four.activations_gib
+    assert ac.all_to_all_comm_gib_per_step * GIB == pytest.approx(6 * rows * 3 / 4)  # the recompute's two
+    with pytest.raises(TrainerError, match="must divide"):
+        plan(cfg, gpus=4, gpu_memory_gib=80, seq_len=64, micro_batch=2, ep=3)
+
+
+def test_cli_recommends_a_layout_that_fits(capsys):
+    res = main(["--model", "ling-lite", "--gpus", "16", "--gpu-memory-gib", "80", "--seq-len", "4096", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["recommended"] == res["recommended"]
+    best = next(lay for lay in res["layouts"] if lay["name"] == res["recommended"])
+    assert best["fits"] and best["total_gib"] <= 72
+    # Too little memory for any layout: none is recommended.
+    assert main(["--model", "ling-lite", "--gpus", "2", "--gpu-memory-gib", "16", "--json"])["recommended"] is None

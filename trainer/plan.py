@@ -1,0 +1,166 @@
+"""Memory per GPU and communication per step for FSDP-only and FSDP+EP layouts, and a recommendation.
+
+    python -m trainer.plan --model ling-lite --gpus 16 --gpu-memory-gib 80 --seq-len 4096 --micro-batch 1
+    python -m trainer.plan --model path/to/config.json ...     (an HF config.json or its directory)
+
+Parameter counts are exact (the model is built on the meta device). Everything else is an estimate
+of the largest terms, with these assumptions:
+  - sharded state: fp32 master weights, fp32 gradients, AdamW's two fp32 moments, over all ranks
+    (experts are split over ep x edp = all ranks too);
+  - gathered working set: two blocks in the compute dtype (the current one and FSDP2's prefetch)
+    plus one block's unsharded gradient in fp32; under EP a block holds only E/ep routed experts;
+  - activations: the tensors autograd keeps per token and layer (the main ones: norms, qkv,
+    attention output, residuals, router probabilities, the K routed rows through the expert MLP,
+    the shared expert, the fp32 combine), times the micro-batch's tokens; with activation
+    checkpointing only each block's input plus one block recomputed; plus one 4096-token chunk of
+    fp32 logits and their gradient;
+  - all-to-all buffers: send, receive, return and unsort of one block's T*K rows (balanced routing);
+  - communication (bytes each GPU sends): FSDP all-gathers in forward and backward per micro-batch
+    and one reduce-scatter per step; EP's four exchanges per MoE block and micro-batch (six with
+    activation checkpointing, whose recompute repeats the forward's two).
+Not counted: the CUDA context and allocator slack (a few GiB), temporary buffers inside kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+from moe.config import BailingMoeConfig
+from moe.model import BailingMoeForCausalLM
+from trainer.errors import TrainerError, exit_on_error
+
+GIB = 2 ** 30
+CE_CHUNK = 4096
+
+
+@dataclass
+class Layout:
+    name: str
+    ep: int
+    activation_checkpointing: bool
+    params_gib: float
+    grads_gib: float
+    optimizer_gib: float
+    gathered_gib: float
+    activations_gib: float
+    all_to_all_gib: float
+    total_gib: float
+    fsdp_comm_gib_per_step: float
+    all_to_all_comm_gib_per_step: float
+    fits: bool
+
+
+def load_config(model: str) -> BailingMoeConfig:
+    if os.path.isdir(model) or model.endswith(".json"):
+        return BailingMoeConfig.from_hf(model)
+    return BailingMoeConfig.preset(model)
+
+
+def param_counts(cfg: BailingMoeConfig) -> dict:
+    """Exact counts from a meta-device model: total, routed experts, the largest block without its
+    routed experts (and its routed experts), the root (embeddings, norm, head)."""
+    with torch.device("meta"):
+        model = BailingMoeForCausalLM(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    routed = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("experts.w_gate_up", "experts.w_down")))
+    blocks = []
+    for layer in model.model.layers:
+        r = sum(p.numel() for n, p in layer.named_parameters() if n.endswith(("experts.w_gate_up", "experts.w_down")))
+        blocks.append((sum(p.numel() for p in layer.parameters()) - r, r))
+    root = total - sum(a + b for a, b in blocks)
+    return dict(total=total, routed=routed, blocks=blocks, root=root)
+
+
+def activation_bytes_per_token(cfg: BailingMoeConfig, layer_idx: int, act_bytes: int) -> float:
+    H, K, E = cfg.hidden_size, cfg.num_experts_per_tok, cfg.num_experts
+    attn = 4 * H + (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim \
+        + 2 * cfg.num_attention_heads * cfg.head_dim
+    if not cfg.is_moe_layer(layer_idx):
+        return act_bytes * (attn + 3 * cfg.intermediate_size)
+    I, Is = cfg.moe_intermediate_size, cfg.moe_intermediate_size * cfg.num_shared_experts
+    moe = act_bytes * (K * (2 * H + 3 * I) + 3 * Is) + 4 * (K * H + 2 * E)
+    return act_bytes * attn + moe
+
+
+def plan(cfg: BailingMoeConfig, gpus: int, gpu_memory_gib: float, seq_len: int, micro_batch: int,
+         accumulation: int = 1, ep: int = 1, activation_checkpointing: bool = False,
+         compute_bytes: int = 2) -> Layout:
+    if gpus % ep or cfg.num_experts % ep:
+        raise TrainerError(f"ep {ep} must divide the GPUs ({gpus}) and the routed experts ({cfg.num_experts})")
+    c = param_counts(cfg)
+    N, edp, T = gpus, gpus // ep, seq_len * micro_batch
+    params, grads, optim = 4 * c["total"] / N, 4 * c["total"] / N, 8 * c["total"] / N
+    unit = max([rest + routed / ep for rest, routed in c["blocks"]] + [c["root"]])
+    gathered = unit * (2 * compute_bytes + 4)
+    per_layer = [activation_bytes_per_token(cfg, i, compute_bytes) * T for i in range(cfg.num_hidden_layers)]
+    if activation_checkpointing:
+        acts = compute_bytes * cfg.hidden_size * T * cfg.num_hidden_layers + max(per_layer)
+    else:
+        acts = sum(per_layer)
+    acts += 2 * 4 * min(CE_CHUNK, T) * cfg.vocab_size
+    rows = T * cfg.num_experts_per_tok * cfg.hidden_size * compute_bytes
+    a2a = 4 * rows if ep > 1 else 0.0
+    rest = c["total"] - c["routed"]
+    fsdp = accumulation * 2 * compute_bytes * (rest * (N - 1) / N + c["routed"] / ep * (edp - 1) / edp) \
+        + 4 * (rest * (N - 1) / N + c["routed"] / ep * (edp - 1) / edp)
+    exchanges = 6 if activation_checkpointing else 4
+    a2a_comm = accumulation * cfg.num_moe_layers * exchanges * rows * (ep - 1) / ep
+    total = params + grads + optim + gathered + acts + a2a
+    name = "FSDP" if ep == 1 else f"FSDP+EP{ep}"
+    return Layout(name + (" +AC" if activation_checkpointing else ""), ep, activation_checkpointing,
+                  params / GIB, grads / GIB, optim / GIB, gathered / GIB, acts / GIB, a2a / GIB, total / GIB,
+                  fsdp / GIB, a2a_comm / GIB, total / GIB <= 0.9 * gpu_memory_gib)
+
+
+def recommend(layouts: list[Layout]) -> Layout | None:
+    """The layout that fits (90% of the memory) with the least communication, without activation
+    checkpointing when one fits without it (recompute costs a third more compute)."""
+    fitting = [lay for lay in layouts if lay.fits]
+    if not fitting:
+        return None
+    no_ac = [lay for lay in fitting if not lay.activation_checkpointing]
+    pool = no_ac or fitting
+    return min(pool, key=lambda lay: (lay.fsdp_comm_gib_per_step + lay.all_to_all_comm_gib_per_step, lay.total_gib))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m trainer.plan", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="ling-lite", help="preset name, or an HF config.json (or its directory)")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--accumulation", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="EP degrees considered divide this")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    a = p.parse_args(argv)
+    cfg = load_config(a.model)
+    eps = [e for e in range(1, min(a.gpus, a.gpus_per_node) + 1)
+           if a.gpus % e == 0 and a.gpus_per_node % e == 0 and cfg.num_experts % e == 0]
+    layouts = [plan(cfg, a.gpus, a.gpu_memory_gib, a.seq_len, a.micro_batch, a.accumulation, ep, ac)
+               for ac in (False, True) for ep in eps]
+    best = recommend(layouts)
+    result = {"layouts": [asdict(lay) for lay in layouts], "recommended": best.name if best else None}
+    if a.json:
+        print(json.dumps(result, indent=2))
+        return result
+    cols = ["params", "grads", "optimizer", "gathered", "activations", "all_to_all", "total"]
+    print(f"{'layout':<16}" + "".join(f"{c:>12}" for c in cols) + f"{'fsdp comm':>12}{'a2a comm':>12}  fits")
+    for lay in layouts:
+        d = asdict(lay)
+        print(f"{lay.name:<16}" + "".join(f"{d[c + '_gib']:>12.2f}" for c in cols)
+              + f"{lay.fsdp_comm_gib_per_step:>12.2f}{lay.all_to_all_comm_gib_per_step:>12.2f}  {lay.fits}")
+    print("GiB per GPU; communication in GiB each GPU sends per step")
+    print(f"recommended: {best.name}" if best else
+          "recommended: none fits; use more GPUs, a shorter sequence or a smaller micro-batch")
+    return result
+
+
+if __name__ == "__main__":
+    with exit_on_error():
+        main(sys.argv[1:])
