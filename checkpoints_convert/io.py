@@ -113,6 +113,8 @@ class SafetensorsReader:
                     raise KeyError("weight_map is not an object")
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            for name, fname in weight_map.items():
+                self._check_inside(index, name, fname)
             self.weight_map: dict[str, str] = weight_map
         elif os.path.exists(os.path.join(self.path, SINGLE_NAME)):
             self.weight_map = {}
@@ -122,6 +124,30 @@ class SafetensorsReader:
         for fname in sorted(set(self.weight_map.values())):
             if not os.path.isfile(os.path.join(self.path, fname)):
                 raise CheckpointError(f"{os.path.join(self.path, fname)}: shard named in {INDEX_NAME} is missing")
+
+    def _roots(self) -> list[str]:
+        """Where this checkpoint's files may really be: its directory, and for a Hugging Face hub
+        cache snapshot (<repo>/snapshots/<rev>/, files symlinked to ../../blobs/) the repo's blobs/."""
+        real = os.path.realpath(self.path)
+        roots = [real]
+        if os.path.basename(os.path.dirname(real)) == "snapshots":
+            roots.append(os.path.join(os.path.dirname(os.path.dirname(real)), "blobs"))
+        return roots
+
+    def _check_inside(self, index: str, name: str, fname: object) -> None:
+        """Refuse an index entry that names a file outside the checkpoint directory."""
+        def refuse(why: str):
+            raise CheckpointError(f"{index}: weight_map entry {name!r} names {fname!r}, {why}; refused (an index "
+                                  f"may only name files inside {self.path})")
+        if not isinstance(fname, str) or not fname:
+            refuse("not a file name")
+        if os.path.isabs(fname):
+            refuse("an absolute path")
+        if ".." in fname.replace("\\", "/").split("/"):
+            refuse("a path through '..'")
+        real = os.path.realpath(os.path.join(self.path, fname))
+        if not any(os.path.commonpath([real, root]) == root for root in self._roots()):
+            refuse(f"a symlink that leads outside (to {real})")
 
     def _open(self, fname: str) -> dict:
         """The parsed header of shard ``fname`` (validated by safetensors), opening the file once."""

@@ -184,3 +184,60 @@ def test_resume_from_a_crafted_rank_state_stops_with_one_line(tmp_path):
         run_inproc("sft", args + ["--train.steps", "2"])
     assert str(e.value).startswith(f"error: {rank_file}: refused, not plain data")
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------- index entries (item 10)
+def _hf_copy(tmp_path):
+    from checkpoints_convert.io import INDEX_NAME
+    from tests.conftest import TINY_HF
+
+    d = tmp_path / "hf"
+    shutil.copytree(TINY_HF, d)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    index = d / INDEX_NAME
+    return d, outside, index, json.loads(index.read_text())
+
+
+def _convert(d, tmp_path):
+    from checkpoints_convert import _cli, hf_to_native
+
+    return _cli.run(hf_to_native.main, ["--hf", str(d), "--out", str(tmp_path / "native"), "--quiet"])
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "symlink"])
+def test_index_entry_outside_its_directory_is_refused(tmp_path, capsys, how):
+    d, outside, index, data = _hf_copy(tmp_path)
+    name = "lm_head.weight"
+    shard = data["weight_map"][name]
+    # a valid shard outside: without the check the conversion would read it and succeed
+    shutil.move(d / shard, outside / shard)
+    if how == "absolute":
+        entry = str(outside / shard)
+    elif how == "dotdot":
+        entry = f"../outside/{shard}"
+    else:
+        entry = shard
+        os.symlink(outside / shard, d / shard)
+    for k, v in data["weight_map"].items():
+        if v == shard:
+            data["weight_map"][k] = entry
+    index.write_text(json.dumps(data))
+    assert _convert(d, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {index}: weight_map entry ") and "refused" in err and repr(entry) in err, err
+    assert not (tmp_path / "native").exists()
+
+
+def test_hub_cache_snapshot_symlinks_into_its_blobs_are_read(tmp_path, capsys):
+    # <repo>/snapshots/<rev>/file -> ../../blobs/<hash>: how huggingface_hub stores downloads
+    from tests.conftest import TINY_HF
+
+    repo = tmp_path / "models--x--tiny"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for i, f in enumerate(sorted(TINY_HF.iterdir())):
+        shutil.copy(f, blobs / f"blob{i}")
+        os.symlink(f"../../blobs/blob{i}", snap / f.name)
+    assert _convert(snap, tmp_path) == 0, capsys.readouterr().err
