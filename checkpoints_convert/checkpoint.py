@@ -22,8 +22,8 @@ from typing import Iterable, Iterator, Mapping
 import torch
 
 from checkpoints_convert import adapter
-from checkpoints_convert.io import (AtomicDir, CheckpointError, SafetensorsReader, ShardWriter, cast, dtype_name,
-                                    nbytes_of, parse_dtype, parse_size)
+from checkpoints_convert.io import (MODEL_ST_DTYPES, AtomicDir, CheckpointError, SafetensorsReader, ShardWriter,
+                                    cast, dtype_name, nbytes_of, parse_dtype, parse_size)
 from moe.config import BailingMoeConfig, ConfigError
 
 NATIVE_FORMAT = "lingmoe-native"
@@ -111,6 +111,12 @@ class Checkpoint:
             if unexpected:
                 parts.append(f"unexpected tensors {_listed(unexpected)}")
             raise CheckpointError(f"{self.path}: tensors do not match {self.config_file}: " + "; ".join(parts))
+        unusable = [f"{n} ({r.stored_dtype_name(n)}, in {r.file_of(n)})" for n in expected
+                    if r.stored_dtype_name(n) not in MODEL_ST_DTYPES]
+        if unusable:
+            raise CheckpointError(f"{self.path}: tensors of a dtype the model cannot use {_listed(unusable)}; "
+                                  f"weights must be one of {', '.join(MODEL_ST_DTYPES)} (fp8 checkpoints: "
+                                  f"dequantize first)")
         for name, shape in expected.items():
             got = r.shape(name)
             if got != tuple(shape):

@@ -23,13 +23,14 @@ import re
 import torch
 
 from checkpoints_convert import adapter, dcp_read
-from checkpoints_convert.io import CheckpointError
+from checkpoints_convert.io import MODEL_ST_DTYPES, TORCH_DTYPES, CheckpointError, dtype_name
 from moe.config import BailingMoeConfig
 
 TRAINER_STATE = "trainer.json"
 MODEL_CONFIG = "model_config.json"
 RUN_CONFIG = "config.yaml"
 COMPLETE = "COMPLETE"
+MODEL_DTYPES = {TORCH_DTYPES[st] for st in MODEL_ST_DTYPES}
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -86,6 +87,10 @@ def stored_dtypes(step_dir: str, cfg: BailingMoeConfig) -> dict[str, torch.dtype
         if f"model.{n}" not in meta:
             raise CheckpointError(f"{step_dir}: checkpoint has no tensor {n!r}")
         out[n] = meta[f"model.{n}"].properties.dtype
+    unusable = [f"{n} ({dtype_name(d)})" for n, d in out.items() if d not in MODEL_DTYPES]
+    if unusable:
+        raise CheckpointError(f"{step_dir}: tensors of a dtype the model cannot use: {', '.join(unusable[:20])}"
+                              f"{' ...' if len(unusable) > 20 else ''}")
     return out
 
 

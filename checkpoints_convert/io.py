@@ -39,6 +39,9 @@ ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
              torch.uint8: "U8", torch.bool: "BOOL"}
 TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
+# What the model's weights may be stored in (the safetensors spelling). Integers, bool, complex and
+# fp8 (which would need its scales: dequantize first) are refused before anything is written.
+MODEL_ST_DTYPES = ("BF16", "F16", "F32", "F64")
 
 
 class CheckpointError(RuntimeError):
@@ -196,6 +199,10 @@ class SafetensorsReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._info(name)["shape"])
+
+    def stored_dtype_name(self, name: str) -> str:
+        """The dtype as the header spells it (BF16, I32, F8_E4M3, ...), known to us or not."""
+        return str(self._info(name)["dtype"])
 
     def dtype(self, name: str) -> torch.dtype:
         st = self._info(name)["dtype"]

@@ -241,3 +241,24 @@ def test_hub_cache_snapshot_symlinks_into_its_blobs_are_read(tmp_path, capsys):
         shutil.copy(f, blobs / f"blob{i}")
         os.symlink(f"../../blobs/blob{i}", snap / f.name)
     assert _convert(snap, tmp_path) == 0, capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------- unusable dtypes (item 12)
+@pytest.mark.parametrize("dtype,st", [(torch.int32, "I32"), (torch.bool, "BOOL"), (torch.float8_e4m3fn, "F8_E4M3"),
+                                      (torch.complex64, "C64")])
+def test_tensors_of_a_dtype_the_model_cannot_use_are_refused_before_writing(tmp_path, capsys, dtype, st):
+    from safetensors.torch import load_file, save_file
+
+    d, _, _, data = _hf_copy(tmp_path)
+    names = ["lm_head.weight", "model.layers.1.mlp.experts.3.down_proj.weight"]
+    for name in names:
+        shard = d / data["weight_map"][name]
+        tensors = load_file(str(shard))
+        tensors[name] = tensors[name].to(dtype)
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+    assert _convert(d, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {d}: tensors of a dtype the model cannot use (2): "), err
+    for name in names:  # each named, with its dtype and file
+        assert f"{name} ({st}, in {d / data['weight_map'][name]})" in err, err
+    assert [p.name for p in tmp_path.iterdir() if "native" in p.name] == []  # no output, no temporary
