@@ -24,6 +24,7 @@ import torch
 from checkpoints_convert import adapter
 from checkpoints_convert.io import (MODEL_ST_DTYPES, AtomicDir, CheckpointError, SafetensorsReader, ShardWriter,
                                     cast, dtype_name, nbytes_of, parse_dtype, parse_size)
+from data.files import writing
 from moe.config import BailingMoeConfig, ConfigError
 
 NATIVE_FORMAT = "lingmoe-native"
@@ -189,7 +190,9 @@ def write_checkpoint(named_tensors: Iterable[tuple[str, torch.Tensor]], cfg: Bai
     keeps them); to plan the shards before the first byte arrives the writer must know the dtypes
     it will get: ``source_dtypes`` (one dtype, or native name -> dtype; default config torch_dtype).
     Output shards are filled and closed one after another; nothing is kept in memory but the
-    tensor being written. The directory appears only when complete.
+    tensor being written. The directory appears only when complete. Before anything is written
+    the free space is checked (data.files.NoSpaceError, "needs X GB at PATH, Y GB free"); a write
+    that still runs out of space raises NoSpaceError naming ``path`` and leaves nothing behind.
     """
     if layout not in ("hf", "native"):
         raise ValueError(f"layout must be 'hf' or 'native', not {layout!r}")
@@ -211,8 +214,11 @@ def write_checkpoint(named_tensors: Iterable[tuple[str, torch.Tensor]], cfg: Bai
     config_dtype = floats.most_common(1)[0][0] if floats else None
     config = hf_config(cfg, config_dtype) if layout == "hf" else native_config(cfg, config_dtype)
 
+    # Tensor bytes plus a generous allowance for headers, the index and config.json.
+    nbytes = sum(nbytes_of(s, d) for _, s, d in entries) + 512 * len(entries) + (1 << 16)
+    what = f"writing the {'HF' if layout == 'hf' else 'native'} checkpoint"
     bar = None
-    with AtomicDir(path, overwrite) as tmp:
+    with writing(path), AtomicDir(path, overwrite, nbytes, what) as tmp:
         writer = ShardWriter(tmp, entries, max_bytes)
         if progress:
             from tqdm import tqdm

@@ -9,7 +9,8 @@ bytes to disk as it arrives. No shard is ever assembled in memory, so converting
 (one layer's stacked experts at most) plus small buffers, whatever the shard size.
 
 Everything is written into a temporary directory beside the target that is renamed into place only
-when all succeeded (``AtomicDir``); on any failure it is removed, so no partial output is left.
+when all succeeded (``AtomicDir``); on any failure it is removed, so no partial output is left, and
+one left by a killed process is removed by the next writer of the same target.
 
 Reading and writing whole checkpoints (load_hf, save_hf, ...) is ``checkpoints_convert.checkpoint``'s,
 built on this module.
@@ -20,13 +21,13 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
 import sys
-import tempfile
 
 import torch
 from safetensors import safe_open
+
+from data.files import OwnedTempDir, require_space, sweep_stale_temporaries
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -342,32 +343,34 @@ class ShardWriter:
 
 
 class AtomicDir:
-    """A temporary directory beside ``target`` that becomes ``target`` on success, vanishes on failure."""
+    """A temporary directory beside ``target`` that becomes ``target`` on success, vanishes on failure.
 
-    def __init__(self, target: str | os.PathLike, overwrite: bool = False):
+    It is a ``data.files.OwnedTempDir``: its name records the owning process, so the temporaries of
+    a killed earlier writer of the same target are removed on entry. With ``nbytes`` the free space
+    is checked (after that sweep, which may free it) before the directory is made. Callers wrap it
+    in ``data.files.writing(target)`` so that a write that still runs out of space says so.
+    """
+
+    def __init__(self, target: str | os.PathLike, overwrite: bool = False, nbytes: int | None = None,
+                 what: str = "this checkpoint"):
         self.target = os.path.abspath(os.fspath(target))
         if os.path.exists(self.target) and not overwrite:
             raise CheckpointError(f"{self.target}: output directory already exists (choose another or remove it)")
         self.overwrite = overwrite
+        self.nbytes, self.what = nbytes, what
+        self._owned = OwnedTempDir(self.target, replace=overwrite)
+        self.swept: list[str] = []
 
     def __enter__(self) -> str:
-        parent = os.path.dirname(self.target)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix="." + os.path.basename(self.target) + ".tmp-", dir=parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like mkdir's
+        os.makedirs(os.path.dirname(self.target), exist_ok=True)
+        self.swept = sweep_stale_temporaries(self.target)  # first: a killed run's leftovers may fill the disk
+        if self.nbytes is not None:
+            require_space(self.target, self.nbytes, what=self.what)
+        self.tmp = self._owned.__enter__()
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if os.path.exists(self.target):
-            if not self.overwrite:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise CheckpointError(f"{self.target}: output directory appeared while writing; left untouched")
-            shutil.rmtree(self.target)
-        os.replace(self.tmp, self.target)
-        return False
-
+        try:
+            return self._owned.__exit__(exc_type, exc, tb)
+        except FileExistsError:
+            raise CheckpointError(f"{self.target}: output directory appeared while writing; left untouched") from None
