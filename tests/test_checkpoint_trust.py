@@ -262,3 +262,15 @@ def test_tensors_of_a_dtype_the_model_cannot_use_are_refused_before_writing(tmp_
     for name in names:  # each named, with its dtype and file
         assert f"{name} ({st}, in {d / data['weight_map'][name]})" in err, err
     assert [p.name for p in tmp_path.iterdir() if "native" in p.name] == []  # no output, no temporary
+
+
+def test_export_refuses_a_training_checkpoint_of_integer_weights(saved, tmp_path):
+    from checkpoints_convert.dcp_to_hf import dcp_to_hf
+
+    d = _copy(saved, tmp_path)
+    meta = _real_metadata(d)
+    meta.state_dict_metadata["model.lm_head.weight"].properties.dtype = torch.int32
+    (d / ".metadata").write_bytes(pickle.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"tensors of a dtype the model cannot use: lm_head\.weight \(int32\)"):
+        dcp_to_hf(str(d), str(tmp_path / "hf"), dtype="keep")
+    assert not (tmp_path / "hf").exists()
