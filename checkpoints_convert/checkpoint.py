@@ -22,8 +22,9 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 
 from checkpoints_convert import adapter, export_files
-from checkpoints_convert.io import (AtomicDir, CheckpointError, SafetensorsReader, ShardWriter, cast, dtype_name,
-                                    nbytes_of, parse_dtype, parse_size)
+from checkpoints_convert.io import (MODEL_ST_DTYPES, AtomicDir, CheckpointError, SafetensorsReader, ShardWriter,
+                                    cast, dtype_name, nbytes_of, parse_dtype, parse_size)
+from data.files import writing
 from moe.config import BailingMoeConfig, ConfigError
 
 NATIVE_FORMAT = "lingmoe-native"
@@ -111,6 +112,12 @@ class Checkpoint:
             if unexpected:
                 parts.append(f"unexpected tensors {_listed(unexpected)}")
             raise CheckpointError(f"{self.path}: tensors do not match {self.config_file}: " + "; ".join(parts))
+        unusable = [f"{n} ({r.stored_dtype_name(n)}, in {r.file_of(n)})" for n in expected
+                    if r.stored_dtype_name(n) not in MODEL_ST_DTYPES]
+        if unusable:
+            raise CheckpointError(f"{self.path}: tensors of a dtype the model cannot use {_listed(unusable)}; "
+                                  f"weights must be one of {', '.join(MODEL_ST_DTYPES)} (fp8 checkpoints: "
+                                  f"dequantize first)")
         for name, shape in expected.items():
             got = r.shape(name)
             if got != tuple(shape):
@@ -186,7 +193,9 @@ def write_checkpoint(named_tensors: Iterable[tuple[str, torch.Tensor]], cfg: Bai
     Output shards are filled and closed one after another; nothing is kept in memory but the
     tensor being written. The directory appears only when complete: ``extra_files(tmp)`` writes
     what goes beside the weights (export_files) into it first. An HF config.json never keeps an
-    ``auto_map`` entry whose module file is not there.
+    ``auto_map`` entry whose module file is not there. Before anything is written the free space is
+    checked (data.files.NoSpaceError, "needs X GB at PATH, Y GB free"); a write that still runs out
+    of space raises NoSpaceError naming ``path`` and leaves nothing behind.
     """
     if layout not in ("hf", "native"):
         raise ValueError(f"layout must be 'hf' or 'native', not {layout!r}")
@@ -208,8 +217,11 @@ def write_checkpoint(named_tensors: Iterable[tuple[str, torch.Tensor]], cfg: Bai
     config_dtype = floats.most_common(1)[0][0] if floats else None
     config = hf_config(cfg, config_dtype) if layout == "hf" else native_config(cfg, config_dtype)
 
+    # Tensor bytes plus a generous allowance for headers, the index and config.json.
+    nbytes = sum(nbytes_of(s, d) for _, s, d in entries) + 512 * len(entries) + (1 << 16)
+    what = f"writing the {'HF' if layout == 'hf' else 'native'} checkpoint"
     bar = None
-    with AtomicDir(path, overwrite) as tmp:
+    with writing(path), AtomicDir(path, overwrite, nbytes, what) as tmp:
         writer = ShardWriter(tmp, entries, max_bytes)
         if progress:
             from tqdm import tqdm

@@ -12,24 +12,25 @@ so it is named once, here, below both:
       COMPLETE                  written last: a directory without it is not a checkpoint
 
 Reading needs no process group: tensors come out of the sharded files one decoder layer at a time.
+Everything is read as data only (checkpoints_convert.dcp_read): no pickle from a checkpoint runs code.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import warnings
 
 import torch
 
-from checkpoints_convert import adapter
-from checkpoints_convert.io import CheckpointError
+from checkpoints_convert import adapter, dcp_read
+from checkpoints_convert.io import MODEL_ST_DTYPES, TORCH_DTYPES, CheckpointError, dtype_name
 from moe.config import BailingMoeConfig
 
 TRAINER_STATE = "trainer.json"
 MODEL_CONFIG = "model_config.json"
 RUN_CONFIG = "config.yaml"
 COMPLETE = "COMPLETE"
+MODEL_DTYPES = {TORCH_DTYPES[st] for st in MODEL_ST_DTYPES}
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -76,9 +77,7 @@ def read_model_config(step_dir: str) -> BailingMoeConfig:
 
 
 def _metadata(step_dir: str):
-    from torch.distributed.checkpoint import FileSystemReader
-
-    return FileSystemReader(step_dir).read_metadata().state_dict_metadata
+    return dcp_read.read_metadata(step_dir).state_dict_metadata
 
 
 def stored_dtypes(step_dir: str, cfg: BailingMoeConfig) -> dict[str, torch.dtype]:
@@ -88,13 +87,15 @@ def stored_dtypes(step_dir: str, cfg: BailingMoeConfig) -> dict[str, torch.dtype
         if f"model.{n}" not in meta:
             raise CheckpointError(f"{step_dir}: checkpoint has no tensor {n!r}")
         out[n] = meta[f"model.{n}"].properties.dtype
+    unusable = [f"{n} ({dtype_name(d)})" for n, d in out.items() if d not in MODEL_DTYPES]
+    if unusable:
+        raise CheckpointError(f"{step_dir}: tensors of a dtype the model cannot use: {', '.join(unusable[:20])}"
+                              f"{' ...' if len(unusable) > 20 else ''}")
     return out
 
 
 def iter_native_tensors(step_dir: str, cfg: BailingMoeConfig):
     """Yield (native_name, tensor) in model order, loading one layer's tensors per DCP read."""
-    import torch.distributed.checkpoint as dcp
-
     meta = _metadata(step_dir)
     groups: list[list[str]] = []
     last = None
@@ -113,7 +114,5 @@ def iter_native_tensors(step_dir: str, cfg: BailingMoeConfig):
                 raise CheckpointError(f"{step_dir}: checkpoint has no tensor {n!r}")
             md = meta[k]
             want[n] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load({"model": want}, checkpoint_id=step_dir, no_dist=True)
+        dcp_read.load({"model": want}, step_dir, no_dist=True)
         yield from want.items()

@@ -9,7 +9,8 @@ bytes to disk as it arrives. No shard is ever assembled in memory, so converting
 (one layer's stacked experts at most) plus small buffers, whatever the shard size.
 
 Everything is written into a temporary directory beside the target that is renamed into place only
-when all succeeded (``AtomicDir``); on any failure it is removed, so no partial output is left.
+when all succeeded (``AtomicDir``); on any failure it is removed, so no partial output is left, and
+one left by a killed process is removed by the next writer of the same target.
 
 Reading and writing whole checkpoints (load_hf, save_hf, ...) is ``checkpoints_convert.checkpoint``'s,
 built on this module.
@@ -20,13 +21,13 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
 import sys
-import tempfile
 
 import torch
 from safetensors import safe_open
+
+from data.files import OwnedTempDir, require_space, sweep_stale_temporaries
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -39,6 +40,9 @@ ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
              torch.uint8: "U8", torch.bool: "BOOL"}
 TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
+# What the model's weights may be stored in (the safetensors spelling). Integers, bool, complex and
+# fp8 (which would need its scales: dequantize first) are refused before anything is written.
+MODEL_ST_DTYPES = ("BF16", "F16", "F32", "F64")
 
 
 class CheckpointError(RuntimeError):
@@ -113,6 +117,8 @@ class SafetensorsReader:
                     raise KeyError("weight_map is not an object")
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            for name, fname in weight_map.items():
+                self._check_inside(index, name, fname)
             self.weight_map: dict[str, str] = weight_map
         elif os.path.exists(os.path.join(self.path, SINGLE_NAME)):
             self.weight_map = {}
@@ -122,6 +128,30 @@ class SafetensorsReader:
         for fname in sorted(set(self.weight_map.values())):
             if not os.path.isfile(os.path.join(self.path, fname)):
                 raise CheckpointError(f"{os.path.join(self.path, fname)}: shard named in {INDEX_NAME} is missing")
+
+    def _roots(self) -> list[str]:
+        """Where this checkpoint's files may really be: its directory, and for a Hugging Face hub
+        cache snapshot (<repo>/snapshots/<rev>/, files symlinked to ../../blobs/) the repo's blobs/."""
+        real = os.path.realpath(self.path)
+        roots = [real]
+        if os.path.basename(os.path.dirname(real)) == "snapshots":
+            roots.append(os.path.join(os.path.dirname(os.path.dirname(real)), "blobs"))
+        return roots
+
+    def _check_inside(self, index: str, name: str, fname: object) -> None:
+        """Refuse an index entry that names a file outside the checkpoint directory."""
+        def refuse(why: str):
+            raise CheckpointError(f"{index}: weight_map entry {name!r} names {fname!r}, {why}; refused (an index "
+                                  f"may only name files inside {self.path})")
+        if not isinstance(fname, str) or not fname:
+            refuse("not a file name")
+        if os.path.isabs(fname):
+            refuse("an absolute path")
+        if ".." in fname.replace("\\", "/").split("/"):
+            refuse("a path through '..'")
+        real = os.path.realpath(os.path.join(self.path, fname))
+        if not any(os.path.commonpath([real, root]) == root for root in self._roots()):
+            refuse(f"a symlink that leads outside (to {real})")
 
     def _open(self, fname: str) -> dict:
         """The parsed header of shard ``fname`` (validated by safetensors), opening the file once."""
@@ -170,6 +200,10 @@ class SafetensorsReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._info(name)["shape"])
+
+    def stored_dtype_name(self, name: str) -> str:
+        """The dtype as the header spells it (BF16, I32, F8_E4M3, ...), known to us or not."""
+        return str(self._info(name)["dtype"])
 
     def dtype(self, name: str) -> torch.dtype:
         st = self._info(name)["dtype"]
@@ -309,32 +343,34 @@ class ShardWriter:
 
 
 class AtomicDir:
-    """A temporary directory beside ``target`` that becomes ``target`` on success, vanishes on failure."""
+    """A temporary directory beside ``target`` that becomes ``target`` on success, vanishes on failure.
 
-    def __init__(self, target: str | os.PathLike, overwrite: bool = False):
+    It is a ``data.files.OwnedTempDir``: its name records the owning process, so the temporaries of
+    a killed earlier writer of the same target are removed on entry. With ``nbytes`` the free space
+    is checked (after that sweep, which may free it) before the directory is made. Callers wrap it
+    in ``data.files.writing(target)`` so that a write that still runs out of space says so.
+    """
+
+    def __init__(self, target: str | os.PathLike, overwrite: bool = False, nbytes: int | None = None,
+                 what: str = "this checkpoint"):
         self.target = os.path.abspath(os.fspath(target))
         if os.path.exists(self.target) and not overwrite:
             raise CheckpointError(f"{self.target}: output directory already exists (choose another or remove it)")
         self.overwrite = overwrite
+        self.nbytes, self.what = nbytes, what
+        self._owned = OwnedTempDir(self.target, replace=overwrite)
+        self.swept: list[str] = []
 
     def __enter__(self) -> str:
-        parent = os.path.dirname(self.target)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix="." + os.path.basename(self.target) + ".tmp-", dir=parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like mkdir's
+        os.makedirs(os.path.dirname(self.target), exist_ok=True)
+        self.swept = sweep_stale_temporaries(self.target)  # first: a killed run's leftovers may fill the disk
+        if self.nbytes is not None:
+            require_space(self.target, self.nbytes, what=self.what)
+        self.tmp = self._owned.__enter__()
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if os.path.exists(self.target):
-            if not self.overwrite:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise CheckpointError(f"{self.target}: output directory appeared while writing; left untouched")
-            shutil.rmtree(self.target)
-        os.replace(self.tmp, self.target)
-        return False
-
+        try:
+            return self._owned.__exit__(exc_type, exc, tb)
+        except FileExistsError:
+            raise CheckpointError(f"{self.target}: output directory appeared while writing; left untouched") from None

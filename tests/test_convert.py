@@ -374,3 +374,90 @@ def test_single_file_hf_input_and_stream_order_checked(capsys, tmp_path, golden)
         with pytest.raises(CheckpointError, match="planned for bfloat16"):
             write_checkpoint(ck.iter_native(), ck.cfg, tmp_path / "o", "hf", source_dtypes=torch.bfloat16)
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------- disk space, kills
+def _no_leftovers(tmp_path, name="out"):
+    return not (tmp_path / name).exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{name}.")] == []
+
+
+def _free(monkeypatch, nbytes):
+    import collections
+    from data import files
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: usage(10**12, 10**12 - nbytes, nbytes))
+
+
+def test_conversion_refuses_before_writing_when_space_is_short(capsys, tmp_path, monkeypatch):
+    # The bytes to write are the fixture's tensors (its index says how many), plus small headers.
+    total = json.loads((TINY_HF / INDEX_NAME).read_text())["metadata"]["total_size"]
+    out = tmp_path / "out"
+    _free(monkeypatch, total - 1)
+    rc, _, err = run_inproc(hf_to_native.main, capsys, "--hf", str(TINY_HF), "--out", str(out), "--quiet")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: writing the native checkpoint needs ") and f" GB at {out}, 0.00 GB free" in err
+    assert _no_leftovers(tmp_path)
+    _free(monkeypatch, 2 * total)  # and with room it goes through
+    assert run_inproc(hf_to_native.main, capsys, "--hf", str(TINY_HF), "--out", str(out), "--quiet")[0] == 0
+    # the fp32 output of a bf16 request is half: the check counts output dtypes
+    _free(monkeypatch, total // 2 + 200_000)
+    rc, _, err = run_inproc(native_to_hf.main, capsys, "--native", str(out), "--out", str(tmp_path / "h"),
+                            "--dtype", "bf16", "--quiet")
+    assert rc == 0, err
+
+
+def test_a_write_that_runs_out_of_space_names_the_path_and_leaves_nothing(capsys, tmp_path, monkeypatch):
+    import errno
+    from checkpoints_convert import io as ckio
+
+    written = [0]
+
+    class FullDisk:
+        """A file whose writes fail with ENOSPC once 300 kB went through."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            written[0] += len(data)
+            if written[0] > 300_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    real_open = open
+    monkeypatch.setattr(ckio, "open", lambda p, mode="r", *a, **k: FullDisk(real_open(p, mode, *a, **k))
+                        if "w" in mode else real_open(p, mode, *a, **k), raising=False)
+    out = tmp_path / "out"
+    rc, _, err = run_inproc(hf_to_native.main, capsys, "--hf", str(TINY_HF), "--out", str(out), "--quiet",
+                            "--shard-size", "200KB")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: No space left on device writing {out} ("), err
+    assert written[0] > 300_000 and _no_leftovers(tmp_path)
+
+
+def test_a_killed_conversions_temporary_is_removed_by_the_next_run(tmp_path, golden):
+    # The conversion kills itself (SIGKILL: no cleanup runs) after writing a few tensors.
+    out = tmp_path / "out"
+    script = (f"import os, signal, sys\n"
+              f"from checkpoints_convert import io, hf_to_native, _cli\n"
+              f"add = io.ShardWriter.add\n"
+              f"def dying_add(self, name, t):\n"
+              f"    add(self, name, t)\n"
+              f"    if self._next == 5: os.kill(os.getpid(), signal.SIGKILL)\n"
+              f"io.ShardWriter.add = dying_add\n"
+              f"sys.exit(_cli.run(hf_to_native.main, ['--hf', {str(TINY_HF)!r}, '--out', {str(out)!r}, "
+              f"'--quiet', '--shard-size', '100KB']))\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, timeout=120)
+    assert r.returncode == -9, r.stderr
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert len(stale) == 1 and any(f.suffix == ".safetensors" for f in stale[0].iterdir())
+    r = cli("hf_to_native", "--hf", str(TINY_HF), "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the stale temporary is gone
+    model, ref = load_native(out).state_dict(), load_hf(TINY_HF).state_dict()
+    assert sorted(model) == sorted(ref) and all(torch.equal(model[k], ref[k]) for k in ref)

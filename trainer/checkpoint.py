@@ -22,6 +22,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from trainer.errors import TrainerError
+from checkpoints_convert import dcp_read
 from checkpoints_convert.dcp_layout import (COMPLETE, MODEL_CONFIG, RUN_CONFIG, TRAINER_STATE, checkpoint_dirs,
                                             latest_checkpoint, rank_state_name, step_dir_name)
 
@@ -100,8 +101,7 @@ class Checkpointer:
         """Restore model and optimizer in place; returns (trainer_state, this rank's rank_state)."""
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
-        with _quiet_single_process():
-            dcp.load(state, checkpoint_id=path, no_dist=_single_process())
+        dcp_read.load(state, path, no_dist=_single_process())  # data only: no pickle from the checkpoint runs
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(strict=True))
         with open(os.path.join(path, TRAINER_STATE)) as f:
@@ -110,5 +110,5 @@ class Checkpointer:
         if not os.path.exists(rank_file):
             raise TrainerError(f"{path}: no {os.path.basename(rank_file)}; resume with the same number of ranks "
                                f"the checkpoint was written with")
-        rank_state = torch.load(rank_file, weights_only=False)
+        rank_state = dcp_read.load_plain(rank_file)  # plain data: loader position and the RNG state tensor
         return trainer_state, rank_state
