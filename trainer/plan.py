@@ -131,12 +131,15 @@ def recommend(layouts: list[Layout]) -> Layout | None:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m trainer.plan", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="ling-lite", help="preset name, or an HF config.json (or its directory)")
-    p.add_argument("--gpus", type=int, required=True)
-    p.add_argument("--gpu-memory-gib", type=float, default=80.0)
-    p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--accumulation", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8, help="EP degrees considered divide this")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in the job, all nodes together")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                   help="memory of one GPU in GiB (default %(default)s: H100 80GB); a layout fits if its estimate is below it")
+    p.add_argument("--seq-len", type=int, default=4096, help="tokens per row (data.seq_len; default %(default)s)")
+    p.add_argument("--micro-batch", type=int, default=1,
+                   help="rows per micro-batch on each GPU (data.micro_batch_size; default %(default)s): sets the activations")
+    p.add_argument("--accumulation", type=int, default=1,
+                   help="micro-batches per step (default %(default)s): scales the all-to-all volume per step, not the memory")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default %(default)s); the EP degrees considered divide it, so the all-to-all stays inside a node")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a = p.parse_args(argv)
     cfg = load_config(a.model)
