@@ -191,7 +191,7 @@ def test_temporaries_of_killed_saves_and_exports_are_removed_by_the_next_run(tmp
 
 
 @pytest.mark.slow
-def test_sigterm_exit_status_and_killing_the_torchrun_launcher_leaves_no_worker_training(tmp_path):
+def test_killing_the_torchrun_launcher_leaves_no_worker_training(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -214,6 +214,25 @@ def test_sigterm_exit_status_and_killing_the_torchrun_launcher_leaves_no_worker_
     last = metrics(out)[-1]["step"]
     assert _ckpts(out) == [last]  # they saved where they stopped
     assert not (out / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_right_after_a_save_exits_0_without_saving_again(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "trainer" / "sft.py"),
+           *_args(out, "--train.steps", "100000", "--checkpoint.every", "1", "--checkpoint.keep_last", "1")]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists()
+                                          and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-3000:]
+    last = metrics(out)[-1]["step"]
+    assert f"SIGTERM received: step {last} is already saved" in err and _ckpts(out) == [last]
+    assert err.count(f"saved checkpoint {out / 'checkpoints' / f'step_{last:08d}'}") == 1
 
 
 def _ppid(pid: int) -> int | None:

@@ -488,6 +488,8 @@ class Trainer:
             if self.state.bad_in_a_row >= opts.train.max_bad_steps:
                 raise TrainerError(f"{self.state.bad_in_a_row} consecutive steps with a non-finite loss or gradient; "
                                    f"stopping (the last good checkpoint is kept)")
+            if opts.checkpoint.every and step % opts.checkpoint.every == 0 and step < total:
+                self.save()
             if self.stop_requested:
                 if self.saved_at == step:
                     self.logger.info(f"SIGTERM received: step {step} is already saved; exiting")
@@ -495,8 +497,6 @@ class Trainer:
                     self.logger.info(f"SIGTERM received: saving at step {step} and exiting")
                     self.save()
                 return {"metrics": self.last_metrics, "step": step, "stopped": True}
-            if opts.checkpoint.every and step % opts.checkpoint.every == 0 and step < total:
-                self.save()
         if bar is not None:
             bar.close()
         result = {"metrics": self.last_metrics, "step": self.state.step, "checkpoint": None}
