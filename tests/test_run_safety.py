@@ -242,3 +242,19 @@ def _ppid(pid: int) -> int | None:
     except OSError:
         return None
     return None if fields[0] == "Z" else int(fields[1])
+
+
+def test_a_checkpoint_write_that_runs_out_of_space_names_the_path_and_leaves_nothing(tmp_path, monkeypatch):
+    from torch.distributed.checkpoint import filesystem
+
+    out = tmp_path / "run"
+    real = filesystem._write_item
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(filesystem, "_write_item", full)
+    with pytest.raises(SystemExit, match=rf"No space left on device writing {out / 'checkpoints' / 'step_00000002.tmp'}"
+                                         r".*earlier checkpoints are untouched"):
+        run_inproc("sft", _args(out, "--train.steps", "2"))
+    monkeypatch.setattr(filesystem, "_write_item", real)
+    assert os.listdir(out / "checkpoints") == []

@@ -19,9 +19,10 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from data.files import NoSpaceError, fsync_dir, writing
+from data.files import NoSpaceError, fsync_dir, is_no_space, writing
 from trainer.errors import TrainerError
 from checkpoints_convert.dcp_layout import (COMPLETE, MODEL_CONFIG, RUN_CONFIG, TRAINER_STATE, checkpoint_dirs,
                                             latest_checkpoint, rank_state_name, step_dir_name)
@@ -69,7 +70,14 @@ class Checkpointer:
             return final
         try:
             with writing(tmp):
-                self._write(step, tmp, model, optimizer, trainer_state, rank_state, model_config, config_yaml)
+                try:
+                    self._write(step, tmp, model, optimizer, trainer_state, rank_state, model_config, config_yaml)
+                except CheckpointException as e:  # DCP gathers every rank's write error into one of these
+                    errors = [exc for exc, _ in e.failures.values()]
+                    no_space = next((exc for exc in errors if is_no_space(exc)), None)
+                    if no_space is not None:
+                        raise no_space from None
+                    raise
         except NoSpaceError as e:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)

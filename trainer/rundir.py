@@ -51,7 +51,7 @@ def on_rank0(fn):
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             out = [fn(), None]
-        except TrainerError as e:
+        except (TrainerError, OSError) as e:  # the other ranks are waiting for the verdict: never leave them
             out = [None, str(e)]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(out, src=0)
