@@ -96,6 +96,8 @@ class RunLock:
                 except FileExistsError:
                     pass
                 holder = self._read()
+                if holder == {}:  # removed meanwhile: try again
+                    continue
                 alive = process_alive(holder["owner"]) if holder else True
                 if holder is None:
                     raise TrainerError(f"{self.path}: a lock that cannot be read; another trainer may be using "
@@ -120,7 +122,7 @@ class RunLock:
                 holder = json.load(f)
             return holder if isinstance(holder, dict) and isinstance(holder.get("owner"), str) else None
         except FileNotFoundError:
-            return {"owner": ":0:"}  # removed meanwhile: retry
+            return {}
         except (OSError, ValueError):
             return None
 
@@ -129,7 +131,7 @@ class RunLock:
             return
         self.held = False
         holder = self._read()
-        if holder and holder.get("owner") == self.identity:
+        if holder and holder.get("owner") == self.identity:  # never another's lock
             try:
                 os.remove(self.path)
             except FileNotFoundError:
@@ -192,7 +194,7 @@ def sweep_temporaries(output_dir: str) -> list[str]:
                 pass  # no owner recorded: the trainer's own export, and the lock says it is gone
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
-        elif name == "metrics.jsonl.tmp" or (name.startswith(LOCK_NAME + ".") and name.endswith(".tmp")):
+        elif name == "metrics.jsonl.tmp":
             os.remove(path)
             removed.append(path)
     return removed
