@@ -77,7 +77,7 @@ def stage_args(name: str, out: str, corpus: dict[str, str], seed: int, scale: fl
     common = ["--output-dir", os.path.join(out, name), "--train.steps", str(plan["steps"]),
               "--optim.lr", str(plan["lr"]), "--train.seed", str(seed), "--train.progress", "false",
               "--train.log_every", "50", "--checkpoint.every", "0", "--checkpoint.keep_last", "1",
-              "--checkpoint.resume", "false", "--overwrite", "--data.cache_dir", os.path.join(out, "prepared")]
+              "--checkpoint.resume", "false", "--data.cache_dir", os.path.join(out, "prepared")]
     hf = lambda stage: os.path.join(out, stage, "hf")  # noqa: E731
     if name == "base":
         return "sft", common + ["--data.sources", _sources([(corpus["base"], 1)])]
