@@ -233,8 +233,9 @@ def compare_options(step_dir: str, new: dict, world_size: int) -> dict[str, tupl
         return {}
     old_flat, new_flat = _flat({k: v for k, v in old.items() if k != "output_dir"}), \
         _flat({k: v for k, v in new.items() if k != "output_dir"})
-    diffs = {k: (old_flat.get(k, "(unset)"), new_flat.get(k, "(unset)"))
-             for k in sorted(set(old_flat) | set(new_flat)) if old_flat.get(k) != new_flat.get(k)}
+    # An option the checkpoint does not name did not exist when it was written: not a difference.
+    diffs = {k: (old_flat[k], new_flat.get(k, "(unset)"))
+             for k in sorted(old_flat) if old_flat[k] != new_flat.get(k, "(unset)")}
     old_ws = checkpoint_world_size(step_dir)
     fixed = {k: v for k, v in diffs.items() if k.split(".", 1)[1] not in CHANGEABLE.get(k.split(".", 1)[0], ())}
     if old_ws is not None and old_ws != world_size:
