@@ -19,8 +19,10 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from data.files import NoSpaceError, fsync_dir, is_no_space, writing
 from trainer.errors import TrainerError
 from checkpoints_convert import dcp_read
 from checkpoints_convert.dcp_layout import (COMPLETE, MODEL_CONFIG, RUN_CONFIG, TRAINER_STATE, checkpoint_dirs,
@@ -62,6 +64,37 @@ class Checkpointer:
              model_config: dict, config_yaml: str) -> str:
         final = os.path.join(self.root, step_dir_name(step))
         tmp = final + ".tmp"
+        if os.path.exists(os.path.join(final, COMPLETE)):
+            # This step is saved already (the same state): a complete checkpoint is never rewritten,
+            # so no moment exists at which it is gone. (Every rank sees the same directory.)
+            _barrier()
+            return final
+        try:
+            with writing(tmp):
+                try:
+                    self._write(step, tmp, model, optimizer, trainer_state, rank_state, model_config, config_yaml)
+                except CheckpointException as e:  # DCP gathers every rank's write error into one of these
+                    errors = [exc for exc, _ in e.failures.values()]
+                    no_space = next((exc for exc in errors if is_no_space(exc)), None)
+                    if no_space is not None:
+                        raise no_space from None
+                    raise
+        except NoSpaceError as e:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise TrainerError(f"{e}; the earlier checkpoints are untouched") from None
+        if self.rank == 0:
+            with open(os.path.join(tmp, COMPLETE), "w") as f:
+                f.write(f"{step}\n")
+            if os.path.exists(final):  # an incomplete leftover of the same step: not a checkpoint
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(self.root)
+            self._prune(step)
+        _barrier()
+        return final
+
+    def _write(self, step, tmp, model, optimizer, trainer_state, rank_state, model_config, config_yaml) -> None:
         if self.rank == 0:
             os.makedirs(self.root, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -79,19 +112,12 @@ class Checkpointer:
             with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
                 f.write(config_yaml)
         _barrier()
-        if self.rank == 0:
-            with open(os.path.join(tmp, COMPLETE), "w") as f:
-                f.write(f"{step}\n")
-            if os.path.exists(final):  # a re-save of the same step (e.g. SIGTERM right after a save)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._prune()
-        _barrier()
-        return final
 
-    def _prune(self) -> None:
-        dirs = checkpoint_dirs(self.root)
-        for _, path in dirs[:-self.keep_last] if self.keep_last > 0 else []:
+    def _prune(self, saved: int) -> None:
+        """After ``saved`` is complete and in place: delete the oldest beyond keep_last, never ``saved``
+        itself nor a checkpoint of a later step (those are not this run's to judge)."""
+        dirs = [(s, p) for s, p in checkpoint_dirs(self.root) if s < saved]
+        for _, path in dirs[:max(0, len(dirs) - (self.keep_last - 1))] if self.keep_last > 0 else []:
             shutil.rmtree(path, ignore_errors=True)
         for name in os.listdir(self.root):  # leftovers of saves that crashed
             if name.endswith(".tmp"):

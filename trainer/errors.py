@@ -19,9 +19,10 @@ def exit_on_error():
     """For entry points: any known error becomes SystemExit("error: ...") (exit status 1)."""
     from checkpoints_convert import CheckpointError
     from data import DataError
+    from data.files import NoSpaceError
     from moe.config import ConfigError
 
     try:
         yield
-    except (TrainerError, DataError, CheckpointError, ConfigError) as e:
+    except (TrainerError, DataError, CheckpointError, ConfigError, NoSpaceError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -24,6 +24,7 @@ Metrics travel by name: every rank's sums go into one all-reduce keyed by metric
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -36,7 +37,8 @@ import torch.distributed as dist
 from moe.config import AUX_LOSS_TYPES, BailingMoeConfig
 from moe.losses import CarriedCounts
 from moe.model import BailingMoeForCausalLM, initial_value
-from trainer import parallel
+from data.files import NoSpaceError, require_space, writing
+from trainer import parallel, rundir
 from trainer.checkpoint import Checkpointer, latest_checkpoint
 from trainer.errors import TrainerError
 from trainer.metrics import RunLogger, format_metrics
@@ -240,7 +242,10 @@ def _host_floats(values: dict[str, torch.Tensor]) -> dict[str, float | list]:
 class Trainer:
     def __init__(self, task: Task, opts: Options):
         self.task, self.opts = task, opts
+        rundir.die_with_launcher()
         self.info = parallel.init_distributed(opts.train.device)
+        self.lock: rundir.RunLock | None = None
+        self.resume_changes: dict = {}
         self.state = TrainState()
         self.logger: RunLogger | None = None
         self.stop = _StopFlag()
@@ -252,19 +257,22 @@ class Trainer:
     def build(self) -> None:
         opts, info = self.opts, self.info
         torch.manual_seed(opts.train.seed)
-        os.makedirs(opts.output_dir, exist_ok=True)
         W, B = info.world_size, opts.data.micro_batch_size
         if opts.train.global_batch_size % (B * W):
             raise TrainerError(f"train.global_batch_size ({opts.train.global_batch_size}) must be a multiple "
                                f"of data.micro_batch_size x ranks ({B} x {W})")
         self.accum = opts.train.global_batch_size // (B * W)
         self.ckpt_root = os.path.join(opts.output_dir, "checkpoints")
+        # Rank 0 takes the directory and checks it before anything is written; the others wait for it.
+        notes = rundir.on_rank0(self._take_run_dir)
         self.resume_from = latest_checkpoint(self.ckpt_root) if opts.checkpoint.resume else None
         resume_step = int(os.path.basename(self.resume_from).split("_")[1]) if self.resume_from else 0
 
         self.model, self.cfg = build_model(opts, info, self.task)
         self.logger = RunLogger(info.is_main, opts.output_dir, opts.log.wandb_project, opts.log.wandb_run_name,
-                                opts.to_dict(), resume_step)
+                                opts.to_dict(), resume_step, resumed=opts.checkpoint.resume)
+        for note in notes:
+            self.logger.info(note)
         cfg = self.cfg
         self.logger.info(f"[{self.task.name}] {W} rank(s) on {info.device.type}, model {cfg.num_params() / 1e6:.1f}M "
                          f"params ({cfg.num_params(active_only=True) / 1e6:.1f}M active), experts via "
@@ -289,6 +297,40 @@ class Trainer:
         # ones (DPO's reference log-probs are those of the initial model).
         self.task.before_training(self.ctx)
 
+    def _take_run_dir(self) -> list[str]:
+        """Rank 0: the lock, the removal of killed runs' temporaries, and the rules for what is already
+        in the directory (docs/training.md, "Runs that are never lost"). Returns notes to log."""
+        opts, notes = self.opts, []
+        os.makedirs(opts.output_dir, exist_ok=True)
+        self.lock = rundir.RunLock(opts.output_dir)
+        stale = self.lock.acquire()
+        if stale:
+            notes.append(f"warning: {stale}")
+        for path in rundir.sweep_temporaries(opts.output_dir):
+            notes.append(f"removed {path} (left by a killed run)")
+        there = rundir.existing_run(opts.output_dir)
+        if not opts.checkpoint.resume and there:
+            if not opts.overwrite:
+                raise TrainerError(f"{opts.output_dir} holds an earlier run ({'; '.join(there)}) and "
+                                   f"checkpoint.resume is false: pass --overwrite to move it aside and start over, "
+                                   f"resume it (--checkpoint.resume true), or choose another --output-dir")
+            notes.append(f"--overwrite: moved the earlier run ({'; '.join(there)}) to "
+                         f"{rundir.move_aside(opts.output_dir)}; delete it when it is no longer needed")
+        latest = latest_checkpoint(self.ckpt_root) if opts.checkpoint.resume else None
+        if latest:
+            step = int(os.path.basename(latest).split("_")[1])
+            if step > opts.train.steps:
+                raise TrainerError(f"{latest} is at step {step}, past train.steps {opts.train.steps}: raise "
+                                   f"train.steps to go on, or start a new run (another --output-dir, or "
+                                   f"--checkpoint.resume false --overwrite)")
+            self.resume_changes = rundir.compare_options(latest, opts.to_dict(), self.info.world_size)
+            if self.resume_changes:
+                rundir.record_changes(opts.output_dir, step, latest, self.resume_changes)
+                notes.append("resuming with changed options (recorded in "
+                             f"{os.path.join(opts.output_dir, rundir.CHANGES_NAME)}): "
+                             + "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in self.resume_changes.items()))
+        return notes
+
     # ------------------------------------------------------------------ resume / save / export
     def resume(self) -> str | None:
         """Restore model, optimizer, schedule, data position and RNG from the latest complete checkpoint."""
@@ -296,13 +338,44 @@ class Trainer:
             tstate, rstate = self.checkpointer.load(self.resume_from, self.model, self.optimizer)
             self.state = TrainState(step=tstate["step"], bad_in_a_row=tstate["bad_in_a_row"])
             self.scheduler.load_state_dict(tstate["scheduler"])
+            self._apply_schedule_options()
             self.loader.load_state_dict(rstate["loader"])
             torch.set_rng_state(rstate["rng"])
+            self.saved_at = self.state.step  # that step's checkpoint exists: never rewrite it
             self.logger.info(f"resumed from {self.resume_from} at step {self.state.step}")
         return self.resume_from
 
+    def _apply_schedule_options(self) -> None:
+        """After loading optimizer and schedule state: the options' lr and weight decay are what runs
+        (the loaded state holds those the checkpoint was written with; the schedule's shape, built from
+        the options, already is the new one)."""
+        o = self.opts.optim
+        groups = self.optimizer.param_groups
+        groups[0]["weight_decay"] = o.weight_decay  # group 1 (norms, biases) never decays
+        self.scheduler.base_lrs = [o.lr for _ in groups]
+        lrs = [o.lr * f(self.scheduler.last_epoch) for f in self.scheduler.lr_lambdas]
+        for g, lr in zip(groups, lrs):
+            g["initial_lr"], g["lr"] = o.lr, lr
+        self.scheduler._last_lr = lrs
+
+    def _state_bytes(self) -> int:
+        """Bytes a checkpoint writes: this rank's parameter and optimizer-state shards, summed over ranks."""
+        def local(t):
+            t = getattr(t, "_local_tensor", t)
+            return t.numel() * t.element_size()
+        n = sum(local(p) for p in self.model.parameters())
+        n += sum(local(v) for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v))
+        if dist.is_initialized() and self.info.world_size > 1:
+            t = torch.tensor([float(n)], device=self.info.device)
+            dist.all_reduce(t)
+            n = int(t.item())
+        return n
+
     def save(self) -> str:
-        tstate = {**dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict()}
+        nbytes = self._state_bytes()
+        rundir.on_rank0(lambda: _check_space(self.ckpt_root, nbytes, f"checkpoint step {self.state.step}"))
+        tstate = {**dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict(),
+                  "world_size": self.info.world_size}
         rstate = {"loader": self.loader.state_dict(), "rng": torch.get_rng_state()}
         path = self.checkpointer.save(self.state.step, self.model, self.optimizer, tstate, rstate, self.cfg.to_dict(),
                                       dump_yaml(self.opts))
@@ -313,15 +386,40 @@ class Trainer:
     def export(self, checkpoint: str) -> str:
         """The HF safetensors export of ``checkpoint`` to <output-dir>/hf, written by rank 0."""
         hf_dir = os.path.join(self.opts.output_dir, "hf")
-        if self.info.is_main:
-            from checkpoints_convert.dcp_to_hf import dcp_to_hf
-            from trainer.sources import export_sources
-
-            dcp_to_hf(checkpoint, hf_dir, overwrite=True, **export_sources(self.opts))
-            self.logger.info(f"exported Hugging Face checkpoint to {hf_dir}")
-        if dist.is_initialized():
-            dist.barrier()
+        rundir.on_rank0(lambda: self._export_rank0(checkpoint, hf_dir))
         return hf_dir
+
+    def _export_rank0(self, checkpoint: str, hf_dir: str) -> None:
+        """Idempotent: an export already made from ``checkpoint`` is kept (its record, written after
+        the export is whole, names the checkpoint); a missing or other one is (re)written."""
+        record = os.path.join(self.opts.output_dir, rundir.HF_RECORD)
+        try:
+            with open(record) as f:
+                done = json.load(f).get("checkpoint") == os.path.basename(checkpoint)
+        except (OSError, ValueError):
+            done = False
+        if done and os.path.isdir(hf_dir):
+            self.logger.info(f"Hugging Face export {hf_dir} of {checkpoint} is already there")
+            return
+        from checkpoints_convert.dcp_layout import read_model_config
+        from checkpoints_convert.dcp_to_hf import dcp_to_hf
+        from trainer.sources import export_sources
+
+        if os.path.exists(record):
+            os.remove(record)
+        cfg = read_model_config(checkpoint)
+        width = 4 if cfg.torch_dtype == "float32" else 2
+        _check_space(hf_dir, cfg.num_params() * width, "the Hugging Face export")
+        try:
+            with writing(hf_dir):
+                dcp_to_hf(checkpoint, hf_dir, overwrite=True, **export_sources(self.opts))
+        except NoSpaceError as e:
+            raise TrainerError(f"{e}; the checkpoint {checkpoint} is whole: free space and run the same "
+                               f"command again to finish the export") from None
+        with open(record + ".tmp", "w") as f:
+            json.dump({"checkpoint": os.path.basename(checkpoint)}, f)
+        os.replace(record + ".tmp", record)
+        self.logger.info(f"exported Hugging Face checkpoint to {hf_dir}")
 
     # ------------------------------------------------------------------ the step
     def step(self) -> dict:
@@ -416,12 +514,15 @@ class Trainer:
             if self.state.bad_in_a_row >= opts.train.max_bad_steps:
                 raise TrainerError(f"{self.state.bad_in_a_row} consecutive steps with a non-finite loss or gradient; "
                                    f"stopping (the last good checkpoint is kept)")
-            if self.stop_requested:
-                self.logger.info(f"SIGTERM received: saving at step {step} and exiting")
-                self.save()
-                return {"metrics": self.last_metrics, "step": step, "stopped": True}
             if opts.checkpoint.every and step % opts.checkpoint.every == 0 and step < total:
                 self.save()
+            if self.stop_requested:
+                if self.saved_at == step:
+                    self.logger.info(f"SIGTERM received: step {step} is already saved; exiting")
+                else:
+                    self.logger.info(f"SIGTERM received: saving at step {step} and exiting")
+                    self.save()
+                return {"metrics": self.last_metrics, "step": step, "stopped": True}
         if bar is not None:
             bar.close()
         result = {"metrics": self.last_metrics, "step": self.state.step, "checkpoint": None}
@@ -435,8 +536,17 @@ class Trainer:
         self.stop.uninstall()
         if self.logger is not None:
             self.logger.close()
+        if self.lock is not None:
+            self.lock.release()
         if shutdown:
             parallel.shutdown_distributed()
+
+
+def _check_space(path: str, nbytes: int, what: str) -> None:
+    try:
+        require_space(path, nbytes, what)
+    except NoSpaceError as e:
+        raise TrainerError(str(e)) from None
 
 
 def _sum_by_name(dicts) -> dict[str, torch.Tensor]:

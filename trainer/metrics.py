@@ -20,14 +20,16 @@ class _NoWandb:
 
 class RunLogger:
     def __init__(self, is_main: bool, output_dir: str, wandb_project: str = "", run_name: str = "",
-                 config: dict | None = None, resume_step: int = 0):
+                 config: dict | None = None, resume_step: int = 0, resumed: bool = True):
         self.is_main = is_main
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.wandb = _NoWandb()
         if not is_main:
             return
         os.makedirs(output_dir, exist_ok=True)
-        if resume_step > 0 and os.path.exists(self.path):
+        if resumed and os.path.exists(self.path):
+            # Steps past the checkpoint (all of them when there is none: a run killed before its first
+            # save) are about to be redone: each step is in the file once.
             self._truncate_after(resume_step)
         if wandb_project:
             try:
@@ -51,6 +53,8 @@ class RunLogger:
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
     def info(self, msg: str) -> None:

@@ -144,6 +144,7 @@ class OptionsError(TrainerError, ValueError):
 class Options:
     sections: dict[str, Any]
     output_dir: str
+    overwrite: bool = False  # --overwrite: move an earlier run in output_dir aside (not part of the config)
 
     def __getattr__(self, name):
         try:
@@ -193,6 +194,9 @@ def build_parser(prog: str, sections: dict[str, type], description: str,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML recipe; command-line options override it")
     p.add_argument("--output-dir", default=None, help="run directory (default: runs/<script name>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --checkpoint.resume false over a directory holding a run: move that run "
+                        "(checkpoints, metrics, export) aside to <output-dir>.replaced-<time> first")
     for sec, cls in sections.items():
         g = p.add_argument_group(f"{sec} options")
         for f in dataclasses.fields(cls):
@@ -244,7 +248,7 @@ def parse_options(argv: list[str] | None, prog: str, sections: dict[str, type], 
         built[sec] = cls(**kw)
     _check_combinations(built, args.config or "command line")
     out = args.output_dir or values.get("_", {}).get("output_dir") or default_output
-    return Options(built, out)
+    return Options(built, out, overwrite=args.overwrite)
 
 
 def _check_combinations(built: dict, where: str) -> None:

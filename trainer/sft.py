@@ -6,8 +6,8 @@
 With no options it trains the tiny preset on the generated demo corpus (general : reasoning mixed
 340 : 550 as in the Ring-Lite-Distill stage-2 recipe) for a few minutes on CPU, printing a falling
 loss, and writes runs/sft/{metrics.jsonl, config.yaml, checkpoints/, hf/}. Run again to resume;
-`--checkpoint.resume false` starts over. See configs/ for the Ling-Lite stage-1/2 recipes and
-`--help` for every option.
+`--checkpoint.resume false --overwrite` starts over (the old run is moved aside). See configs/ for
+the Ling-Lite stage-1/2 recipes and `--help` for every option.
 
 Loss per step = (sum of token cross entropies over the step's trained tokens on all ranks) / (their
 count) + the load-balancing loss (expert counts summed over ranks for the 'global' form) + z-loss.

@@ -1,0 +1,282 @@
+"""The run directory's safety rules: one trainer per directory, no two runs mixed, options that may
+and may not change on resume, temporaries of killed runs removed, workers that die with torchrun.
+
+    <output-dir>/.lock                 host, pid, start time of the trainer using the directory (rank 0's)
+    <output-dir>/config_changes.jsonl  one line per resume that changed an option: step, old and new values
+
+Everything here runs on rank 0 (the lock, the checks, the moves) before anything else is written;
+the other ranks wait for its verdict (``on_rank0``).
+"""
+from __future__ import annotations
+
+import ctypes
+import datetime
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+
+import torch.distributed as dist
+import yaml
+
+from checkpoints_convert.dcp_layout import COMPLETE, RUN_CONFIG, TRAINER_STATE, checkpoint_dirs
+from data.files import OWNER_FILE, process_alive, process_identity
+from trainer.errors import TrainerError
+
+LOCK_NAME = ".lock"
+CHANGES_NAME = "config_changes.jsonl"
+HF_RECORD = "hf_export.json"  # which checkpoint <output-dir>/hf was exported from, written after it
+# What belongs to one run (moved aside together by --overwrite). The prepared-data cache and the DPO
+# reference cache are keyed by their inputs, not by the run, and stay.
+RUN_STATE = ("checkpoints", "metrics.jsonl", "config.yaml", CHANGES_NAME, "hf", HF_RECORD)
+
+# Options a resumed run may change; every other option (the model, data, seq_len, batch sizes, seed,
+# the objective, the device) is fixed for the life of a run. The ranks' count is fixed too.
+CHANGEABLE = {
+    "optim": {"lr", "min_lr_ratio", "warmup_steps", "warmup_ratio", "weight_decay", "grad_clip"},
+    "train": {"steps", "log_every", "max_bad_steps", "peak_tflops", "progress"},
+    "checkpoint": {"every", "keep_last", "resume", "export_hf", "save_final"},
+    "log": {"wandb_project", "wandb_run_name"},
+    "model": {"expert_backend", "activation_checkpointing", "compile"},  # how, not what, is computed
+    "data": {"cache_dir"},  # the prepared data are keyed by content wherever they are cached
+}
+
+
+def on_rank0(fn):
+    """Run ``fn()`` on rank 0 only; every rank gets its result, or raises the TrainerError it raised."""
+    out = [None, None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            out = [fn(), None]
+        except (TrainerError, OSError) as e:  # the other ranks are waiting for the verdict: never leave them
+            out = [None, str(e)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(out, src=0)
+    if out[1] is not None:
+        raise TrainerError(out[1])
+    return out[0]
+
+
+# ---------------------------------------------------------------- the lock
+
+def _describe(holder: dict) -> str:
+    return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}"
+            + (f", command: {holder['command']}" if holder.get("command") else ""))
+
+
+class RunLock:
+    """``<output-dir>/.lock``: created whole (written to a private file, then hard-linked into place,
+    which fails if a lock is there), removed by its owner on exit. A lock whose owner died on this
+    host is stale and taken over; one held by a live process, or by another host's, is refused."""
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, LOCK_NAME)
+        self.identity = process_identity()
+        self.held = False
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns a warning when a stale one was taken over. Raises TrainerError when held."""
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"owner": self.identity, "host": socket.gethostname(), "pid": os.getpid(),
+                       "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+                       "command": " ".join(sys.argv)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        warning = None
+        try:
+            for _ in range(2):
+                try:
+                    os.link(tmp, self.path)
+                    self.held = True
+                    return warning
+                except FileExistsError:
+                    pass
+                holder = self._read()
+                if holder == {}:  # removed meanwhile: try again
+                    continue
+                alive = process_alive(holder["owner"]) if holder else True
+                if holder is None:
+                    raise TrainerError(f"{self.path}: a lock that cannot be read; another trainer may be using "
+                                       f"{os.path.dirname(self.path)} (remove the file if none is)")
+                if alive is not False:
+                    where = "" if alive else " (on another host: its liveness cannot be checked here)"
+                    raise TrainerError(f"{os.path.dirname(self.path)} is in use by another trainer{where}: "
+                                       f"{_describe(holder)}. Wait for it, stop it, or choose another --output-dir "
+                                       f"(if it is surely gone, remove {self.path})")
+                warning = f"taking over the lock of a trainer that is gone ({_describe(holder)})"
+                try:
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+            raise TrainerError(f"{self.path}: could not take the lock (another trainer is starting on this directory)")
+        finally:
+            os.remove(tmp)
+
+    def _read(self) -> dict | None:
+        try:
+            with open(self.path) as f:
+                holder = json.load(f)
+            return holder if isinstance(holder, dict) and isinstance(holder.get("owner"), str) else None
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        holder = self._read()
+        if holder and holder.get("owner") == self.identity:  # never another's lock
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+
+
+# ---------------------------------------------------------------- what is already there
+
+def existing_run(output_dir: str) -> list[str]:
+    """A description of each piece of an earlier run found in ``output_dir`` (empty: none)."""
+    found = []
+    dirs = checkpoint_dirs(os.path.join(output_dir, "checkpoints"))
+    if dirs:
+        found.append(f"{len(dirs)} checkpoint(s) up to step {dirs[-1][0]} in {os.path.join(output_dir, 'checkpoints')}")
+    mpath = os.path.join(output_dir, "metrics.jsonl")
+    if os.path.exists(mpath) and os.path.getsize(mpath) > 0:
+        with open(mpath, "rb") as f:
+            lines = sum(1 for _ in f)
+        found.append(f"{mpath} ({lines} lines)")
+    if os.path.isdir(os.path.join(output_dir, "hf")):
+        found.append(f"an HF export in {os.path.join(output_dir, 'hf')}")
+    return found
+
+
+def move_aside(output_dir: str) -> str:
+    """--overwrite: move the earlier run's files (RUN_STATE) into a sibling directory; returns it."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    aside = f"{os.path.abspath(output_dir).rstrip(os.sep)}.replaced-{stamp}"
+    n = 0
+    while os.path.exists(aside if n == 0 else f"{aside}-{n}"):
+        n += 1
+    aside = aside if n == 0 else f"{aside}-{n}"
+    os.makedirs(aside)
+    for name in RUN_STATE:
+        src = os.path.join(output_dir, name)
+        if os.path.lexists(src):
+            os.rename(src, os.path.join(aside, name))
+    return aside
+
+
+def sweep_temporaries(output_dir: str) -> list[str]:
+    """Remove what killed runs left half-written: step_N.tmp/ of interrupted saves, temporaries of
+    interrupted HF exports (.hf.tmp-*) and of metrics rewrites. Called under the lock, so no live
+    trainer owns them; an export temporary that records a live owner (a conversion someone started
+    by hand into this directory) is left alone."""
+    removed = []
+    root = os.path.join(output_dir, "checkpoints")
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        if name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            removed.append(os.path.join(root, name))
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if name.startswith(".hf.tmp-") and os.path.isdir(path):
+            try:
+                with open(os.path.join(path, OWNER_FILE)) as f:
+                    if process_alive(json.load(f)["owner"]) is not False:
+                        continue
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # no owner recorded: the trainer's own export, and the lock says it is gone
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        elif name == "metrics.jsonl.tmp":
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
+# ---------------------------------------------------------------- options on resume
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not prefix:
+            out.update(_flat(v, f"{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def checkpoint_world_size(step_dir: str) -> int | None:
+    try:
+        with open(os.path.join(step_dir, TRAINER_STATE)) as f:
+            ws = json.load(f).get("world_size")
+    except (OSError, ValueError):
+        return None
+    if ws is None:  # checkpoints written before world_size was recorded: one state file per rank
+        ws = sum(1 for n in os.listdir(step_dir) if n.startswith("rank_") and n.endswith(".pt")) or None
+    return ws
+
+
+def compare_options(step_dir: str, new: dict, world_size: int) -> dict[str, tuple]:
+    """The options that differ from those ``step_dir`` was written with, as {name: (old, new)}.
+    Raises TrainerError listing the fixed ones that differ."""
+    try:
+        with open(os.path.join(step_dir, RUN_CONFIG)) as f:
+            old = yaml.safe_load(f) or {}
+    except OSError:
+        return {}
+    old_flat, new_flat = _flat({k: v for k, v in old.items() if k != "output_dir"}), \
+        _flat({k: v for k, v in new.items() if k != "output_dir"})
+    # An option the checkpoint does not name did not exist when it was written: not a difference.
+    diffs = {k: (old_flat[k], new_flat.get(k, "(unset)"))
+             for k in sorted(old_flat) if old_flat[k] != new_flat.get(k, "(unset)")}
+    old_ws = checkpoint_world_size(step_dir)
+    fixed = {k: v for k, v in diffs.items() if k.split(".", 1)[1] not in CHANGEABLE.get(k.split(".", 1)[0], ())}
+    if old_ws is not None and old_ws != world_size:
+        fixed["ranks"] = (old_ws, world_size)
+    if fixed:
+        listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in fixed.items())
+        raise TrainerError(f"cannot resume {step_dir} with different settings that a run cannot change: {listed}. "
+                           f"Use the same values, or start a new run (another --output-dir, or --overwrite)")
+    return diffs
+
+
+def record_changes(output_dir: str, step: int, step_dir: str, changes: dict[str, tuple]) -> None:
+    rec = {"step": step, "time": round(time.time(), 3), "checkpoint": os.path.basename(step_dir),
+           "changes": {k: {"old": o, "new": n} for k, (o, n) in changes.items()}}
+    with open(os.path.join(output_dir, CHANGES_NAME), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def complete(step_dir: str) -> bool:
+    return os.path.exists(os.path.join(step_dir, COMPLETE))
+
+
+# ---------------------------------------------------------------- torchrun's workers
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_launcher() -> bool:
+    """Under torchrun: ask the kernel to send this worker SIGTERM when the launcher dies (even by
+    SIGKILL), so a killed launcher leaves no worker training on as an orphan; the SIGTERM path then
+    saves and exits. torchrun starts each worker in its own session, so nothing else reaches them.
+    Linux only; returns whether it is armed."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() == 1:  # the launcher died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
