@@ -3,6 +3,7 @@ first update against one computed by hand (plain autograd and AdamW's first-step
 import glob
 import json
 import math
+import os
 import pathlib
 import shutil
 
@@ -164,7 +165,7 @@ def test_first_update_equals_adamw_on_the_hand_computed_dpo_gradient(tmp_path, d
         for name, p in model.named_parameters():
             p.copy_(initial_value(name, tuple(p.shape), cfg, seed))
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    source = glob.glob(str(tmp_path / "prepared" / "pairs-*"))[0]
+    source, = [d for d in glob.glob(str(tmp_path / "prepared" / "pairs-*")) if os.path.isdir(d)]  # not its .lock
     batch = next(data.DPOLoader(source, 128, 4, rank=0, world_size=1, seed=seed))
     lp, n_tok = {"chosen": [], "rejected": []}, []
     for i in range(4):
