@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainer.errors import TrainerError, exit_on_error
+from trainer.errors import TrainerError, exit_on_error, finish_process
 from trainer.loop import MicroStep, StepContext, build_model, run
 from trainer.options import DPO_LOSS_TYPES as LOSS_TYPES, DPO_SECTIONS, parse_options
 
@@ -312,3 +312,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    finish_process(0)

@@ -8,6 +8,8 @@ through ``exit_on_error``.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 
 
 class TrainerError(RuntimeError):
@@ -26,3 +28,16 @@ def exit_on_error():
         yield
     except (TrainerError, DataError, CheckpointError, ConfigError, NoSpaceError) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def finish_process(status: int = 0) -> None:
+    """The end of a torchrun worker whose run is complete and closed: flush and leave without the
+    interpreter's C++ teardown. On the 2-core CPU, two-rank gloo runs of the trainer aborted there
+    about one time in four under load ("terminate called without an active exception", SIGABRT,
+    with no Python frame left), after everything was saved, exported and closed, so the launcher
+    reported a finished run as failed. Outside torchrun the interpreter exits normally."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        sys.exit(status)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

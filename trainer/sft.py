@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a file (torchrun trainer/sft.py): import
 
 import torch
 
-from trainer.errors import exit_on_error
+from trainer.errors import exit_on_error, finish_process
 from trainer.loop import MicroStep, StepContext, run
 from trainer.options import SFT_SECTIONS, parse_options
 
@@ -88,3 +88,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    finish_process(0)
