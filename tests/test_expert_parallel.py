@@ -2,18 +2,13 @@
 of the same global batch (fp32, 1e-5), for the loop, torch and triton (interpreter) backends, with
 an expert that gets no tokens and with every token sent to one rank's experts."""
 import copy
-import socket
 
 import pytest
 import torch
 
+from tests.trainer_utils import free_port
+
 CASES = ("random", "empty_expert", "all_to_rank0")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _groups(world: int, ep: int):
@@ -164,7 +159,7 @@ def _run(world, plans):
     import torch.multiprocessing as mp
 
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, _port(), plans, out), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), plans, out), nprocs=world, join=True)
     bad = {}
     for key, errs in sorted(out.items()):
         worst = max(errs.values())
@@ -194,7 +189,7 @@ def test_a_group_of_one_equals_the_torch_backend():
 
     from moe.expert_parallel import ExpertParallelExperts
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         # A group of one holds every expert: the same numbers as GroupedExperts' torch backend.
         from kernels.reference import grouped_mm_moe_mlp

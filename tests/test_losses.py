@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from moe.losses import (chunked_cross_entropy_sum, load_balancing_loss, router_z_loss,
                         sequence_load_balancing_loss, topk_load_balancing_loss)
+from tests.trainer_utils import free_port
 
 ALPHA = 0.01
 
@@ -124,13 +125,9 @@ def _global_balance_rank(rank, port, out):
 
 @pytest.mark.slow
 def test_global_batch_balance_two_ranks_two_micro_batches_by_hand():
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = mp.Manager().dict()
     mp.spawn(_global_balance_rank, args=(port, out), nprocs=2, join=True)
     for rank in (0, 1):

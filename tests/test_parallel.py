@@ -1,8 +1,9 @@
 """trainer.parallel.all_reduce_by_name: sums by name over real ranks, whatever order each rank built its dict in."""
-import socket
 
 import pytest
 import torch
+
+from tests.trainer_utils import free_port
 
 
 def _rank(rank, port, out):
@@ -27,9 +28,7 @@ def _rank(rank, port, out):
 def test_sums_by_name_over_two_ranks():
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = mp.Manager().dict()
     mp.spawn(_rank, args=(port, out), nprocs=2, join=True)
     want = {"loss": 1.75, "load": [[11.0, 22.0], [33.0, 44.0]], "tokens": 12.0}

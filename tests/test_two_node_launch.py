@@ -3,27 +3,20 @@ c10d rendezvous on 127.0.0.1 train exactly like one launcher with two processes,
 expert parallelism across the two "nodes". Global rank 0 writes the files; each process picks its
 device by its local rank (0 on both nodes)."""
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.trainer_utils import ROOT, TINY, exported, metrics, on_cpu, run_torchrun
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.trainer_utils import ROOT, TINY, exported, free_port, metrics, on_cpu, run_torchrun
 
 
 def _two_nodes(args: list[str], timeout: int = 240):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    port = _port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                                "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_id", "lingmoe-test",
                                "--rdzv_endpoint", f"127.0.0.1:{port}", str(ROOT / "trainer" / "sft.py"), *on_cpu(args)],

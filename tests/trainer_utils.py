@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -16,6 +17,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ["--model.overrides", "{hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, "
         "intermediate_size: 64, moe_intermediate_size: 16, num_experts: 4, num_experts_per_tok: 2}",
         "--train.progress", "false", "--data.seq_len", "32", "--train.device", "cpu"]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now, for a test's process-group rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def on_cpu(args: list[str]) -> list[str]:
