@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from trainer import parallel
 from trainer.errors import TrainerError, exit_on_error, finish_process
 from trainer.loop import MicroStep, StepContext, build_model, run
 from trainer.options import DPO_LOSS_TYPES as LOSS_TYPES, DPO_SECTIONS, parse_options
@@ -127,6 +128,11 @@ class DPOTask:
 
     def __init__(self):
         self.ref = None  # index -> (ref_w, ref_l) tensor [N, 2], or a live model
+
+    def release(self) -> None:
+        """At the end of a run: drop the reference model (a live one holds the process group)."""
+        self.ref = None
+        self.loader = None
 
     def adjust_model_config(self, opts, cfg, info):
         from trainer.sources import sources_and_vocab
@@ -312,4 +318,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
-    finish_process(0)
+    finish_process(0, parallel.groups_released())

@@ -30,14 +30,19 @@ def exit_on_error():
         raise SystemExit(f"error: {e}") from None
 
 
-def finish_process(status: int = 0) -> None:
-    """The end of a torchrun worker whose run is complete and closed: flush and leave without the
-    interpreter's C++ teardown. On the 2-core CPU, two-rank gloo runs of the trainer aborted there
-    about one time in four under load ("terminate called without an active exception", SIGABRT,
-    with no Python frame left), after everything was saved, exported and closed, so the launcher
-    reported a finished run as failed. Outside torchrun the interpreter exits normally."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
+def finish_process(status: int = 0, groups_released: bool = True) -> None:
+    """The end of a trainer process whose run is complete and closed.
+
+    Normally the interpreter exits as usual. Under torchrun, if a process group outlived the run
+    (``groups_released`` false: something still references it, see parallel.shutdown_distributed),
+    its gloo worker threads may still be freeing a collective's tensors when the interpreter
+    finalizes, which aborts the process ("terminate called without an active exception") after the
+    run was saved and exported, and the launcher then reports a finished run as failed. Only then
+    the process says so, flushes and leaves by os._exit, without the interpreter's teardown."""
+    if groups_released or "TORCHELASTIC_RUN_ID" not in os.environ:
         sys.exit(status)
+    print("warning: a process group is still referenced at exit; leaving without the interpreter's "
+          "teardown so that its threads cannot abort a finished run", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

@@ -539,7 +539,19 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
         if shutdown:
+            self.release()
             parallel.shutdown_distributed()
+
+    def release(self) -> None:
+        """Let go of everything that references the process group (model, optimizer state, meshes,
+        the task's reference model), so that shutting the group down joins its threads
+        (parallel.shutdown_distributed says why that matters at exit)."""
+        for name in ("model", "optimizer", "scheduler", "checkpointer", "ctx", "loader"):
+            self.__dict__.pop(name, None)
+        self.info = dataclasses.replace(self.info, mesh=None)
+        release = getattr(self.task, "release", None)
+        if release is not None:
+            release()
 
 
 def _check_space(path: str, nbytes: int, what: str) -> None:

@@ -9,8 +9,10 @@ The model itself knows nothing of distribution; everything here is applied from 
 """
 from __future__ import annotations
 
+import gc
 import os
 import socket
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -83,14 +85,53 @@ def init_distributed(device_type: str = "auto") -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, mesh)
 
 
-def shutdown_distributed() -> None:
+_live_groups: list[weakref.ref] = []  # the groups the last shutdown_distributed unregistered
+
+
+def shutdown_distributed() -> bool:
+    """Destroy every process group and return whether each is gone from memory, its threads joined.
+
+    ``destroy_process_group`` only unregisters a group; gloo's worker threads live until the last
+    reference to the group object drops (the model's DTensors, a DeviceMesh, DPO's live reference
+    all hold one). A worker still finishing a collective whose tensors' Python objects are gone must
+    take the GIL to free them; if the interpreter is finalizing by then, CPython ends that thread by
+    a forced unwind through a noexcept destructor and the process aborts ("terminate called without
+    an active exception"). So callers drop their references first (Trainer.close), and the cycles
+    that still hold one are collected here: the group's destructor then joins its threads."""
     global _env_set_here
     if dist.is_initialized():
+        world = getattr(dist.distributed_c10d, "_world", None)
+        groups = list(getattr(world, "pg_map", {})) or [dist.group.WORLD]
+        _live_groups[:] = [weakref.ref(g) for g in groups]
+        del groups
         dist.destroy_process_group()
+        gc.collect()
+        _forget_destroyed_groups_in_meshes()
     if _env_set_here:  # a later run in this process picks a fresh port
         for k in _OWN_ENV:
             os.environ.pop(k, None)
         _env_set_here = False
+    return groups_released()
+
+
+def _forget_destroyed_groups_in_meshes() -> None:
+    """DTensor's caches (sharding propagation, redistribution plans, mesh topology) keep every
+    DeviceMesh a run used alive for the life of the process, and a mesh holds its groups in
+    ``_pg_registry`` (torch >= 2.10; eager code resolves a mesh's groups by name, the registry is
+    for torch.compile). Once the world group is destroyed every group in it is dead, so each mesh
+    still in memory lets go of them. Where torch keeps them elsewhere, groups_released() says so."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    for obj in gc.get_objects():
+        if isinstance(obj, DeviceMesh):
+            registry = getattr(obj, "_pg_registry", None)
+            if isinstance(registry, dict):
+                registry.clear()
+
+
+def groups_released() -> bool:
+    """True when no process group that shutdown_distributed destroyed is still referenced."""
+    return all(r() is None for r in _live_groups)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:

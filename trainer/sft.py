@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a file (torchrun trainer/sft.py): import
 
 import torch
 
+from trainer import parallel
 from trainer.errors import exit_on_error, finish_process
 from trainer.loop import MicroStep, StepContext, run
 from trainer.options import SFT_SECTIONS, parse_options
@@ -88,4 +89,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
-    finish_process(0)
+    finish_process(0, parallel.groups_released())
