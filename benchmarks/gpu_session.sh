@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh check    # versions, the two ceilings, tests/test_kernels_gpu.py   (~2 min)
 #   bash benchmarks/gpu_session.sh kernels  # python -m kernels.bench, all peers, Ling-Lite + Qwen3    (~4 min)
 #   bash benchmarks/gpu_session.sh quick    # the bench at Ling-Lite T=8192 only                      (~2 min)
+#   bash benchmarks/gpu_session.sh qwen3    # the bench at Qwen3-30B-A3B's expert shape only, T=8192 and 32768 (~3 min)
 #   bash benchmarks/gpu_session.sh profile  # per-kernel times, tile-config variants, peer breakdown  (~1 min)
 #   bash benchmarks/gpu_session.sh tune     # profile + the composition of each kernel group's fastest
 #                                           # variant; the winner goes to $OUT/best_config.txt, which a
@@ -49,6 +50,10 @@ for stage in "$@"; do
           --json "$out/moe_bench_qwen3.json" --plot "$out/moe_bench_qwen3.png"
       } 2>&1 | tee "$out/kernels.log"
       ;;
+    qwen3)
+      timeout 300 python3 -m kernels.bench --experts 128 --topk 8 --hidden 2048 --inter 768 --tokens 8192 32768 \
+        --json "$out/moe_bench_qwen3.json" --plot "$out/moe_bench_qwen3.png" 2>&1 | tee "$out/qwen3.log"
+      ;;
     quick)
       timeout 300 python3 -m kernels.bench --tokens 8192 --json "$out/moe_bench_quick.json" --no-plot 2>&1 \
         | tee "$out/quick.log"
@@ -82,7 +87,7 @@ for stage in "$@"; do
         --json "$out/train_step_aftersave.json" 2>&1 | tee "$out/aftersave.log"
       ;;
     *)
-      echo "unknown stage $stage: check kernels quick profile tune suite train flex aftersave" >&2
+      echo "unknown stage $stage: check kernels quick qwen3 profile tune suite train flex aftersave" >&2
       exit 2
       ;;
   esac

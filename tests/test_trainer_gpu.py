@@ -82,6 +82,15 @@ def test_more_ranks_than_gpus_is_refused_with_the_fix(tmp_path):
     assert f"--nproc_per_node={n - 1}" in p.stderr + p.stdout and "--train.device cpu" in p.stderr + p.stdout
 
 
+def test_cuda_run_releases_its_nccl_process_group(tmp_path):
+    """As tests/test_process_exit.py checks for gloo: once the run is over no group object is left,
+    so its threads are gone before the interpreter finalizes (not yet run on a GPU)."""
+    from trainer import parallel
+
+    run_inproc("sft", COMMON + ["--train.steps", "1", "--checkpoint.export_hf", "false", "--output-dir", str(tmp_path)])
+    assert parallel.groups_released()
+
+
 def test_export_of_a_cuda_run_gives_the_same_model_on_cpu(tmp_path):
     from checkpoints_convert import load_hf
 
