@@ -93,7 +93,10 @@ def grouped_mm_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weigh
     I = I2 // 2
     flat = topk_ids_TK.reshape(-1)
     order = torch.argsort(flat, stable=True)  # slot index (t*K + k) in expert order
-    counts = torch.bincount(flat, minlength=E)
+    # An integer scatter-add into [E] (not bincount, which on CUDA reads the ids' min and max back to
+    # the host): with _grouped_mm the whole MLP then runs without a host sync.
+    counts = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(0, flat.to(torch.int64),
+                                                                                 torch.ones_like(flat, dtype=torch.int64))
     offs = torch.cumsum(counts, 0).to(torch.int32)
     xs = x_TH[order // K]
     gu = _grouped_matmul(xs, w_gate_up_E2IH.transpose(1, 2), counts, offs)

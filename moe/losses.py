@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .router import expert_counts
+
 
 def load_balancing_loss(probs_sum_E: torch.Tensor, num_tokens: torch.Tensor | int,
                         counts_E: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -61,8 +63,7 @@ class CarriedCounts:
 def topk_load_balancing_loss(probs_TE: torch.Tensor, topk_ids_TK: torch.Tensor, alpha: float) -> torch.Tensor:
     """Micro-batch form straight from router outputs (all T tokens counted)."""
     E = probs_TE.shape[-1]
-    counts = torch.bincount(topk_ids_TK.flatten(), minlength=E)
-    return load_balancing_loss(probs_TE.sum(0), probs_TE.shape[0], counts, alpha)
+    return load_balancing_loss(probs_TE.sum(0), probs_TE.shape[0], expert_counts(topk_ids_TK, E), alpha)
 
 
 def sequence_load_balancing_loss(probs_BSE: torch.Tensor, topk_ids_BSK: torch.Tensor, alpha: float,
@@ -73,8 +74,11 @@ def sequence_load_balancing_loss(probs_BSE: torch.Tensor, topk_ids_BSK: torch.Te
         mask_BS = torch.ones(B, S, dtype=torch.bool, device=probs_BSE.device)
     m = mask_BS.to(torch.float32)
     probs_sum = (probs_BSE.float() * m[..., None]).sum(1)  # [B, E]
-    onehot = F.one_hot(topk_ids_BSK, E).sum(2).to(torch.float32)  # [B, S, E]
-    counts = (onehot * m[..., None]).sum(1)  # [B, E]
+    # Each sequence's routed slots per expert over its kept tokens: a scatter-add into [B, E] (no [B, S, E]
+    # one-hot, and nothing read back to the host). Whole numbers below 2^24 are exact in fp32.
+    K = topk_ids_BSK.shape[-1]
+    kept = m[..., None].expand(B, S, K).reshape(B, S * K)
+    counts = probs_BSE.new_zeros(B, E, dtype=torch.float32).scatter_add_(1, topk_ids_BSK.reshape(B, S * K), kept)
     ntok = m.sum(1)  # [B]
     per_seq = load_balancing_loss(probs_sum, ntok[:, None], counts, alpha)  # [B]
     has = ntok > 0

@@ -91,6 +91,52 @@ def test_cuda_run_releases_its_nccl_process_group(tmp_path):
     assert parallel.groups_released()
 
 
+@pytest.mark.parametrize("script,backend", [("sft", "triton"), ("sft", "torch"), ("dpo", "triton")])
+def test_cuda_micro_steps_never_wait_for_the_gpu(tmp_path, monkeypatch, script, backend):
+    """tests/test_host_sync.py on CUDA, where every read-back is visible: from the second step on, each
+    micro-step and its backward run under sync debug mode "error", which raises at any call that makes
+    the host wait for the device; the mode ends where the step computes its gradient norm (a read-back
+    by design, once per step). The first step is left out: it compiles (flex attention, Triton
+    kernels) and probes, which may synchronize. (Not yet run on a GPU.)"""
+    import trainer.loop as loop
+
+    if script == "sft":
+        from trainer.sft import SFTTask as Task
+
+        data = ["--data.synthetic", "true"]
+    else:
+        import data as data_mod
+        from trainer.dpo import DPOTask as Task
+
+        pairs = data_mod.ensure_demo_data(str(tmp_path / "demo"))["jsonl"]["dpo"]
+        (tmp_path / "pairs.jsonl").write_text("\n".join(open(pairs).read().splitlines()[:16]) + "\n")
+        data = ["--data.sources", f"[{tmp_path / 'pairs.jsonl'}]", "--data.seq_len", "128"]
+    original, grad_norm = Task.micro_step, loop._grad_norm
+    calls = {"micro": 0, "strict": 0}
+
+    def strict_micro_step(self, ctx, b):
+        calls["micro"] += 1
+        if calls["micro"] > ctx.accum:  # the second step on: strict until the gradient norm
+            torch.cuda.set_sync_debug_mode("error")
+            calls["strict"] += 1
+        return original(self, ctx, b)
+
+    def lenient_grad_norm(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("default")
+        return grad_norm(*args, **kwargs)
+
+    monkeypatch.setattr(Task, "micro_step", strict_micro_step)
+    monkeypatch.setattr(loop, "_grad_norm", lenient_grad_norm)
+    try:
+        run_inproc(script, GPU + data + ["--train.steps", "2", "--train.global_batch_size", "4",
+                                         "--data.micro_batch_size", "2", "--model.expert_backend", backend,
+                                         "--model.aux_loss_type", "global", "--checkpoint.every", "0",
+                                         "--checkpoint.export_hf", "false", "--output-dir", str(tmp_path / "run")])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert calls == {"micro": 4, "strict": 2}
+
+
 def test_export_of_a_cuda_run_gives_the_same_model_on_cpu(tmp_path):
     from checkpoints_convert import load_hf
 

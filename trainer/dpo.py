@@ -226,6 +226,9 @@ class DPOTask:
         else:
             ctx.logger.info(f"reference log-probs: first pass over {len(self.loader.dataset)} pairs -> {path}")
             self.ref = self._precompute(ctx, path, key)
+        # On the training device, so that each micro-step looks its pairs up there: indexing a host table
+        # with the batch's device indices would copy them back and wait for the GPU every micro-step.
+        self.ref = self.ref.to(ctx.info.device)
 
     def _load_cached(self, path: str, key: str) -> torch.Tensor | None:
         """The cached table when it exists and was made under exactly this key; safetensors, so
@@ -254,7 +257,7 @@ class DPOTask:
         o = ctx.opts.dpo
         pw, pl, nw, nl, out = sequence_logps(ctx.model, b, self.pad_id, ctx.balance_counts_fn)
         if isinstance(self.ref, torch.Tensor):
-            r = self.ref[b["index"].cpu()].to(pw.device, pw.dtype)
+            r = self.ref[b["index"].to(self.ref.device)].to(pw.device, pw.dtype)
             rw, rl = r[:, 0], r[:, 1]
         else:
             rw, rl, _, _, _ = sequence_logps(self.ref, b, self.pad_id, grad=False)

@@ -1,0 +1,130 @@
+"""The training forward and backward read nothing back to the host.
+
+On CUDA, an op that reads a device value on the host (``.item()``, ``bincount``'s min/max, boolean-mask
+indexing's nonzero count, ...) makes the CPU wait until the GPU has finished everything queued; the GPU
+then idles while the CPU launches what follows. One such op per MoE layer puts that stall in every
+layer of every micro-batch, forward and recompute. These tests record, on CPU, every dispatched aten
+op that would read back on CUDA. CPU cannot see ``.cpu()`` or ``.tolist()`` (they dispatch nothing
+there); tests/test_trainer_gpu.py checks the same steps on CUDA with ``torch.cuda.set_sync_debug_mode``.
+"""
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from moe import BailingMoeConfig, BailingMoeForCausalLM
+from moe.router import expert_counts
+from tests.trainer_utils import TINY, run_inproc
+
+aten = torch.ops.aten
+# Ops whose CUDA kernels copy a value to the host before they return (their output size, or their
+# result, depends on the data).
+READS_BACK = {aten._local_scalar_dense, aten.nonzero, aten.bincount, aten.masked_select, aten._unique2,
+              aten.unique_dim, aten.unique_consecutive, aten.is_nonzero, aten.equal}
+INDEXING = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
+
+
+class ReadBacks(TorchDispatchMode):
+    """Counts the ops above, and indexing or index_put with a boolean mask (nonzero underneath), and
+    repeat_interleave without output_size."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func.overloadpacket
+        if packet in READS_BACK:
+            self.ops[str(func)] += 1
+        elif packet in INDEXING and any(t is not None and t.dtype == torch.bool for t in args[1]):
+            self.ops[f"{func} with a boolean mask"] += 1
+        elif packet is aten.repeat_interleave and kwargs.get("output_size") is None:
+            self.ops[str(func)] += 1
+        return func(*args, **kwargs)
+
+
+def test_the_recorder_sees_each_kind_of_read_back():
+    ids = torch.tensor([0, 2, 2, 1])
+    with ReadBacks() as rb:
+        torch.bincount(ids, minlength=4)
+        ids[ids > 0]
+        ids.sum().item()
+        bool(ids.any())
+        torch.zeros(4, dtype=torch.int64).scatter_add_(0, ids, torch.ones_like(ids))  # none: fixed size
+    # .item() and bool() both end in _local_scalar_dense; the scatter-add adds nothing.
+    assert dict(rb.ops) == {"aten.bincount.default": 1, "aten.index.Tensor with a boolean mask": 1,
+                            "aten._local_scalar_dense.default": 2}, rb.ops
+
+
+def test_expert_counts_equal_bincount_over_the_kept_tokens():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 7, (50, 3), generator=g)
+    mask = torch.rand(50, generator=g) > 0.3
+    assert torch.equal(expert_counts(ids, 9), torch.bincount(ids.flatten(), minlength=9))
+    assert torch.equal(expert_counts(ids, 9, mask), torch.bincount(ids[mask].flatten(), minlength=9))
+    assert expert_counts(ids, 9, mask).dtype == torch.int64
+    assert expert_counts(ids, 9, torch.zeros(50, dtype=torch.bool)).sum() == 0
+
+
+def _model(backend, aux):
+    torch.manual_seed(0)
+    cfg = BailingMoeConfig(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=48, moe_intermediate_size=16, num_experts=6,
+                           num_experts_per_tok=2, num_shared_experts=1, first_k_dense_replace=1,
+                           initializer_range=0.05, torch_dtype="float32", expert_backend=backend,
+                           aux_loss_type=aux, aux_loss_alpha=0.01, z_loss_coef=1e-3)
+    return BailingMoeForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("aux", ["micro", "global", "sequence"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_training_forward_and_backward_read_nothing_back(backend, aux):
+    model = _model(backend, aux)
+    ids = torch.randint(0, 97, (2, 16))
+    labels = ids.clone()
+    labels[0, 13:] = -100
+    packed = dict(position_ids=torch.tensor([list(range(9)) + list(range(5)) + [0, 0], list(range(16))]),
+                  document_ids=torch.tensor([[0] * 9 + [1] * 5 + [-1] * 2, [0] * 16]))
+    padded = dict(attention_mask=torch.tensor([[1] * 12 + [0] * 4, [1] * 16]))
+    for inputs in (packed, padded):
+        model.zero_grad()
+        with ReadBacks() as rb:
+            out = model(ids, labels=labels, return_logits=False, **inputs,
+                        balance_counts_fn=(lambda c: c) if aux == "global" else None)
+            (out.ce_sum + out.aux_loss).backward()
+        assert not rb.ops, (backend, aux, sorted(inputs), dict(rb.ops))
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("script", ["sft", "dpo"])
+def test_trainer_micro_steps_read_nothing_back(tmp_path, monkeypatch, script):
+    """The task's whole micro-step (forward, losses, metric sums) as the trainer runs it."""
+    if script == "sft":
+        from trainer.sft import SFTTask as Task
+
+        data = ["--data.synthetic", "true"]
+    else:
+        import data as data_mod
+        from trainer.dpo import DPOTask as Task
+
+        pairs = data_mod.ensure_demo_data(str(tmp_path / "demo"))["jsonl"]["dpo"]
+        lines = open(pairs).read().splitlines()[:16]
+        (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+        data = ["--data.sources", f"[{tmp_path / 'pairs.jsonl'}]", "--data.seq_len", "128"]
+    seen = []
+    original = Task.micro_step
+
+    def recorded(self, ctx, b):
+        with ReadBacks() as rb:
+            out = original(self, ctx, b)
+        seen.append(dict(rb.ops))
+        return out
+
+    monkeypatch.setattr(Task, "micro_step", recorded)
+    run_inproc(script, TINY + data + ["--train.steps", "1", "--train.global_batch_size", "4",
+                                      "--data.micro_batch_size", "2", "--model.aux_loss_type", "global",
+                                      "--checkpoint.every", "0", "--checkpoint.export_hf", "false",
+                                      "--output-dir", str(tmp_path / "run")])
+    assert len(seen) == 2 and seen == [{}, {}], seen
