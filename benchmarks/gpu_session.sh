@@ -12,6 +12,9 @@
 #                                           # following 'kernels' stage in the same call uses  (~2 min)
 #   bash benchmarks/gpu_session.sh suite    # the whole pytest suite on CUDA                          (~3 min)
 #   bash benchmarks/gpu_session.sh train    # benchmarks/train_step.py, 3 backends, S=4096            (~4 min)
+#   bash benchmarks/gpu_session.sh trainprof  # the train stage's setup, triton only, micro-batches of 1 and 2 rows,
+#                                           # one profiled step after the timed ones: GPU busy share, top kernels,
+#                                           # host waits, and a Chrome trace (3 files per micro-batch size) (~4 min)
 #   bash benchmarks/gpu_session.sh flex     # packed 16k rows, 2 documents: flex vs SDPA dense mask  (~3 min)
 #   bash benchmarks/gpu_session.sh aftersave  # 2 Ling-Lite layers, step time before/after a mid-run save (~3 min)
 #
@@ -74,6 +77,12 @@ for stage in "$@"; do
       timeout 420 python3 benchmarks/train_step.py --steps "${TRAIN_STEPS:-10}" --warmup "${TRAIN_WARMUP:-3}" \
         --json "$out/train_step.json" 2>&1 | tee "$out/train.log"
       ;;
+    trainprof)
+      for mb in ${TRAIN_MBS:-1 2}; do
+        timeout 280 python3 benchmarks/train_step.py --backends triton --micro-batch "$mb" --steps 3 --warmup 2 \
+          --save-at 0 --profile --json "$out/train_prof_mb$mb.json" 2>&1 | tee "$out/trainprof_mb$mb.log"
+      done
+      ;;
     flex)
       for attn in flex sdpa; do
         timeout 200 python3 benchmarks/train_step.py --backends triton --seq-len 16384 --docs-per-row 2 \
@@ -87,7 +96,7 @@ for stage in "$@"; do
         --json "$out/train_step_aftersave.json" 2>&1 | tee "$out/aftersave.log"
       ;;
     *)
-      echo "unknown stage $stage: check kernels quick qwen3 profile tune suite train flex aftersave" >&2
+      echo "unknown stage $stage: check kernels quick qwen3 profile tune suite train trainprof flex aftersave" >&2
       exit 2
       ;;
   esac

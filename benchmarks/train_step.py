@@ -81,21 +81,30 @@ def split_at_save(step_ms: list[float], warmup: int, save_at: int) -> dict:
     return {"ms_before_save": b, "ms_after_save": a, "after_save_over_before": a / b}
 
 
+def profile_outputs(json_path: str, backend: str) -> str:
+    """Where --profile copies a backend's Chrome trace: beside the results JSON."""
+    stem = json_path[:-5] if json_path.endswith(".json") else json_path
+    return f"{stem}-{backend}-trace.json.gz"
+
+
 def run_backend(backend: str, args, layers: int, trainer_args: list[str], workdir: str, save_at: int) -> dict:
     out_dir = os.path.join(workdir, f"{backend}-L{layers}")
     shutil.rmtree(out_dir, ignore_errors=True)
+    n_steps = args.warmup + args.steps + (1 if args.profile else 0)  # the profiled step comes after the timed ones
     cmd = [sys.executable, os.path.join(ROOT, "trainer", "sft.py"),
            "--model.preset", args.preset, "--model.overrides",
            json.dumps({"num_hidden_layers": layers, "attn_implementation": args.attn}),
            "--model.expert_backend", backend,
            "--data.synthetic", "true", "--data.synthetic_docs_per_row", str(args.docs_per_row),
            "--data.seq_len", str(args.seq_len), "--data.micro_batch_size", str(args.micro_batch),
-           "--train.global_batch_size", str(args.global_batch), "--train.steps", str(args.warmup + args.steps),
+           "--train.global_batch_size", str(args.global_batch), "--train.steps", str(n_steps),
            "--train.progress", "false", "--checkpoint.every", str(save_at), "--checkpoint.keep_last", "1",
            "--checkpoint.resume", "false", "--checkpoint.save_final", "false", "--checkpoint.export_hf", "false",
            "--output-dir", out_dir]
     if args.peak_tflops:
         cmd += ["--train.peak_tflops", str(args.peak_tflops)]
+    if args.profile:
+        cmd += ["--train.profile_step", str(n_steps)]
     cmd += trainer_args
     print(f"[{backend}] {layers} layer(s): " + " ".join(cmd[1:]), flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -106,6 +115,8 @@ def run_backend(backend: str, args, layers: int, trainer_args: list[str], workdi
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         steps = [json.loads(line) for line in f if line.strip()]
     steps = [s for s in steps if "tokens_per_s" in s]
+    profiled = steps[args.warmup + args.steps:]  # under the profiler: slower, kept out of every time below
+    steps = steps[:args.warmup + args.steps]
     timed = steps[args.warmup:]
     if not timed:
         return {"ok": False, "oom": False, "log_tail": f"no timed steps in {out_dir}/metrics.jsonl"}
@@ -118,6 +129,17 @@ def run_backend(backend: str, args, layers: int, trainer_args: list[str], workdi
     for key in ("mfu", "mfu_vs_measured_peak"):
         if all(key in s for s in timed):
             row[key] = med(key)
+    if args.profile:
+        summary = os.path.join(out_dir, "profile", f"step{n_steps}-rank0.json")
+        if profiled and os.path.exists(summary):
+            with open(summary) as f:
+                row["profile"] = json.load(f)
+            trace = os.path.join(out_dir, "profile", f"step{n_steps}-trace.json.gz")
+            if os.path.exists(trace):
+                shutil.copyfile(trace, profile_outputs(args.json, backend))
+                row["profile"]["trace"] = os.path.basename(profile_outputs(args.json, backend))
+        else:
+            row["profile"] = {"error": f"no profile summary at {summary}"}
     if not args.keep_runs:
         shutil.rmtree(out_dir, ignore_errors=True)
     return row
@@ -173,6 +195,10 @@ def main(argv=None) -> dict:
     p.add_argument("--workdir", default="", help="where the trainer's run directories go (default: a temporary "
                    "directory)")
     p.add_argument("--keep-runs", action="store_true", help="keep each run's directory (metrics.jsonl, config)")
+    p.add_argument("--profile", action="store_true",
+                   help="run one more step after the timed ones under torch.profiler (trainer option "
+                        "--train.profile_step): its summary (GPU busy share, top kernels, host waits) goes into "
+                        "the row as 'profile', its Chrome trace beside --json as <name>-<backend>-trace.json.gz")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
@@ -269,6 +295,19 @@ def format_table(result: dict) -> str:
         lines.append(f"| {r['backend']} | {r['attn']} | {r['layers']} | {r['seq_len']} x {r['docs_per_row']} | "
                      f"{r['T']} | {r['ms']:.1f} | {around} | {r['tokens_per_s']:.0f} | "
                      f"{r['tflops']:.3g} | {mfu} | {r['memory_gib']:.1f} |")
+    for r in result["rows"]:
+        prof = r.get("profile")
+        if not prof:
+            continue
+        if "error" in prof:
+            lines.append(f"profile ({r['backend']}): {prof['error']}")
+            continue
+        busy = (f", GPU busy {prof['device_busy_ms']:.1f} ms ({100 * (1 - prof['device_idle_share']):.0f}%)"
+                if prof.get("device_busy_ms") is not None else "")
+        waits = sum(w["calls"] for w in prof.get("host_waits", []))
+        top = "; ".join(f"{k['name'][:60]} {k['ms']:.1f} ms" for k in prof.get("top_kernels", [])[:5])
+        lines.append(f"profile ({r['backend']}): step {prof['wall_ms']:.1f} ms{busy}, {prof['launches']} launches, "
+                     f"{waits} host waits" + (f"; top kernels: {top}" if top else ""))
     return "\n".join(lines)
 
 

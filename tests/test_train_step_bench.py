@@ -83,3 +83,17 @@ def test_save_final_false_needs_export_off_and_docs_per_row_is_checked():
     assert not _parse(["--checkpoint.save_final", "false", "--checkpoint.export_hf", "false"]).checkpoint.save_final
     with pytest.raises(OptionsError, match="synthetic_docs_per_row must be 1 or 2"):
         _parse(["--data.synthetic_docs_per_row", "3"])
+
+
+def test_profile_adds_one_untimed_step_and_its_summary(tmp_path):
+    out = tmp_path / "ts.json"
+    res = train_step.main(["--backends", "torch", "--layers", "2", "--seq-len", "32", "--micro-batch", "2",
+                           "--global-batch", "2", "--steps", "2", "--warmup", "1", "--save-at", "0", "--profile",
+                           "--json", str(out), "--", "--train.device", "cpu"])
+    (row,) = res["rows"]
+    assert row["ok"] and len(row["step_ms_all"]) == 3  # warm-up + timed: the profiled 4th step is not among them
+    prof = row["profile"]
+    assert prof["step"] == 4 and prof["wall_ms"] > 0 and prof["host_ops"] > 0 and "error" not in prof
+    assert (tmp_path / prof["trace"]).stat().st_size > 0 and prof["trace"] == "ts-torch-trace.json.gz"
+    assert f"profile (torch): step {prof['wall_ms']:.1f} ms, {prof['launches']} launches" in \
+        train_step.format_table(res)

@@ -137,6 +137,20 @@ def test_cuda_micro_steps_never_wait_for_the_gpu(tmp_path, monkeypatch, script, 
     assert calls == {"micro": 4, "strict": 2}
 
 
+def test_cuda_profile_of_a_step_sees_the_kernels(tmp_path):
+    """--train.profile_step on CUDA: the summary reads kernels off the trace. (Not yet run on a GPU.)"""
+    run_inproc("sft", COMMON + ["--train.steps", "2", "--train.profile_step", "2", "--checkpoint.export_hf", "false",
+                                "--output-dir", str(tmp_path)])
+    s = json.loads((tmp_path / "profile" / "step2-rank0.json").read_text())
+    print(s)
+    assert "error" not in s and s["device"].startswith("cuda")
+    assert 0 < s["device_busy_ms"] <= s["wall_ms"] and 0 <= s["device_idle_share"] < 1
+    assert s["top_kernels"] and s["launches"] > 0 and s["host_ops"] > 0
+    # The step reads its gradient norm and metrics back once: at least one wait, and few.
+    assert 1 <= sum(w["calls"] for w in s["host_waits"]) <= 20, s["host_waits"]
+    assert (tmp_path / "profile" / "step2-trace.json.gz").stat().st_size > 0
+
+
 def test_export_of_a_cuda_run_gives_the_same_model_on_cpu(tmp_path):
     from checkpoints_convert import load_hf
 

@@ -502,7 +502,14 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=total, initial=self.state.step, desc=self.task.name, dynamic_ncols=True)
         while self.state.step < total:
-            metrics = self.last_metrics = self.step()
+            if opts.train.profile_step == self.state.step + 1:
+                from trainer.profiling import StepProfiler
+
+                with StepProfiler(os.path.join(opts.output_dir, "profile"), self.state.step + 1, self.info.rank,
+                                  self.info.device, self.logger if self.info.is_main else None):
+                    metrics = self.last_metrics = self.step()
+            else:
+                metrics = self.last_metrics = self.step()
             step = self.state.step
             if step % opts.train.log_every == 0 or step == total:
                 self.logger.log(step, metrics)

@@ -87,6 +87,9 @@ class TrainOptions:
     peak_tflops: float = opt(0.0, "dense bf16 peak per GPU for MFU; 0 = the datasheet figure for known GPUs "
                                   "(H100/H200 SXM 989)")
     progress: bool = opt(True, "show a progress bar on rank 0")
+    profile_step: int = opt(0, "record optimizer step N under torch.profiler: <output-dir>/profile/ gets rank 0's "
+                               "Chrome trace and each rank's summary (GPU busy share, top kernels, host waits); "
+                               "0 = no profile")
     device: str = opt("auto", "'auto' (one GPU per rank when CUDA is available, else CPU), 'cuda' or 'cpu' "
                               "(CPU and gloo even on a GPU machine: debugging, exact fp32 comparisons)")
 
@@ -257,6 +260,9 @@ def _check_combinations(built: dict, where: str) -> None:
         raise OptionsError(f"{where}: checkpoint.save_final false needs checkpoint.export_hf false "
                            f"(the HF export is written from the final checkpoint)")
     train = built.get("train")
+    if train is not None and not 0 <= train.profile_step <= train.steps:
+        raise OptionsError(f"{where}: train.profile_step must be a step in 1..train.steps ({train.steps}), "
+                           f"or 0 for none; got {train.profile_step}")
     if train is not None and train.device not in ("auto", "cuda", "cpu"):
         raise OptionsError(f"{where}: train.device must be auto, cuda or cpu, got {train.device!r}")
     dpo = built.get("dpo")
