@@ -86,3 +86,16 @@ def test_profile_step_outside_the_run_is_refused(step):
     with pytest.raises(OptionsError, match="train.profile_step must be a step in 1..train.steps"):
         parse_options(["--train.steps", "3", "--train.profile_step", step], "trainer/sft.py", SFT_SECTIONS, "",
                       "runs/x")
+
+
+def test_a_profile_that_cannot_be_written_leaves_the_run_going(tmp_path, monkeypatch, capsys):
+    import trainer.profiling as profiling
+
+    def full_disk(path, obj):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(profiling, "_write_json", full_disk)
+    out = run_inproc("sft", ARGS + ["--train.profile_step", "2", "--output-dir", str(tmp_path)])
+    assert out["step"] == 3 and len(metrics(tmp_path)) == 3
+    assert not (tmp_path / "profile" / "step2-rank0.json").exists()
+    assert "profile of step 2 not written: [Errno 28] No space left on device" in capsys.readouterr().err

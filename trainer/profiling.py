@@ -86,9 +86,13 @@ def _sync(device: torch.device) -> None:
 
 def _write_json(path: str, obj) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class StepProfiler:
@@ -113,7 +117,11 @@ class StepProfiler:
         wall_ms = 1e3 * (time.perf_counter() - self.t0)
         self.prof.__exit__(exc_type, exc, tb)
         if exc_type is None:
-            self._write(wall_ms)
+            try:
+                self._write(wall_ms)
+            except OSError as e:  # a full disk, say: the run goes on without its profile
+                if self.logger is not None:
+                    self.logger.info(f"profile of step {self.step} not written: {e}")
         return False
 
     def _write(self, wall_ms: float) -> None:
