@@ -136,8 +136,9 @@ def run_backend(backend: str, args, layers: int, trainer_args: list[str], workdi
                 row["profile"] = json.load(f)
             trace = os.path.join(out_dir, "profile", f"step{n_steps}-trace.json.gz")
             if os.path.exists(trace):
-                shutil.copyfile(trace, profile_outputs(args.json, backend))
-                row["profile"]["trace"] = os.path.basename(profile_outputs(args.json, backend))
+                dest = profile_outputs(args.json, backend)
+                shutil.copyfile(trace, dest)
+                row["profile"]["trace"] = os.path.basename(dest)
         else:
             row["profile"] = {"error": f"no profile summary at {summary}"}
     if not args.keep_runs:

@@ -22,6 +22,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .routing import expert_counts
+
 __all__ = ["moe_mlp", "grouped_mm_moe_mlp", "grouped_mm_available"]
 
 
@@ -93,10 +95,7 @@ def grouped_mm_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weigh
     I = I2 // 2
     flat = topk_ids_TK.reshape(-1)
     order = torch.argsort(flat, stable=True)  # slot index (t*K + k) in expert order
-    # An integer scatter-add into [E] (not bincount, which on CUDA reads the ids' min and max back to
-    # the host): with _grouped_mm the whole MLP then runs without a host sync.
-    counts = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(0, flat.to(torch.int64),
-                                                                                 torch.ones_like(flat, dtype=torch.int64))
+    counts = expert_counts(topk_ids_TK, E)  # with _grouped_mm, the whole MLP runs without a host sync
     offs = torch.cumsum(counts, 0).to(torch.int32)
     xs = x_TH[order // K]
     gu = _grouped_matmul(xs, w_gate_up_E2IH.transpose(1, 2), counts, offs)

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Routing", "build_routing", "max_tiles"]
+__all__ = ["Routing", "build_routing", "expert_counts", "max_tiles"]
 
 
 class Routing(NamedTuple):
@@ -49,6 +49,21 @@ def max_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
     return -(-num_rows // block_m) + min(num_experts, num_rows)
 
 
+def expert_counts(topk_ids_TK: torch.Tensor, num_experts: int, token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 [E]: routed slots per expert over the tokens the mask keeps (all when it is None).
+
+    An integer scatter-add into a fixed-size output, which reads nothing back to the host (exact
+    whatever order the atomics land in). ``torch.bincount`` on CUDA copies the input's min and max
+    to the host to size its output, and ``topk_ids[mask]`` needs the mask's nonzero count: either
+    would stall every MoE layer's forward (and its recompute) until the GPU caught up."""
+    ids = topk_ids_TK.reshape(-1).to(torch.int64)
+    if token_mask_T is None:
+        ones = torch.ones_like(ids)
+    else:
+        ones = token_mask_T.reshape(-1, 1).expand(topk_ids_TK.shape).reshape(-1).to(torch.int64)
+    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, ones)
+
+
 def build_routing(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Routing:
     """Sort the N = T*K routed rows by expert and build the per-tile table.
 
@@ -70,10 +85,7 @@ def build_routing(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Rou
     # therefore every reduction over an expert's rows, reproducible run to run.
     _, order_N = torch.sort(ids_N, stable=True)
 
-    # scatter_add_ on integers is exact whatever order the atomics land in; unlike bincount
-    # its output size is fixed, so there is no hidden device->host read of max(ids).
-    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=dev)
-    counts_E.scatter_add_(0, ids_N, torch.ones_like(ids_N))
+    counts_E = expert_counts(topk_ids, num_experts)
     offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev)
     offsets_E1[1:] = torch.cumsum(counts_E, 0)
 

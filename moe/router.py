@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.routing import expert_counts
+
 
 @dataclass
 class Routing:
@@ -52,21 +54,6 @@ class TopKRouter(nn.Module):
         if self.norm_topk_prob and self.top_k > 1:
             topk_w = topk_w / (topk_w.sum(dim=-1, keepdim=True) + 1e-20)
         return Routing(logits, probs, topk_ids, topk_w, expert_counts(topk_ids, self.num_experts, token_mask_T))
-
-
-def expert_counts(topk_ids_TK: torch.Tensor, num_experts: int, token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
-    """int64 [E]: routed slots per expert over the tokens the mask keeps (all when it is None).
-
-    Built by an integer scatter-add into a fixed-size output, which reads nothing back to the host.
-    ``torch.bincount`` on CUDA copies the input's min and max to the host to size its output, and
-    ``topk_ids[mask]`` needs the mask's nonzero count: either would stall every MoE layer's forward
-    (and its recompute) until the GPU caught up. Integer atomics are exact in any order."""
-    ids = topk_ids_TK.reshape(-1)
-    if token_mask_T is None:
-        ones = torch.ones_like(ids, dtype=torch.int64)
-    else:
-        ones = token_mask_T.reshape(-1, 1).expand(topk_ids_TK.shape).reshape(-1).to(torch.int64)
-    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, ids.to(torch.int64), ones)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ Metrics travel by name: every rank's sums go into one all-reduce keyed by metric
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -502,13 +503,7 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=total, initial=self.state.step, desc=self.task.name, dynamic_ncols=True)
         while self.state.step < total:
-            if opts.train.profile_step == self.state.step + 1:
-                from trainer.profiling import StepProfiler
-
-                with StepProfiler(os.path.join(opts.output_dir, "profile"), self.state.step + 1, self.info.rank,
-                                  self.info.device, self.logger if self.info.is_main else None):
-                    metrics = self.last_metrics = self.step()
-            else:
+            with self._profiler(self.state.step + 1):
                 metrics = self.last_metrics = self.step()
             step = self.state.step
             if step % opts.train.log_every == 0 or step == total:
@@ -538,6 +533,15 @@ class Trainer:
             if opts.checkpoint.export_hf:
                 self.export(result["checkpoint"])
         return result
+
+    def _profiler(self, step: int):
+        """torch.profiler around optimizer step ``step`` when --train.profile_step names it."""
+        if self.opts.train.profile_step != step:
+            return contextlib.nullcontext()
+        from trainer.profiling import StepProfiler
+
+        return StepProfiler(os.path.join(self.opts.output_dir, "profile"), step, self.info.rank, self.info.device,
+                            self.logger if self.info.is_main else None)
 
     def close(self, shutdown: bool = True) -> None:
         self.stop.uninstall()
