@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _median_ms(fn, reps, warmup=3):
-    from kernels.bench import _time
+    from trainer.tools.kernel_bench import _time
 
     return _time(fn, reps, warmup, torch.device("cuda"))[0]
 
@@ -44,7 +44,7 @@ def main(argv=None):
     dst = torch.empty_like(src)
     ms_copy = _median_ms(lambda: dst.copy_(src), args.reps)
     copy_tb_s = 2 * src.numel() * 4 / (ms_copy * 1e-3) / 1e12
-    from kernels.bench import run_metadata
+    from trainer.tools.kernel_bench import run_metadata
 
     res = dict(run_metadata(torch.device("cuda")), dense_bf16_tflops=dense, dense_size=n, dense_ms=ms,
                copy_tb_s=copy_tb_s, copy_gib=args.copy_gib, copy_ms=ms_copy)

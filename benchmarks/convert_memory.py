@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
                    help="where to write the results (default: benchmarks/convert_memory_cpu.json)")
     p.add_argument("--workdir", default="", help="scratch directory (default: a temporary one)")
     args = p.parse_args(argv)
-    from kernels.bench import run_metadata
+    from trainer.tools.kernel_bench import run_metadata
     import torch
 
     work = args.workdir or tempfile.mkdtemp(prefix="lingmoe-convert-")

@@ -4,7 +4,7 @@
 
 Runs, each in its own process, exactly the README's demo commands (with the run directories under
 --out-dir): the tiny SFT demo, DPO with the NLL term on chosen answers (the DPO script's default),
-plain sigmoid DPO (--dpo.nll_coef 0), then `python -m trainer.evaluate --suite demo` on the three
+plain sigmoid DPO (--dpo.nll_coef 0), then `python -m trainer.tools.evaluate --suite demo` on the three
 models (200 fresh demo prompts, greedy). Records the commands, the SFT loss at the first and last
 step, each run's wall time and the evaluation.
 """
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every step (default 2)")
     a = p.parse_args(argv)
     sys.path.insert(0, ROOT)
-    from trainer.evaluate import git_state
+    from trainer.tools.evaluate import git_state
 
     commit = git_state()
     py = sys.executable
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     }
     seconds = {k: round(sh(c, a.threads), 1) for k, c in cmds.items()}
     eval_json = os.path.join(a.out_dir, "evaluate.json")
-    ev_cmd = [py, "-m", "trainer.evaluate", "--suite", "demo", "-n", str(a.n), "--threads", str(a.threads),
+    ev_cmd = [py, "-m", "trainer.tools.evaluate", "--suite", "demo", "-n", str(a.n), "--threads", str(a.threads),
               "--name", "sft", "--name", "dpo_plain", "--name", "dpo", "--model", os.path.join(d["sft"], "hf"),
               "--model", os.path.join(d["dpo_plain"], "hf"), "--model", os.path.join(d["dpo"], "hf"),
               "--json", eval_json]

@@ -28,7 +28,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from kernels import bench  # noqa: E402
+from trainer.tools import kernel_bench as bench  # noqa: E402
 from kernels._grouped_gemm import CONFIG_ENV  # noqa: E402
 
 KERNELS = ("gate_up_fwd", "down_fwd", "down_bwd", "down_wgrad", "gate_up_bwd_dx", "gate_up_wgrad")

@@ -3,14 +3,14 @@ one-stage ablation, each evaluated on held-out prompts; one table, a plot and a 
 
     python benchmarks/paper_in_miniature.py [--out-dir runs/paper] [--json benchmarks/paper_in_miniature.json]
 
-What runs (all from scratch, the tiny preset, the demo tokenizer, data.demo_pipeline's corpus):
+What runs (all from scratch, the tiny preset, the demo tokenizer, data.demo.pipeline's corpus):
   base       general + instruction following + tool use + knowledge SFT (the stand-in for Ling-Lite)
   stage1     base -> reasoning-only SFT (the report: 2.59M reasoning samples, lr 4e-5)
   stage2     stage1 -> SFT on general : reasoning drawn 340 : 550 (the report: 890K samples, lr 1e-5)
   dpo        stage2 -> DPO on format-repair pairs (sigmoid, beta 0.1, plus the NLL term on chosen answers)
   one_stage  base -> one SFT run over the same data as stage 1 + stage 2 (same steps in all, the
              sources drawn in proportion to what the two stages draw), at stage 1's learning rate
-Every model answers the same held-out prompts (trainer.evaluate's families suite, n per family).
+Every model answers the same held-out prompts (trainer.tools.evaluate's families suite, n per family).
 A stage whose export exists in --out-dir is reused when its settings and data are unchanged (else,
 or with --fresh, it is retrained); seeds are fixed, so a fresh rerun on the same machine and thread
 count gives the same table. --scale 0.01 is a smoke run of about a minute.
@@ -48,7 +48,7 @@ PLAN = {
 
 def write_corpus(out_dir: str, seed: int, scale: float = 1.0) -> dict[str, str]:
     from data.demo import write_jsonl
-    from data.demo_pipeline import PIPELINE_SIZES, pipeline_corpus
+    from data.demo.pipeline import PIPELINE_SIZES, pipeline_corpus
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer budget in the evaluation (default 128)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from trainer.evaluate import evaluate_families, git_state, load_model_and_tokenizer
+    from trainer.tools.evaluate import evaluate_families, git_state, load_model_and_tokenizer
 
     t_start = time.perf_counter()
     corpus = write_corpus(os.path.join(a.out_dir, "corpus"), a.seed, a.scale)

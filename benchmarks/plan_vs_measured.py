@@ -1,4 +1,4 @@
-"""trainer.plan's memory estimate against the measured peak of CPU training steps (one process, fp32).
+"""trainer.tools.plan's memory estimate against the measured peak of CPU training steps (one process, fp32).
 
     PYTHONPATH=. python benchmarks/plan_vs_measured.py [--out benchmarks/plan_vs_measured_cpu.json]
 
@@ -60,7 +60,7 @@ def main() -> None:
         print(json.dumps(_measure(a.case == "ac")))
         return
     from moe.config import BailingMoeConfig
-    from trainer.plan import plan
+    from trainer.tools.plan import plan
 
     cfg = BailingMoeConfig(**CFG)
     rows = []

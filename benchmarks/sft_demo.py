@@ -43,7 +43,7 @@ def main(argv=None) -> dict:
                    help="where to write the result (default: benchmarks/sft_demo_cpu.json)")
     p.add_argument("--repeat", type=int, default=1, help="runs of the demo, each recorded (default: 1)")
     args = p.parse_args(argv)
-    from kernels.bench import run_metadata
+    from trainer.tools.kernel_bench import run_metadata
     import torch
 
     runs = []

@@ -261,7 +261,7 @@ def main(argv=None) -> dict:
                "tflops": fpt * res["tokens_per_s"] / 1e12, **{k: v for k, v in res.items() if k != "step_ms"}}
         rows.append(row)
 
-    from kernels.bench import run_metadata
+    from trainer.tools.kernel_bench import run_metadata
 
     result = {
         **run_metadata(torch.device("cuda" if gpu else "cpu")),

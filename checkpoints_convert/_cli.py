@@ -1,13 +1,7 @@
-"""What the conversion CLIs share: size/dtype options and turning known failures into `error: ...`, exit 2."""
+"""What the conversion CLIs share: the size and dtype options (errors become exits in data.errors.run_cli)."""
 from __future__ import annotations
 
 import argparse
-import sys
-
-from checkpoints_convert.io import CheckpointError
-from moe.config import ConfigError
-
-EXIT_ERROR = 2
 
 DTYPE_HELP = ("dtype of the floating tensors written: bf16, fp32, fp16, or keep (default: keep, i.e. each "
               "tensor in the dtype it is stored in; the conversion is then bit-exact)")
@@ -19,15 +13,3 @@ def add_common(p: argparse.ArgumentParser, shard_default: str = "5GB") -> None:
     p.add_argument("--shard-size", default=shard_default, metavar="SIZE", help=SHARD_HELP)
     p.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp32", "fp16"], help=DTYPE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
-
-
-def run(fn, argv=None) -> int:
-    """Run ``fn(argv)``; a bad checkpoint, config, option or file problem prints `error: ...` and returns 2."""
-    try:
-        return fn(argv) or 0
-    except (CheckpointError, ConfigError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("error: interrupted; no output was left behind", file=sys.stderr)
-        return 130

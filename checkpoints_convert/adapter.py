@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from checkpoints_convert.io import CheckpointError
 from moe.config import BailingMoeConfig
 
 _EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(w_gate_up|w_down)$")
@@ -116,9 +117,9 @@ def native_from_hf(native_name: str, get_hf: Callable[..., torch.Tensor], cfg: B
             out = torch.empty((last - first, rows_ * per_expert, *piece.shape[1:]), dtype=piece.dtype)
         rows = rows_
         if tuple(piece.shape) != (rows, *out.shape[2:]):
-            raise ValueError(f"{name} has shape {tuple(piece.shape)}, expected {(rows, *out.shape[2:])}")
+            raise CheckpointError(f"{name} has shape {tuple(piece.shape)}, expected {(rows, *out.shape[2:])}")
         if piece.dtype != out.dtype:
-            raise ValueError(f"{name} is {piece.dtype} but the other pieces of {native_name} are {out.dtype}")
+            raise CheckpointError(f"{name} is {piece.dtype} but the other pieces of {native_name} are {out.dtype}")
         out[e, part * rows:(part + 1) * rows].copy_(piece)
         del piece
     return out

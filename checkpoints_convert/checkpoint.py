@@ -22,9 +22,9 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 
 from checkpoints_convert import adapter, export_files
-from checkpoints_convert.io import (MODEL_ST_DTYPES, AtomicDir, CheckpointError, SafetensorsReader, ShardWriter,
-                                    cast, dtype_name, nbytes_of, parse_dtype, parse_size)
-from data.files import writing
+from checkpoints_convert.io import (MODEL_ST_DTYPES, CheckpointError, MissingCheckpointError, SafetensorsReader,
+                                    ShardWriter, cast, dtype_name, nbytes_of, parse_dtype, parse_size)
+from data.files import OwnedTempDir
 from moe.config import BailingMoeConfig, ConfigError
 
 NATIVE_FORMAT = "lingmoe-native"
@@ -44,9 +44,9 @@ def read_config(path: str | os.PathLike, **overrides) -> tuple[str, BailingMoeCo
     path = os.fspath(path)
     cfg_file = os.path.join(path, CONFIG_NAME)
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: no such checkpoint directory")
+        raise MissingCheckpointError(f"{path}: no such checkpoint directory")
     if not os.path.isfile(cfg_file):
-        raise CheckpointError(f"{cfg_file}: no such file (a checkpoint directory needs its config.json)")
+        raise MissingCheckpointError(f"{cfg_file}: no such file (a checkpoint directory needs its config.json)")
     try:
         with open(cfg_file) as f:
             raw = json.load(f)
@@ -221,7 +221,7 @@ def write_checkpoint(named_tensors: Iterable[tuple[str, torch.Tensor]], cfg: Bai
     nbytes = sum(nbytes_of(s, d) for _, s, d in entries) + 512 * len(entries) + (1 << 16)
     what = f"writing the {'HF' if layout == 'hf' else 'native'} checkpoint"
     bar = None
-    with writing(path), AtomicDir(path, overwrite, nbytes, what) as tmp:
+    with OwnedTempDir(path, replace=overwrite, nbytes=nbytes, what=what) as tmp:
         writer = ShardWriter(tmp, entries, max_bytes)
         if progress:
             from tqdm import tqdm

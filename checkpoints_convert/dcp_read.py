@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from checkpoints_convert.io import CheckpointError
+from checkpoints_convert.io import CheckpointError, MissingCheckpointError
 
 METADATA_NAME = ".metadata"
 
@@ -77,7 +77,7 @@ def read_metadata(step_dir: str | os.PathLike) -> Metadata:
         with open(path, "rb") as f:
             meta = _MetadataUnpickler(f).load()
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file (not a torch.distributed.checkpoint directory)") from None
+        raise MissingCheckpointError(f"{path}: no such file (not a torch.distributed.checkpoint directory)") from None
     except Exception as e:  # UnpicklingError, or any error of a malformed stream
         raise CheckpointError(f"{path}: refused, not a plain DCP metadata file ({e}); checkpoints are "
                               f"read as data only (docs/checkpoints.md)") from None

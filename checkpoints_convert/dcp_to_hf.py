@@ -16,25 +16,23 @@ resolve from the current directory); --tokenizer, --source-hf and --eos-every-tu
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
-
-import os
+import yaml
 
 from checkpoints_convert import _cli, export_files
 from checkpoints_convert.checkpoint import write_hf_from_native
 from checkpoints_convert.dcp_layout import (RUN_CONFIG, iter_native_tensors, read_model_config, resolve_step_dir,
                                             stored_dtypes)
 from checkpoints_convert.io import CheckpointError, parse_dtype
+from data.errors import run_cli
 
 
 def run_sources(step_dir: str) -> dict:
-    """{tokenizer, source_hf, eos_every_turn} of the run that wrote ``step_dir``, from its config.yaml."""
-    import yaml
-
-    from data.demo import run_tokenizer_dir
-
+    """{tokenizer, source_hf, eos_every_turn} of the run that wrote ``step_dir``, from its config.yaml
+    (export_files.export_sources; nothing when the step has no config.yaml)."""
     path = os.path.join(step_dir, RUN_CONFIG)
     if not os.path.isfile(path):
         return {"tokenizer": None, "source_hf": None, "eos_every_turn": False}
@@ -43,11 +41,7 @@ def run_sources(step_dir: str) -> dict:
             run = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
         raise CheckpointError(f"{path}: not valid YAML ({e})") from None
-    data, model = run.get("data") or {}, run.get("model") or {}
-    init_from = model.get("init_from") or None
-    synthetic = bool(data.get("synthetic"))  # random token rows: no tokenizer was trained with
-    tokenizer = None if synthetic else run_tokenizer_dir(data.get("tokenizer") or "", init_from or "")
-    return {"tokenizer": tokenizer, "source_hf": init_from, "eos_every_turn": bool(data.get("eos_every_turn"))}
+    return export_files.export_sources(run)
 
 
 def dcp_to_hf(ckpt: str, out: str, dtype: torch.dtype | str = "auto", shard_size: str = "5GB",
@@ -107,4 +101,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_cli.run(main))
+    sys.exit(run_cli(main))

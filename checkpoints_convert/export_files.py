@@ -24,7 +24,8 @@ import json
 import os
 import shutil
 
-from checkpoints_convert.io import CheckpointError
+from checkpoints_convert.io import CheckpointError, MissingCheckpointError
+from data.tokenizer import run_tokenizer_dir
 
 CONFIG_NAME = "config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -170,10 +171,23 @@ def drop_dangling_auto_map(out_dir: str) -> list[str]:
     return dropped
 
 
+def export_sources(run_config: dict) -> dict:
+    """What goes beside the weights of a trained run's export, from its resolved options (the
+    config.yaml every checkpoint holds): {tokenizer, source_hf, eos_every_turn}. The tokenizer is
+    the one it trained with (data.run_tokenizer_dir's rule; none for synthetic token rows), the
+    source the directory it started from (model.init_from), and the template option it trained
+    with. The one rule for the trainer's export and dcp_to_hf's."""
+    data, model = run_config.get("data") or {}, run_config.get("model") or {}
+    init_from = model.get("init_from") or None
+    synthetic = bool(data.get("synthetic"))  # random token rows: no tokenizer was trained with
+    tokenizer = None if synthetic else run_tokenizer_dir(data.get("tokenizer") or "", init_from or "")
+    return {"tokenizer": tokenizer, "source_hf": init_from, "eos_every_turn": bool(data.get("eos_every_turn"))}
+
+
 def check_sources(model_dir: str | None, tokenizer_dir: str | None) -> None:
     """Refuse missing sources before a conversion writes any weight."""
     if model_dir is not None and not os.path.isdir(model_dir):
-        raise CheckpointError(f"{model_dir}: the model's source directory does not exist")
+        raise MissingCheckpointError(f"{model_dir}: the model's source directory does not exist")
     if tokenizer_dir is not None:
         tok_file = tokenizer_dir if tokenizer_dir.endswith(".json") else os.path.join(tokenizer_dir, "tokenizer.json")
         if not os.path.isfile(tok_file):

@@ -6,6 +6,7 @@ import sys
 
 from checkpoints_convert import _cli
 from checkpoints_convert.checkpoint import convert
+from data.errors import run_cli
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,4 +31,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_cli.run(main))
+    sys.exit(run_cli(main))

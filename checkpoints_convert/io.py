@@ -8,9 +8,9 @@ assigns them to shards, writes each shard's safetensors header first and then st
 bytes to disk as it arrives. No shard is ever assembled in memory, so converting holds one tensor
 (one layer's stacked experts at most) plus small buffers, whatever the shard size.
 
-Everything is written into a temporary directory beside the target that is renamed into place only
-when all succeeded (``AtomicDir``); on any failure it is removed, so no partial output is left, and
-one left by a killed process is removed by the next writer of the same target.
+Whole checkpoints are written into a temporary directory beside the target that is renamed into
+place only when all succeeded (``data.files.OwnedTempDir``): on any failure it is removed, so no
+partial output is left, and one left by a killed process is removed by the next writer.
 
 Reading and writing whole checkpoints (load_hf, save_hf, ...) is ``checkpoints_convert.checkpoint``'s,
 built on this module.
@@ -27,7 +27,7 @@ import sys
 import torch
 from safetensors import safe_open
 
-from data.files import OwnedTempDir, require_space, sweep_stale_temporaries
+from data.errors import BadInputError, MissingFileError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -45,8 +45,17 @@ TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
 MODEL_ST_DTYPES = ("BF16", "F16", "F32", "F64")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, truncated or does not match its config, or an unusable output path."""
+class CheckpointError(BadInputError):
+    """A checkpoint that is truncated, unreadable or does not match its config (exit code 2)."""
+
+
+class MissingCheckpointError(CheckpointError, MissingFileError):
+    """A checkpoint directory or one of its files that is not there (exit code 3)."""
+
+    exit_code = MissingFileError.exit_code
+
+    def __init__(self, message: str):
+        MissingFileError.__init__(self, message)
 
 
 def parse_size(text: str | int) -> int:
@@ -55,12 +64,12 @@ def parse_size(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", text, flags=re.I)
     if not m:
-        raise ValueError(f"cannot read size {text!r}; use e.g. 5GB, 500MB, 2GiB")
+        raise BadInputError(f"cannot read size {text!r}; use e.g. 5GB, 500MB, 2GiB")
     base = 1024 if m.group(3) else 1000
     power = " KMGT".index(m.group(2).upper() or " ")
     size = int(float(m.group(1)) * base ** power)
     if size <= 0:
-        raise ValueError(f"size {text!r} must be positive")
+        raise BadInputError(f"size {text!r} must be positive")
     return size
 
 
@@ -71,7 +80,7 @@ def parse_dtype(text: str | torch.dtype | None) -> torch.dtype | None:
     if text == "keep":
         return None
     if text not in DTYPES:
-        raise ValueError(f"unknown dtype {text!r}; choose from {sorted(DTYPES)} or 'keep'")
+        raise BadInputError(f"unknown dtype {text!r}; choose from {sorted(DTYPES)} or 'keep'")
     return DTYPES[text]
 
 
@@ -107,7 +116,7 @@ class SafetensorsReader:
         self._files: dict[str, object] = {}
         self._headers: dict[str, dict] = {}
         if not os.path.isdir(self.path):
-            raise CheckpointError(f"{self.path}: not a directory")
+            raise MissingCheckpointError(f"{self.path}: not a directory")
         index = os.path.join(self.path, INDEX_NAME)
         if os.path.exists(index):
             try:
@@ -127,7 +136,7 @@ class SafetensorsReader:
             raise CheckpointError(f"{self.path}: neither {INDEX_NAME} nor {SINGLE_NAME} found")
         for fname in sorted(set(self.weight_map.values())):
             if not os.path.isfile(os.path.join(self.path, fname)):
-                raise CheckpointError(f"{os.path.join(self.path, fname)}: shard named in {INDEX_NAME} is missing")
+                raise MissingCheckpointError(f"{os.path.join(self.path, fname)}: shard named in {INDEX_NAME} is missing")
 
     def _roots(self) -> list[str]:
         """Where this checkpoint's files may really be: its directory, and for a Hugging Face hub
@@ -340,37 +349,3 @@ class ShardWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-class AtomicDir:
-    """A temporary directory beside ``target`` that becomes ``target`` on success, vanishes on failure.
-
-    It is a ``data.files.OwnedTempDir``: its name records the owning process, so the temporaries of
-    a killed earlier writer of the same target are removed on entry. With ``nbytes`` the free space
-    is checked (after that sweep, which may free it) before the directory is made. Callers wrap it
-    in ``data.files.writing(target)`` so that a write that still runs out of space says so.
-    """
-
-    def __init__(self, target: str | os.PathLike, overwrite: bool = False, nbytes: int | None = None,
-                 what: str = "this checkpoint"):
-        self.target = os.path.abspath(os.fspath(target))
-        if os.path.exists(self.target) and not overwrite:
-            raise CheckpointError(f"{self.target}: output directory already exists (choose another or remove it)")
-        self.overwrite = overwrite
-        self.nbytes, self.what = nbytes, what
-        self._owned = OwnedTempDir(self.target, replace=overwrite)
-        self.swept: list[str] = []
-
-    def __enter__(self) -> str:
-        os.makedirs(os.path.dirname(self.target), exist_ok=True)
-        self.swept = sweep_stale_temporaries(self.target)  # first: a killed run's leftovers may fill the disk
-        if self.nbytes is not None:
-            require_space(self.target, self.nbytes, what=self.what)
-        self.tmp = self._owned.__enter__()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            return self._owned.__exit__(exc_type, exc, tb)
-        except FileExistsError:
-            raise CheckpointError(f"{self.target}: output directory appeared while writing; left untouched") from None

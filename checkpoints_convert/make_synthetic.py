@@ -12,9 +12,10 @@ import sys
 
 import torch
 
-from checkpoints_convert import _cli, adapter
+from checkpoints_convert import adapter
 from checkpoints_convert.checkpoint import write_checkpoint
 from moe.config import BailingMoeConfig
+from data.errors import run_cli
 
 
 def random_stream(cfg: BailingMoeConfig, dtype: torch.dtype, seed: int):
@@ -50,4 +51,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_cli.run(main))
+    sys.exit(run_cli(main))

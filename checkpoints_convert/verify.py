@@ -13,11 +13,12 @@ import dataclasses
 import sys
 
 import torch
+from tqdm import tqdm
 
-from checkpoints_convert import _cli
 from checkpoints_convert.checkpoint import open_checkpoint
 from checkpoints_convert.io import dtype_name
 from moe.config import BailingMoeConfig
+from data.errors import run_cli
 
 # Fields that change nothing about the weights or the computation on them.
 _NOT_ARCHITECTURE = {"torch_dtype", "expert_backend", "aux_loss_type", "aux_loss_alpha", "z_loss_coef", "extra_hf",
@@ -115,22 +116,18 @@ def verify(path_a: str, path_b: str, atol: float = 0.0, ignore_dtype: bool = Fal
             if n not in set_a:
                 report(Difference(n, "only in B"))
         common = [n for n in names_a if n in set_b]
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=len(common), unit="tensor", desc="comparing", file=sys.stderr, dynamic_ncols=True)
         compared_bytes = 0
-        for name in common:
-            ta, tb = a.get_native(name), b.get_native(name)
-            d = compare_tensors(name, ta, tb, atol, ignore_dtype)
-            compared_bytes += ta.numel() * ta.element_size()
-            del ta, tb
-            if d is not None:
-                report(d)
-            if bar is not None:
+        # In a with block: an unreadable tensor closes the bar before its error is printed.
+        with tqdm(total=len(common), unit="tensor", desc="comparing", file=sys.stderr, dynamic_ncols=True,
+                  disable=not progress) as bar:
+            for name in common:
+                ta, tb = a.get_native(name), b.get_native(name)
+                d = compare_tensors(name, ta, tb, atol, ignore_dtype)
+                compared_bytes += ta.numel() * ta.element_size()
+                del ta, tb
+                if d is not None:
+                    report(d)
                 bar.update(1)
-        if bar is not None:
-            bar.close()
     if not diffs:
         how = "bitwise" if atol == 0 else f"with atol {atol}"
         print(f"identical: {len(common)} tensors ({compared_bytes} bytes of A) compared {how}", file=out)
@@ -164,16 +161,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     if args.serving:
         from checkpoints_convert.serving import check_serving
         return check_serving(args.a)
     if args.b is None:
-        raise ValueError("verify needs two checkpoints A B (or --serving A)")
+        p.error("verify needs two checkpoints A B (or --serving A)")
     if args.atol < 0:
-        raise ValueError("--atol must be >= 0")
+        p.error("--atol must be >= 0")
     return verify(args.a, args.b, args.atol, args.ignore_dtype, args.max_report, progress=args.progress)
 
 
 if __name__ == "__main__":
-    sys.exit(_cli.run(main))
+    sys.exit(run_cli(main))

@@ -3,7 +3,7 @@
 Importing this package only defines names; nothing is read, trained or written until called.
 """
 from .errors import DataError
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer, run_tokenizer_dir
 from .template import (render_chat, encode_chat, encode_prompt, chat_segments, validate_messages, IGNORE_INDEX,
                        SPECIAL_TOKENS, EOS_TOKEN)
 from .formats import read_jsonl, normalize_sft, normalize_dpo, encode_dpo_pair
@@ -21,16 +21,10 @@ def prepare_data(files, tokenizer, out_dir, **kwargs):
     return _prepare(files, tokenizer, out_dir, **kwargs)
 
 
-def ensure_demo_data(out_dir="demo_data", **kwargs):
-    """See data.demo.ensure_demo_data (imported lazily: the demo module is not needed otherwise)."""
-    from .demo import ensure_demo_data as _ensure
-    return _ensure(out_dir, **kwargs)
-
-
 __all__ = [
-    "DataError", "Tokenizer", "load_tokenizer", "render_chat", "encode_chat", "encode_prompt", "encode_dpo_pair",
+    "DataError", "Tokenizer", "load_tokenizer", "run_tokenizer_dir", "render_chat", "encode_chat", "encode_prompt", "encode_dpo_pair",
     "chat_segments", "validate_messages", "IGNORE_INDEX", "SPECIAL_TOKENS", "EOS_TOKEN", "read_jsonl",
     "normalize_sft", "normalize_dpo", "format_check", "pack_documents", "best_fit_decreasing", "BATCH_KEYS",
     "prepare_data", "PreparedSFT", "PreparedDPO", "open_prepared", "SampleStream", "parse_weights", "SFTLoader",
-    "DPOLoader", "collate_dpo", "ensure_demo_data",
+    "DPOLoader", "collate_dpo",
 ]

@@ -1,19 +1,22 @@
-"""Writing files without losing anything: free-space checks, owned temporary directories, and
-errors that name the path.
+"""The floor for writing files without losing anything: free-space checks, owned temporary
+directories that become their target atomically, one file lock, and lack-of-space errors that name
+the path.
 
-Used by everything that writes large outputs (data preparation, conversions, HF exports, trainer
-checkpoints). It lives in ``data`` because that package imports nothing else of ours, so every
-other package may build on it.
+Every package may import this module (with data/errors.py, the exceptions it raises): it imports
+nothing else of ours. Everything that writes large outputs builds on it: data preparation,
+conversions, HF exports, the trainer's checkpoints and its run-directory lock.
 
 - ``require_space(path, nbytes, what)``: refuse before writing, with "needs X GB at PATH, Y GB free".
 - ``OwnedTempDir(target)``: a temporary directory beside ``target`` (same file system, so the final
   rename is atomic) whose name records its owner; on entry it removes the temporaries of earlier
-  runs for the same target whose owner process is gone. On success it becomes ``target``; on any
-  failure it is removed.
+  runs for the same target whose owner process is gone, then checks free space. On success it
+  becomes ``target``; on any failure it is removed, and a failure for lack of space names ``target``.
 - ``writing(path)``: turns a write failure for lack of space (an ``OSError`` with ENOSPC, or the
   ``RuntimeError`` torch raises from its C++ writers) into ``NoSpaceError`` naming the path.
+- ``FileLock(path)``: an exclusive lock (flock) that the kernel releases when its holder dies, so it
+  is never stale; the run directory's lock and the prepared-data caches' locks are both this one.
 - ``process_identity(pid)`` / ``process_alive(identity)``: "host:pid:start-time" strings that survive
-  pid reuse (the start time comes from /proc where there is one), for locks and temporaries.
+  pid reuse (the start time comes from /proc where there is one), for temporaries' owners.
 """
 from __future__ import annotations
 
@@ -25,19 +28,15 @@ import shutil
 import socket
 import tempfile
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: FileLock cannot exclude other processes there (documented below)
+    fcntl = None
+
+from .errors import NoSpaceError, OutputExistsError
+
 GB = 1e9
 OWNER_FILE = ".owner.json"
-
-
-class NoSpaceError(OSError):
-    """Not enough free space for a write; the message names the path and the sizes."""
-
-    def __init__(self, message: str):
-        super().__init__(errno.ENOSPC, message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def _existing_ancestor(path: str) -> str:
@@ -82,9 +81,13 @@ def writing(path: str | os.PathLike):
         raise
     except (OSError, RuntimeError) as e:
         if is_no_space(e):
-            raise NoSpaceError(f"No space left on device writing {os.path.abspath(os.fspath(path))} "
-                               f"({free_bytes(path) / GB:.2f} GB free there now)") from None
+            raise _no_space_writing(path) from None
         raise
+
+
+def _no_space_writing(path) -> NoSpaceError:
+    return NoSpaceError(f"No space left on device writing {os.path.abspath(os.fspath(path))} "
+                        f"({free_bytes(path) / GB:.2f} GB free there now)")
 
 
 # ---------------------------------------------------------------- owners
@@ -157,35 +160,55 @@ def sweep_stale_temporaries(target: str | os.PathLike) -> list[str]:
 
 class OwnedTempDir:
     """``with OwnedTempDir(target) as tmp:`` write into ``tmp``; on success it is renamed to
-    ``target`` (replacing an existing one only when ``replace`` is true), on failure removed.
-    Temporaries of killed earlier runs for the same target are removed on entry."""
+    ``target``, on failure removed.
 
-    def __init__(self, target: str | os.PathLike, replace: bool = False):
+    - An existing ``target`` is refused (OutputExistsError, nothing touched) unless ``replace``;
+      with ``replace`` the old one is swapped out only once the new one is whole.
+    - Temporaries of killed earlier writers of the same target are removed on entry, then, with
+      ``nbytes``, the free space is checked (the sweep may have freed it) before anything is made.
+    - A failure for lack of space inside the block becomes NoSpaceError naming ``target``.
+    """
+
+    def __init__(self, target: str | os.PathLike, replace: bool = False, nbytes: int | None = None,
+                 what: str = "this write"):
         self.target = os.path.abspath(os.fspath(target))
         self.replace = replace
+        self.nbytes, self.what = nbytes, what
         self.tmp: str | None = None
         self.swept: list[str] = []
 
     def __enter__(self) -> str:
+        if os.path.exists(self.target) and not self.replace:
+            raise OutputExistsError(f"{self.target}: output directory already exists (choose another or remove it)")
         parent = os.path.dirname(self.target)
         os.makedirs(parent, exist_ok=True)
-        self.swept = sweep_stale_temporaries(self.target)
-        self.tmp = tempfile.mkdtemp(prefix=_tmp_prefix(self.target), dir=parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like mkdir's
-        with open(os.path.join(self.tmp, OWNER_FILE), "w") as f:
-            json.dump({"owner": process_identity()}, f)
+        self.swept = sweep_stale_temporaries(self.target)  # first: a killed writer's leftovers may fill the disk
+        if self.nbytes is not None:
+            require_space(self.target, self.nbytes, what=self.what)
+        with writing(self.target):
+            self.tmp = tempfile.mkdtemp(prefix=_tmp_prefix(self.target), dir=parent)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like mkdir's
+            with open(os.path.join(self.tmp, OWNER_FILE), "w") as f:
+                json.dump({"owner": process_identity()}, f)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, NoSpaceError) and is_no_space(exc):
+                raise _no_space_writing(self.target) from None
             return False
+        with writing(self.target):
+            self._commit()
+        return False
+
+    def _commit(self) -> None:
         if os.path.exists(self.target):
             if not self.replace:
                 shutil.rmtree(self.tmp, ignore_errors=True)
-                raise FileExistsError(errno.EEXIST, "appeared while writing; left untouched", self.target)
+                raise OutputExistsError(f"{self.target}: output directory appeared while writing; left untouched")
             # The old output goes aside under a temporary's name with our owner record, so a kill
             # before it is removed leaves something the next writer sweeps, never an orphan.
             old = tempfile.mkdtemp(prefix=_tmp_prefix(self.target), dir=os.path.dirname(self.target))
@@ -201,7 +224,80 @@ class OwnedTempDir:
         # after it at worst a stray record in the finished output.
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(self.target, OWNER_FILE))
-        return False
+
+
+class FileLock:
+    """An exclusive lock on the file ``path`` (created if needed): ``with FileLock(p):`` waits for it;
+    ``acquire(blocking=False)`` returns False at once when another process holds it.
+
+    flock: the kernel releases it when the holder's process ends, however it ends, so a lock is
+    never stale and no one has to decide whether a holder is gone. Taking it is one system call,
+    so two processes can never both hold it. While held, ``write``/``read`` keep a short record
+    in the file (who holds it) for the message another process shows when refused.
+
+    ``release(remove=True)`` also deletes the file; a process that opened it just before and then
+    gets the lock sees that the path no longer names the file it locked, and opens it again.
+    Without fcntl (not POSIX) the lock excludes nothing: building an output twice is then merely
+    slower, and two trainers are not kept out of one directory.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.fd: int | None = None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if fcntl is None:
+                self.fd = fd
+                return True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                return True
+            os.close(fd)  # removed by its holder meanwhile: lock the file the path names now
+
+    def release(self, remove: bool = False) -> None:
+        if self.fd is None:
+            return
+        if remove:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+        os.close(self.fd)  # closing the last descriptor releases the flock
+        self.fd = None
+
+    def write(self, text: str) -> None:
+        """Replace the record in the held lock file (durably: a later reader may be another host)."""
+        data = text.encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+        os.fsync(self.fd)
+
+    def read(self) -> str:
+        """The record in the lock file, held or not ('' when there is none)."""
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def __enter__(self) -> "FileLock":
+        self.acquire(blocking=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -10,10 +10,11 @@ import sys
 
 import numpy as np
 
-from .errors import DataError
+from .errors import run_cli
 from .formats import read_jsonl, detect_kind
 from .format_check import format_check
 from .template import chat_segments, encode_chat, IGNORE_INDEX
+from .tokenizer import load_tokenizer
 
 _GREEN, _RESET = "\033[32m", "\033[0m"
 
@@ -127,25 +128,18 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    try:
-        tok = None
-        if args.tokenizer:
-            from .tokenizer import load_tokenizer
-            tok = load_tokenizer(args.tokenizer)
-        if os.path.isdir(args.file):
-            if tok is None:
-                print("error: a prepared directory needs --tokenizer to decode", file=sys.stderr)
-                return 2
-            inspect_prepared(args.file, args.n, tok, color)
-        else:
-            inspect_jsonl(args.file, args.n, tok, color, skip_bad=args.skip_bad)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    if os.path.isdir(args.file):
+        if tok is None:
+            p.error("a prepared directory needs --tokenizer to decode")
+        inspect_prepared(args.file, args.n, tok, color)
+    else:
+        inspect_jsonl(args.file, args.n, tok, color, skip_bad=args.skip_bad)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -20,8 +20,8 @@ import sys
 
 import numpy as np
 
-from .errors import DataError
-from .files import NoSpaceError, OwnedTempDir, require_space, writing
+from .errors import DataError, MissingFileError, run_cli
+from .files import OwnedTempDir, require_space
 from .formats import normalize_dpo, normalize_sft, read_jsonl
 from .packing import fit_document
 from .template import chat_segments, EOS_TOKEN, IGNORE_INDEX
@@ -173,13 +173,13 @@ def prepare(files, tokenizer, out_dir, kind="sft", skip_bad=False, max_len=None,
     files = [str(f) for f in files]
     for f in files:
         if not os.path.isfile(f):
-            raise DataError("input file not found", file=f)
+            raise MissingFileError(f"{f}: input file not found")
     out_dir = _check_output(out_dir)
     require_space(os.path.dirname(out_dir), estimate_bytes(files, tokenizer, kind, eos_every_turn),
                   f"preparing {', '.join(files)}")
     # An owned temporary beside out_dir: removed on any failure, renamed into place on success, and
     # swept by the next preparation of out_dir if this process is killed.
-    with OwnedTempDir(out_dir, replace=True) as tmp, writing(out_dir):
+    with OwnedTempDir(out_dir, replace=True) as tmp:
         manifest = _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, default_domain, progress,
                                  eos_every_turn)
     return manifest
@@ -195,9 +195,6 @@ def _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, defa
     bad, sources = [], []
     stats = {"truncated": 0, "dropped_long": 0}
     n_samples = 0
-    bar = tqdm(total=sum(_count_lines(f) for f in files) if progress else None, unit="rec", desc="prepare",
-               disable=not progress, file=sys.stderr)
-
     def flush(chunk):
         nonlocal n_samples
         if not chunk:
@@ -238,20 +235,22 @@ def _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, defa
                 tag_counts[t] = tag_counts.get(t, 0) + 1
             n_samples += 1
 
-    for f in files:
-        bad_before, records = len(bad), 0
-        chunk = []
-        for _, rec in read_jsonl(f, kind=kind, skip_bad=skip_bad, bad=bad):
-            records += 1
-            chunk.append(rec)
-            if len(chunk) >= _CHUNK:
-                flush(chunk)
-                bar.update(len(chunk))
-                chunk = []
-        flush(chunk)
-        bar.update(len(chunk))
-        sources.append({"file": os.path.abspath(f), "records": records, "skipped": len(bad) - bad_before})
-    bar.close()
+    # In a with block: a bad record closes the bar before its error is printed on a line of its own.
+    with tqdm(total=sum(_count_lines(f) for f in files) if progress else None, unit="rec", desc="prepare",
+              disable=not progress, file=sys.stderr) as bar:
+        for f in files:
+            bad_before, records = len(bad), 0
+            chunk = []
+            for _, rec in read_jsonl(f, kind=kind, skip_bad=skip_bad, bad=bad):
+                records += 1
+                chunk.append(rec)
+                if len(chunk) >= _CHUNK:
+                    flush(chunk)
+                    bar.update(len(chunk))
+                    chunk = []
+            flush(chunk)
+            bar.update(len(chunk))
+            sources.append({"file": os.path.abspath(f), "records": records, "skipped": len(bad) - bad_before})
 
     arrays = {}
     for s in sides:
@@ -329,17 +328,13 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        manifest = prepare(args.files, args.tokenizer, args.out, kind=args.kind, skip_bad=args.skip_bad,
-                           max_len=args.max_len, overlong=args.overlong, default_domain=args.domain,
-                           progress=not args.quiet, eos_every_turn=args.eos_every_turn)
-    except (DataError, NoSpaceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    manifest = prepare(args.files, args.tokenizer, args.out, kind=args.kind, skip_bad=args.skip_bad,
+                       max_len=args.max_len, overlong=args.overlong, default_domain=args.domain,
+                       progress=not args.quiet, eos_every_turn=args.eos_every_turn)
     print(f"wrote {os.path.abspath(args.out)}")
     print(summary(manifest))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -4,9 +4,10 @@ import sys
 
 import numpy as np
 
-from .errors import DataError
+from .errors import run_cli
 from .formats import read_jsonl, detect_kind
 from .template import encode_chat, IGNORE_INDEX
+from .tokenizer import DEMO_TOKENIZER_DIR, load_tokenizer
 
 
 def histogram_lines(lengths, bins=10, width=40):
@@ -66,12 +67,11 @@ def report(st, bins=10):
 
 
 def build_parser():
-    from .demo import TOKENIZER_DIR
     p = argparse.ArgumentParser(prog="python -m data.stats",
                                 description="Counts per domain/tag, token totals and a length histogram for "
                                             "SFT or DPO JSONL files (tokenized with the bailing template).")
     p.add_argument("files", nargs="+", metavar="FILE", help="JSONL files; SFT/DPO is detected per file")
-    p.add_argument("--tokenizer", metavar="DIR", default=TOKENIZER_DIR,
+    p.add_argument("--tokenizer", metavar="DIR", default=DEMO_TOKENIZER_DIR,
                    help="tokenizer directory used for token counts (default: the shipped demo tokenizer)")
     p.add_argument("--bins", type=int, default=10, help="histogram bins (default %(default)s)")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records instead of stopping")
@@ -80,17 +80,12 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from .tokenizer import load_tokenizer
-    try:
-        tok = load_tokenizer(args.tokenizer)
-        st = collect(args.files, tok, skip_bad=args.skip_bad)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    tok = load_tokenizer(args.tokenizer)
+    st = collect(args.files, tok, skip_bad=args.skip_bad)
     print(f"tokenizer: {args.tokenizer}")
     print(report(st, args.bins))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

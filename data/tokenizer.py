@@ -12,6 +12,20 @@ from tokenizers import Tokenizer as _HFTokenizer
 
 from .errors import DataError
 
+# The shipped tokenizer of the demo corpus: the one a run without a tokenizer of its own uses.
+DEMO_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "tokenizer")
+
+
+def run_tokenizer_dir(tokenizer: str = "", init_from: str = "") -> str:
+    """The tokenizer a run uses (the one rule for training, exports and the tools): ``tokenizer``
+    (data.tokenizer) when given, else the one beside ``init_from`` (model.init_from) when it has one,
+    else the shipped demo tokenizer."""
+    if tokenizer:
+        return tokenizer
+    if init_from and os.path.exists(os.path.join(init_from, "tokenizer.json")):
+        return init_from
+    return DEMO_TOKENIZER_DIR
+
 
 def _token_str(value):
     # tokenizer_config.json stores special tokens either as a bare string or as an AddedToken dict.

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from data.errors import BadInputError
+
 EXPERT_BACKENDS = ("loop", "torch", "triton")
 AUX_LOSS_TYPES = ("micro", "global", "sequence", "none")
 
@@ -24,8 +26,8 @@ _PASSTHROUGH_HF_KEYS = (
 )
 
 
-class ConfigError(ValueError):
-    """A model configuration that cannot describe a valid BailingMoe model."""
+class ConfigError(BadInputError):
+    """A model configuration that cannot describe a valid BailingMoe model (exit code 2)."""
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""python -m trainer.chat: answers equal moe.generate on the bailing prompt of the conversation so far,
+"""python -m trainer.tools.chat: answers equal moe.generate on the bailing prompt of the conversation so far,
 streamed text equals the whole answer, /reset forgets, stop strings never reach the screen."""
 import io
 
@@ -9,7 +9,7 @@ import data
 import moe
 from checkpoints_convert import save_hf
 from moe import BailingMoeConfig, BailingMoeForCausalLM
-from trainer import chat
+from trainer.tools import chat
 from data.demo import TOKENIZER_DIR as DEMO_TOKENIZER
 
 
@@ -86,5 +86,9 @@ def test_stream_printer_holds_back_stop_string_prefixes():
 
 
 def test_chat_errors(tmp_path, capsys):
-    assert chat.main(["--model", str(tmp_path / "nope")], stdin=io.StringIO(""), stdout=io.StringIO()) == 2
+    from data.errors import EXIT_MISSING, run_cli
+
+    rc = run_cli(lambda argv: chat.main(argv, stdin=io.StringIO(""), stdout=io.StringIO()),
+                 ["--model", str(tmp_path / "nope")])
+    assert rc == EXIT_MISSING
     assert "no such checkpoint directory" in capsys.readouterr().err

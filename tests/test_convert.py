@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from checkpoints_convert import (CheckpointError, load_checkpoint, load_hf, load_native, save_hf, save_native,
                                  write_checkpoint)
-from checkpoints_convert import _cli, checkpoint, hf_to_native, native_to_hf, verify
+from checkpoints_convert import checkpoint, hf_to_native, native_to_hf, verify
+from data.errors import EXIT_BAD_INPUT, EXIT_MISSING, EXIT_NO_SPACE, OutputExistsError, run_cli
 from checkpoints_convert.io import INDEX_NAME
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -38,7 +39,7 @@ def cli(module: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def run_inproc(main, capsys, *args: str) -> tuple[int, str, str]:
-    rc = _cli.run(main, list(args))
+    rc = run_cli(main, list(args))
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
 
@@ -209,7 +210,7 @@ def test_save_native_load_native_api(tmp_path):
     assert sorted(sa) == sorted(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
     save_hf(again, tmp_path / "h", dtype="bf16")
     assert all(t.dtype == torch.bfloat16 for t in all_tensors(tmp_path / "h").values())
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(OutputExistsError, match="already exists"):
         save_native(model, tmp_path / "n")
     with pytest.raises(CheckpointError, match="native checkpoint; use load_native"):
         load_hf(tmp_path / "n")
@@ -227,14 +228,32 @@ def test_failure_while_writing_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []  # neither the target nor its temporary sibling
 
 
-def test_help_explains_every_option(capsys):
-    for mod, opts in ((hf_to_native, ["--hf", "--out", "--shard-size", "--dtype", "--quiet"]),
-                      (native_to_hf, ["--native", "--out", "--shard-size", "--dtype", "--quiet"]),
-                      (verify, ["--atol", "--ignore-dtype", "--max-report", "--progress"])):
-        text = mod.parser().format_help()
-        for opt in opts:
-            assert opt in text, (mod.__name__, opt)
-        assert "Exit status" in text
+def test_converter_options_do_what_they_say(capsys, tmp_path):
+    """--shard-size, --dtype, --quiet and --progress change the output as described (the option list in
+    --help is argparse's; what each option does is tested here)."""
+    total = json.loads((TINY_HF / INDEX_NAME).read_text())["metadata"]["total_size"]
+    rc, _, err = run_inproc(hf_to_native.main, capsys, "--hf", str(TINY_HF), "--out", str(tmp_path / "one"))
+    assert rc == 0 and "writing one" in err  # a progress bar on stderr by default
+    rc, _, err = run_inproc(hf_to_native.main, capsys, "--hf", str(TINY_HF), "--out", str(tmp_path / "many"),
+                            "--shard-size", "200KB", "--quiet")
+    assert rc == 0 and err == ""
+    shards = lambda d: sorted(p.name for p in d.glob("*.safetensors"))  # noqa: E731
+    assert len(shards(tmp_path / "one")) == 1  # 5GB default: the whole fixture fits one shard
+    assert len(shards(tmp_path / "many")) >= total // 200_000
+    rc, _, _ = run_inproc(native_to_hf.main, capsys, "--native", str(tmp_path / "many"), "--out",
+                          str(tmp_path / "h16"), "--dtype", "fp16", "--quiet")
+    assert rc == 0 and {t.dtype for t in all_tensors(tmp_path / "h16").values()} == {torch.float16}
+    # verify: --atol lets the fp16 rounding pass, --ignore-dtype compares values across dtypes,
+    # --max-report caps the lines printed, --progress draws a bar on stderr.
+    rc, out, _ = run_inproc(verify.main, capsys, str(TINY_HF), str(tmp_path / "h16"), "--max-report", "2")
+    assert rc == 1 and len([ln for ln in out.splitlines() if ln.startswith("DIFF ")]) == 2
+    rc, out, _ = run_inproc(verify.main, capsys, str(TINY_HF), str(tmp_path / "h16"), "--atol", "0.01")
+    assert rc == 1  # the dtypes differ: without --ignore-dtype that is a difference whatever the tolerance
+    rc, out, _ = run_inproc(verify.main, capsys, str(TINY_HF), str(tmp_path / "h16"), "--ignore-dtype")
+    assert rc == 1  # fp16 rounding moved values: bitwise they differ
+    rc, _, err = run_inproc(verify.main, capsys, str(TINY_HF), str(tmp_path / "h16"), "--ignore-dtype",
+                            "--atol", "0.01", "--progress")
+    assert rc == 0 and "comparing" in err
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -259,7 +278,7 @@ def _edit_json(path: pathlib.Path, edit) -> None:
 def _expect_cli_error(capsys, d, tmp_path, *needles, module=hf_to_native, flag="--hf"):
     out = tmp_path / "out"
     rc, _, err = run_inproc(module.main, capsys, flag, str(d), "--out", str(out), "--quiet")
-    assert rc == 2, err
+    assert rc == EXIT_BAD_INPUT, err
     assert err.startswith("error: ") and "Traceback" not in err
     for needle in needles:
         assert needle in err, (needle, err)
@@ -272,7 +291,7 @@ def test_missing_shard_subprocess(tmp_path):
     d = _copy(tmp_path)
     (d / "model-00003-of-00006.safetensors").unlink()
     r = cli("hf_to_native", "--hf", str(d), "--out", str(tmp_path / "out"))
-    assert r.returncode == 2
+    assert r.returncode == EXIT_MISSING
     assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
     assert "model-00003-of-00006.safetensors" in r.stderr and "missing" in r.stderr
     assert not (tmp_path / "out").exists()
@@ -330,7 +349,7 @@ def test_output_directory_exists(capsys, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     rc, _, err = run_inproc(hf_to_native.main, capsys, "--hf", str(TINY_HF), "--out", str(out), "--quiet")
-    assert rc == 2 and str(out) in err and "already exists" in err
+    assert rc == EXIT_BAD_INPUT and str(out) in err and "already exists" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -352,9 +371,9 @@ def test_bad_native_input(capsys, tmp_path, converted):
                       flag="--native")
 
 
-def test_verify_error_exit_2(capsys, tmp_path):
+def test_verify_of_a_missing_checkpoint_exits_3(capsys, tmp_path):
     rc, _, err = run_inproc(verify.main, capsys, str(TINY_HF), str(tmp_path / "nope"))
-    assert rc == 2 and "nope" in err and err.startswith("error: ")
+    assert rc == EXIT_MISSING and "nope" in err and err.startswith("error: ")
 
 
 def test_single_file_hf_input_and_stream_order_checked(capsys, tmp_path, golden):
@@ -395,7 +414,7 @@ def test_conversion_refuses_before_writing_when_space_is_short(capsys, tmp_path,
     out = tmp_path / "out"
     _free(monkeypatch, total - 1)
     rc, _, err = run_inproc(hf_to_native.main, capsys, "--hf", str(TINY_HF), "--out", str(out), "--quiet")
-    assert rc == 2 and err.count("\n") == 1, err
+    assert rc == EXIT_NO_SPACE and err.count("\n") == 1, err
     assert err.startswith("error: writing the native checkpoint needs ") and f" GB at {out}, 0.00 GB free" in err
     assert _no_leftovers(tmp_path)
     _free(monkeypatch, 2 * total)  # and with room it goes through
@@ -434,7 +453,7 @@ def test_a_write_that_runs_out_of_space_names_the_path_and_leaves_nothing(capsys
     out = tmp_path / "out"
     rc, _, err = run_inproc(hf_to_native.main, capsys, "--hf", str(TINY_HF), "--out", str(out), "--quiet",
                             "--shard-size", "200KB")
-    assert rc == 2 and err.count("\n") == 1, err
+    assert rc == EXIT_NO_SPACE and err.count("\n") == 1, err
     assert err.startswith(f"error: No space left on device writing {out} ("), err
     assert written[0] > 300_000 and _no_leftovers(tmp_path)
 
@@ -443,13 +462,14 @@ def test_a_killed_conversions_temporary_is_removed_by_the_next_run(tmp_path, gol
     # The conversion kills itself (SIGKILL: no cleanup runs) after writing a few tensors.
     out = tmp_path / "out"
     script = (f"import os, signal, sys\n"
-              f"from checkpoints_convert import io, hf_to_native, _cli\n"
+              f"from checkpoints_convert import io, hf_to_native\n"
+              f"from data.errors import run_cli\n"
               f"add = io.ShardWriter.add\n"
               f"def dying_add(self, name, t):\n"
               f"    add(self, name, t)\n"
               f"    if self._next == 5: os.kill(os.getpid(), signal.SIGKILL)\n"
               f"io.ShardWriter.add = dying_add\n"
-              f"sys.exit(_cli.run(hf_to_native.main, ['--hf', {str(TINY_HF)!r}, '--out', {str(out)!r}, "
+              f"sys.exit(run_cli(hf_to_native.main, ['--hf', {str(TINY_HF)!r}, '--out', {str(out)!r}, "
               f"'--quiet', '--shard-size', '100KB']))\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, timeout=120)

@@ -8,12 +8,11 @@ from data import format_check, encode_chat, load_tokenizer, DataError
 from data.demo import generate, ensure_demo_data, TOKENIZER_DIR
 from data.formats import normalize_sft, normalize_dpo
 from data import inspect as inspect_mod, stats as stats_mod
-from data.prepare import build_parser as prepare_parser
-from data.demo import build_parser as demo_parser
+from data.errors import EXIT_BAD_INPUT, run_cli
 try:
-    from test_data_helpers import write_jsonl
+    from data_helpers import write_jsonl
 except ImportError:  # tests/ imported as a package
-    from tests.test_data_helpers import write_jsonl
+    from tests.data_helpers import write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -74,20 +73,56 @@ def test_ensure_demo_data_idempotent_and_repairs(tmp_path):
     assert p["mixture"] == {"sft_general": 340, "sft_reasoning": 550}
 
 
-def _help(parser):
-    return parser.format_help()
+def test_prepare_cli_options_do_what_they_say(tmp_path, capsys):
+    from data import PreparedDPO, PreparedSFT
+    from data.prepare import main as prepare_main
+
+    long = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b " * 30}]}
+    short = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "domain": "math"}
+    f = write_jsonl(tmp_path / "s.jsonl", [long, short, "{"])
+    common = [f, "--tokenizer", TOKENIZER_DIR, "--skip-bad"]
+    assert prepare_main(common + ["--out", str(tmp_path / "t"), "--max-len", "12", "--domain", "chat"]) == 0
+    assert "prepare" in capsys.readouterr().err  # the progress bar, without --quiet
+    ds = PreparedSFT(tmp_path / "t")
+    assert ds.manifest["num_skipped"] == 1 and ds.manifest["truncated"] == 1 and len(ds[0][0]) == 12
+    assert sorted(ds.domains) == ["chat", "math"]  # --domain names records that have none
+    assert prepare_main(common + ["--out", str(tmp_path / "d"), "--max-len", "12", "--overlong", "drop",
+                                  "--quiet"]) == 0
+    assert capsys.readouterr().err == "" and len(PreparedSFT(tmp_path / "d")) == 1
+    pair = {"prompt": "a", "chosen": "b", "rejected": "c"}
+    assert prepare_main([write_jsonl(tmp_path / "p.jsonl", [pair]), "--tokenizer", TOKENIZER_DIR, "--out",
+                         str(tmp_path / "p"), "--kind", "dpo", "--quiet"]) == 0
+    assert len(PreparedDPO(tmp_path / "p")) == 1
 
 
-@pytest.mark.parametrize("parser, options", [
-    (prepare_parser, ["--tokenizer", "--out", "--kind", "--skip-bad", "--max-len", "--overlong", "--domain", "--quiet"]),
-    (inspect_mod.build_parser, ["-n", "--tokenizer", "--color", "--skip-bad"]),
-    (stats_mod.build_parser, ["--tokenizer", "--bins", "--skip-bad"]),
-    (demo_parser, ["build-tokenizer", "generate", "ensure"]),
-])
-def test_cli_help_lists_every_option(parser, options):
-    text = _help(parser())
-    for opt in options:
-        assert opt in text
+def test_inspect_and_stats_options_do_what_they_say(tmp_path, capsys):
+    recs = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a" * (i + 1)}]}
+            for i in range(5)]
+    f = write_jsonl(tmp_path / "a.jsonl", recs + ["{"])
+    assert inspect_mod.main([f, "-n", "2", "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("<role>HUMAN</role>") == 2 and "\x1b[" not in out
+    assert inspect_mod.main([f, "-n", "1", "--color", "always"]) == 0
+    assert "\x1b[" in capsys.readouterr().out and "[[" not in out.split("q0")[0]
+    assert run_cli(stats_mod.main, [f]) == EXIT_BAD_INPUT  # the bad last line stops it...
+    capsys.readouterr()
+    for bins in (2, 4):
+        assert stats_mod.main([f, "--skip-bad", "--bins", str(bins)]) == 0  # ...unless skipped
+        out = capsys.readouterr().out
+        hist = out.split("length histogram")[1].splitlines()[1:]
+        assert len([ln for ln in hist if re.match(r"\s+\d+-\d+", ln)]) == bins
+        assert "skipped bad records: 1" in out
+
+
+def test_demo_cli_writes_each_part(tmp_path, capsys):
+    from data.demo.__main__ import main as demo_main
+
+    assert demo_main(["generate", "--out", str(tmp_path / "g")]) == 0
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["dpo.jsonl", "sft_general.jsonl",
+                                                                   "sft_reasoning.jsonl"]
+    assert demo_main(["pipeline", "--out", str(tmp_path / "p"), "-n", "4"]) == 0
+    evals = (tmp_path / "p" / "eval_prompts.jsonl").read_text().splitlines()
+    assert len(evals) == 16  # 4 per family
 
 
 def test_inspect_marks_trained_spans(tmp_path, capsys):
@@ -120,5 +155,5 @@ def test_stats_counts(tmp_path, capsys):
     assert re.search(r"\bx\s+2\n", out) and re.search(r"\by\s+1\n", out)
     assert f"tokens: {3 * n}" in out and "trained tokens: 6" in out
     bad = write_jsonl(tmp_path / "bad.jsonl", rows[:1] + ["{"])
-    assert stats_mod.main([bad]) == 1
+    assert run_cli(stats_mod.main, [bad]) == EXIT_BAD_INPUT
     assert f"{bad}:2" in capsys.readouterr().err

@@ -7,12 +7,13 @@ import os
 import pytest
 
 from data import DataError, prepare_data as prepare
+from data.errors import EXIT_BAD_INPUT, run_cli
 from data.prepare import main as prepare_main
 
 try:
-    from test_data_helpers import tiny_tokenizer, write_jsonl
+    from data_helpers import tiny_tokenizer, write_jsonl
 except ImportError:  # tests/ imported as a package
-    from tests.test_data_helpers import tiny_tokenizer, write_jsonl
+    from tests.data_helpers import tiny_tokenizer, write_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 PAIR = {"prompt": "hi", "chosen": "hello", "rejected": "ok"}
@@ -85,7 +86,7 @@ def test_skip_bad_on_the_command_line_counts_them_in_the_report(tmp_path, capsys
 
     f = write_jsonl(tmp_path / "d.jsonl", [PAIR, {"prompt": "hi", "chosen": "x", "rejected": "x"}, PAIR])
     tok = _tok_dir(tmp_path)
-    assert prepare_main([f, "--kind", "dpo", "--tokenizer", tok, "--out", str(tmp_path / "o"), "--quiet"]) == 1
+    assert run_cli(prepare_main, [f, "--kind", "dpo", "--tokenizer", tok, "--out", str(tmp_path / "o"), "--quiet"]) == EXIT_BAD_INPUT
     assert f"{f}:2: " in capsys.readouterr().err
     assert prepare_main([f, "--kind", "dpo", "--tokenizer", tok, "--out", str(tmp_path / "o"), "--quiet",
                          "--skip-bad"]) == 0
@@ -95,18 +96,19 @@ def test_skip_bad_on_the_command_line_counts_them_in_the_report(tmp_path, capsys
 
 # ---------------------------------------------------------------- through the trainer
 
-def _trainer_error(args):
-    from tests.trainer_utils import TINY, run_inproc
+def _trainer_error(args, capsys):
+    """The one-line message of a trainer run that is refused."""
+    from tests.trainer_utils import TINY, refused, run_inproc
 
-    with pytest.raises(SystemExit) as e:
+    with refused(capsys, "") as e:
         run_inproc("sft", TINY + ["--train.steps", "1"] + args)
-    return str(e.value.code)
+    return e.message
 
 
-def test_a_missing_tokenizer_is_one_line_naming_the_path_and_the_option(tmp_path):
+def test_a_missing_tokenizer_is_one_line_naming_the_path_and_the_option(tmp_path, capsys):
     f = write_jsonl(tmp_path / "d.jsonl", [GOOD])
     msg = _trainer_error(["--data.sources", f"[{f}]", "--data.tokenizer", str(tmp_path / "nope"),
-                          "--output-dir", str(tmp_path / "run")])
+                          "--output-dir", str(tmp_path / "run")], capsys)
     assert msg.startswith("error: data.tokenizer: ") and str(tmp_path / "nope") in msg and "\n" not in msg
 
 
@@ -115,10 +117,10 @@ def test_a_missing_tokenizer_is_one_line_naming_the_path_and_the_option(tmp_path
     (["1", "nan"], "data.sources[1] (b): weight"),
     (["0", "0"], "sum to 0"),
 ])
-def test_mixture_weights_are_refused_before_any_tokenizing(tmp_path, weights, needle):
+def test_mixture_weights_are_refused_before_any_tokenizing(tmp_path, weights, needle, capsys):
     a, b = write_jsonl(tmp_path / "a.jsonl", [GOOD]), write_jsonl(tmp_path / "b.jsonl", [GOOD])
     sources = f"[{{path: {a}, weight: {weights[0]}}}, {{path: {b}, weight: {weights[1]}}}]"
     msg = _trainer_error(["--data.sources", sources, "--data.cache_dir", str(tmp_path / "cache"),
-                          "--output-dir", str(tmp_path / "run")])
+                          "--output-dir", str(tmp_path / "run")], capsys)
     assert msg.startswith("error: ") and needle in msg and "\n" not in msg
     assert not (tmp_path / "cache").exists() or not os.listdir(tmp_path / "cache")  # nothing tokenized

@@ -6,11 +6,12 @@ import pytest
 
 from data import prepare_data as prepare, DataError, PreparedSFT, PreparedDPO, encode_chat, encode_dpo_pair
 from data.formats import normalize_sft
+from data.errors import EXIT_BAD_INPUT, run_cli
 from data.prepare import main as prepare_main
 try:
-    from test_data_helpers import tiny_tokenizer, tiny_hf_tokenizer, write_jsonl
+    from data_helpers import tiny_tokenizer, tiny_hf_tokenizer, write_jsonl
 except ImportError:  # tests/ imported as a package
-    from tests.test_data_helpers import tiny_tokenizer, tiny_hf_tokenizer, write_jsonl
+    from tests.data_helpers import tiny_tokenizer, tiny_hf_tokenizer, write_jsonl
 
 M = -100
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "domain": "a"}
@@ -142,7 +143,7 @@ def test_refuses_to_replace_foreign_directory(tmp_path):
 def test_cli_success_and_error(tmp_path, capsys):
     tok = _tok_dir(tmp_path)
     good = write_jsonl(tmp_path / "g.jsonl", [GOOD, "[1]", GOOD2])
-    assert prepare_main([good, "--tokenizer", tok, "--out", str(tmp_path / "o"), "--quiet"]) == 1
+    assert run_cli(prepare_main, [good, "--tokenizer", tok, "--out", str(tmp_path / "o"), "--quiet"]) == EXIT_BAD_INPUT
     assert f"{good}:2:" in capsys.readouterr().err
     assert prepare_main([good, "--tokenizer", tok, "--out", str(tmp_path / "o"), "--quiet", "--skip-bad"]) == 0
     out = capsys.readouterr().out

@@ -14,13 +14,13 @@ import pytest
 
 import data.files
 from data import PreparedSFT, prepare_data as prepare
-from data.files import NoSpaceError
+from data.errors import EXIT_NO_SPACE, NoSpaceError, run_cli
 from data.prepare import main as prepare_main
 
 try:
-    from test_data_helpers import tiny_tokenizer, write_jsonl
+    from data_helpers import tiny_tokenizer, write_jsonl
 except ImportError:  # tests/ imported as a package
-    from tests.test_data_helpers import tiny_tokenizer, write_jsonl
+    from tests.data_helpers import tiny_tokenizer, write_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +41,7 @@ def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch, 
         prepare([f], tiny_tokenizer(), tmp_path / "out")
     assert f"GB at {tmp_path}, 0.00 GB free" in str(e.value) and "needs" in str(e.value)
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
-    assert prepare_main([f, "--tokenizer", tok, "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    assert run_cli(prepare_main, [f, "--tokenizer", tok, "--out", str(tmp_path / "out"), "--quiet"]) == EXIT_NO_SPACE
     assert "error: preparing" in capsys.readouterr().err
 
 
@@ -75,7 +75,7 @@ def killed(files, tok, tmp, *a):
     open(os.path.join(tmp, "tokens.bin"), "wb").write(b"x" * 1000)
     os.kill(os.getpid(), signal.SIGKILL)
 p._prepare_into = killed
-from tests.test_data_helpers import tiny_tokenizer
+from tests.data_helpers import tiny_tokenizer
 p.prepare([{str(f)!r}], tiny_tokenizer(), {str(out)!r})
 """
     r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
@@ -89,7 +89,7 @@ def test_concurrent_launches_prepare_a_shared_cache_once(tmp_path):
     # Two launches on one cache: while one prepares (holds the lock), the other waits and then finds
     # its result instead of preparing again over it.
     import data
-    from data.demo import FileLock
+    from data.files import FileLock
     from trainer.sources import _prepare_once
 
     f = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 3)

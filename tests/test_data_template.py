@@ -4,9 +4,9 @@ from data import render_chat, encode_chat, encode_dpo_pair, encode_prompt, DataE
 from data.formats import normalize_sft, normalize_dpo
 from data.demo import TOKENIZER_DIR, generate
 try:
-    from test_data_helpers import tiny_tokenizer
+    from data_helpers import tiny_tokenizer
 except ImportError:  # tests/ imported as a package
-    from tests.test_data_helpers import tiny_tokenizer
+    from tests.data_helpers import tiny_tokenizer
 
 M = -100
 

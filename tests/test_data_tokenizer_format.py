@@ -5,9 +5,9 @@ import pytest
 from data import load_tokenizer, format_check, SPECIAL_TOKENS
 from data.demo import TOKENIZER_DIR, train_tokenizer, tokenizer_config
 try:
-    from test_data_helpers import tiny_hf_tokenizer
+    from data_helpers import tiny_hf_tokenizer
 except ImportError:  # tests/ imported as a package
-    from tests.test_data_helpers import tiny_hf_tokenizer
+    from tests.data_helpers import tiny_hf_tokenizer
 
 
 def test_shipped_tokenizer_special_tokens_are_single_ids():

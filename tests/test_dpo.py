@@ -19,10 +19,10 @@ N_PAIRS = 64  # of the demo's 1000: the reference pass and the runs stay short
 
 @pytest.fixture(scope="module")
 def demo_pairs(tmp_path_factory):
-    import data
+    from data.demo import ensure_demo_data
 
     d = tmp_path_factory.mktemp("demo")
-    paths = data.ensure_demo_data(str(d))
+    paths = ensure_demo_data(str(d))
     lines = pathlib.Path(paths["jsonl"]["dpo"]).read_text().splitlines()[:N_PAIRS]
     (d / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     return str(d / "pairs.jsonl")

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from data.demo import generate
-from data.demo_pipeline import (FAMILIES, RELATIONS, eval_prompts, if_task, is_held_out, knowledge_base,
+from data.demo.pipeline import (FAMILIES, RELATIONS, eval_prompts, if_task, is_held_out, knowledge_base,
                                 pipeline_corpus, reasoning_problem, tool_exchange)
+from data.errors import EXIT_MISSING, run_cli
 from data.formats import normalize_dpo, normalize_sft
 from moe import BailingMoeConfig, BailingMoeForCausalLM
-from trainer.evaluate import (final_answer_correct, format_errors, greedy_generate, instruction_followed,
-                              knowledge_correct, load_prompts, reasoning_correct, score, score_families,
-                              tool_call_correct)
+from trainer.tools.evaluate import greedy_generate, load_prompts
+from trainer.tools.scorers import (final_answer_correct, format_errors, instruction_followed, knowledge_correct,
+                                   reasoning_correct, score, score_families, tool_call_correct)
 
 
 def _user_texts(corpus: dict) -> set:
@@ -158,7 +159,8 @@ def test_tool_and_knowledge_scorers_by_hand():
     assert not tool_call_correct("<tool_call>{'name': 'calculator', 'arguments': {'expression': '12*7'}}</tool_call>", calc)
     assert not tool_call_correct('<tool_call>{"name": "calculator", "arguments": {"expression": "12*7"}}', calc)
     assert not tool_call_correct('{"name": "calculator", "arguments": {"expression": "12*7"}}', calc)
-    city = {"relation": "city", "object": "Lima"}
+    city = {"relation": "city", "object": "Lima", "others": [o for o in RELATIONS["city"]["objects"] if o != "Lima"]}
+    assert "Oslo" in city["others"]
     assert knowledge_correct("Ada lives in Lima.", city)
     assert not knowledge_correct("Ada lives in Lima or Oslo.", city)  # hedging names a second city
     assert not knowledge_correct("Ada lives in Oslo.", city)
@@ -174,7 +176,7 @@ def test_format_errors_and_family_scores_by_hand():
              {"family": "reasoning", "check": {"answer": "7", "steps": 2}},
              {"family": "instruction_following", "check": {"kind": "upper"}},
              {"family": "tool_use", "check": {"call": {"name": "f", "arguments": {}}}},
-             {"family": "knowledge", "check": {"relation": "pet", "object": "cat"}}]
+             {"family": "knowledge", "check": {"relation": "pet", "object": "cat", "others": ["dog"]}}]
     replies = ["<think>\n2 + 3 = 5.\n</think>\nAda has 5 apples.",
                "<think>\n3 + 3 = 6.\n</think>\nAda has 6 apples.\nAda has 6 apples.",
                "HELLO THERE",
@@ -191,7 +193,7 @@ def test_format_errors_and_family_scores_by_hand():
 def test_cli_compares_models_side_by_side(tmp_path, capsys):
     import data
     from checkpoints_convert import save_hf
-    from trainer import evaluate
+    from trainer.tools import evaluate
     from data.demo import TOKENIZER_DIR as DEMO_TOKENIZER
 
     tok = data.load_tokenizer(DEMO_TOKENIZER)
@@ -220,4 +222,5 @@ def test_cli_compares_models_side_by_side(tmp_path, capsys):
         assert rec["result"]["format_errors"] == again["format_errors"]
         assert all(rec["result"][f] == again[f] for f in FAMILIES)
         assert rec["result"]["n"] == {f: 6 for f in FAMILIES}
-    assert evaluate.main(["--model", str(tmp_path / "missing")]) == 2
+    assert run_cli(evaluate.main, ["--model", str(tmp_path / "missing")]) == EXIT_MISSING
+    assert str(tmp_path / "missing") in capsys.readouterr().err

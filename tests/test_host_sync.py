@@ -106,10 +106,10 @@ def test_trainer_micro_steps_read_nothing_back(tmp_path, monkeypatch, script):
 
         data = ["--data.synthetic", "true"]
     else:
-        import data as data_mod
+        from data.demo import ensure_demo_data
         from trainer.dpo import DPOTask as Task
 
-        pairs = data_mod.ensure_demo_data(str(tmp_path / "demo"))["jsonl"]["dpo"]
+        pairs = ensure_demo_data(str(tmp_path / "demo"))["jsonl"]["dpo"]
         lines = open(pairs).read().splitlines()[:16]
         (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
         data = ["--data.sources", f"[{tmp_path / 'pairs.jsonl'}]", "--data.seq_len", "128"]

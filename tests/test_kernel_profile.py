@@ -31,7 +31,7 @@ def test_compose_joins_each_groups_fastest_variant_and_ignores_the_rest():
 
 def test_tables_put_peers_side_by_side_with_triton_speedups():
     import tables
-    from kernels.bench import _add_relative
+    from trainer.tools.kernel_bench import _add_relative
 
     def row(impl, ms, tflops, **kw):
         return dict(impl=impl, T=8192, E=64, K=6, H=2048, I=1408, skew=0.0, ms=ms, tflops=tflops,

@@ -216,7 +216,7 @@ def test_bench_cli_rows(tmp_path):
     rows = meta["rows"]
     # 5 impls x 2 passes x 2 skews; only Liger may be skipped: on CPU (its autotuner needs a GPU) or
     # where the package is not installed
-    from kernels.bench import liger_available
+    from trainer.tools.kernel_bench import liger_available
 
     assert len(rows) == 20
     liger_runs = torch.cuda.is_available() and liger_available() is None
@@ -249,7 +249,7 @@ def test_bench_cli_rows(tmp_path):
 def test_bench_check_catches_a_wrong_output_or_gradient():
     # What makes a bench row trustworthy: the check against the fp32 loop reference runs before any
     # timing, and it must flag an implementation that is off in its output, in one gradient, or NaN.
-    from kernels import bench
+    from trainer.tools import kernel_bench as bench
 
     inputs = _make(12, 24, 16, 4, 2, seed=11)
     ref = bench._reference(inputs)

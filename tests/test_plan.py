@@ -1,12 +1,12 @@
-"""trainer.plan against hand-derived counts for a small config (exact terms: parameters, sharded
+"""trainer.tools.plan against hand-derived counts for a small config (exact terms: parameters, sharded
 state, the gathered block under EP, the all-to-all traffic) and its recommendation."""
 import json
 
 import pytest
 
 from moe.config import BailingMoeConfig
-from trainer.errors import TrainerError
-from trainer.plan import GIB, main, param_counts, plan
+from data.errors import BadInputError
+from trainer.tools.plan import GIB, main, param_counts, plan
 
 CFG = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
            intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
@@ -31,7 +31,7 @@ def test_counts_and_exact_terms():
     ac = plan(cfg, gpus=4, gpu_memory_gib=80, seq_len=64, micro_batch=2, ep=4, activation_checkpointing=True)
     assert ac.activations_gib < four.activations_gib
     assert ac.all_to_all_comm_gib_per_step * GIB == pytest.approx(6 * rows * 3 / 4)  # the recompute's two
-    with pytest.raises(TrainerError, match="must divide"):
+    with pytest.raises(BadInputError, match="must divide"):
         plan(cfg, gpus=4, gpu_memory_gib=80, seq_len=64, micro_batch=2, ep=3)
 
 

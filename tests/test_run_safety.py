@@ -8,14 +8,17 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import torch
 
-from tests.trainer_utils import ROOT, TINY, exported, metrics, run_inproc
+from data.errors import EXIT_IN_USE, EXIT_NO_SPACE, InUseError
+from tests.trainer_utils import ROOT, TINY, exported, metrics, refused, run_inproc
 from trainer.checkpoint import checkpoint_dirs
 
 BASE = TINY + ["--data.synthetic", "true", "--train.global_batch_size", "4", "--data.micro_batch_size", "2"]
@@ -37,36 +40,69 @@ def _ckpts(out):
     return [s for s, _ in checkpoint_dirs(str(out / "checkpoints"))]
 
 
-def test_a_directory_in_use_is_refused_naming_the_holder_and_a_dead_owners_lock_is_taken_over(tmp_path):
-    from data.files import process_identity
-
+def test_a_directory_in_use_is_refused_naming_the_holder_and_a_dead_owners_lock_is_taken_over(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    holder = subprocess.Popen([sys.executable, "-c", f"import time; from trainer.rundir import RunLock; "
+                               f"RunLock({str(out)!r}).acquire(); print('held', flush=True); time.sleep(120)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
-        (out / ".lock").write_text(json.dumps({"owner": process_identity(holder.pid), "host": "thishost",
-                                               "pid": holder.pid, "started": "2026-11-23 09:00:00 UTC"}))
+        assert holder.stdout.readline().strip() == "held"
         t0 = time.time()
-        with pytest.raises(SystemExit, match=rf"in use by another trainer: host thishost, pid {holder.pid}, "
-                                             r"started 2026-11-23 09:00:00 UTC"):
+        with refused(capsys, rf"in use by another trainer: host {socket.gethostname()}, pid {holder.pid}, started ",
+                     EXIT_IN_USE):
             run_inproc("sft", _args(out, "--train.steps", "2"))
         assert time.time() - t0 < 30
         assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
     finally:
-        holder.kill()
+        holder.kill()  # SIGKILL: nothing of the holder's runs, its record stays in .lock
         holder.wait()
-    # The holder is gone: its lock is stale, taken over, and released at the end.
+    assert json.loads((out / ".lock").read_text())["pid"] == holder.pid
+    # The holder is gone: the kernel freed its lock, which is taken over and removed at the end.
     run_inproc("sft", _args(out, "--train.steps", "2"))
     assert _steps(out) == [1, 2] and _ckpts(out) == [2]
     assert not (out / ".lock").exists()
 
 
-def test_a_fresh_run_over_an_old_one_is_refused_and_overwrite_moves_the_old_one_aside(tmp_path):
+def test_two_launches_never_both_take_over_a_dead_trainers_lock(tmp_path):
+    """Two takers of a killed trainer's lock, started together, 200 times: at most one holds it (the
+    old take-over read the stale record, removed .lock and linked its own, so a second taker that had
+    read the same record could delete the first one's fresh lock and take it too)."""
+    from trainer.rundir import RunLock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = {"owner": "thishost:1:0", "host": socket.gethostname(), "pid": 1, "started": "then"}
+    for _ in range(200):
+        (out / ".lock").write_text(json.dumps(dead))
+        start = threading.Barrier(2)
+        held = []
+
+        def take():
+            lock = RunLock(str(out))
+            start.wait()
+            try:
+                lock.acquire()
+                held.append(lock)
+            except InUseError:
+                pass
+
+        threads = [threading.Thread(target=take) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(held) == 1
+        held[0].release()
+        assert not (out / ".lock").exists()
+
+
+def test_a_fresh_run_over_an_old_one_is_refused_and_overwrite_moves_the_old_one_aside(tmp_path, capsys):
     old = tmp_path / "run"
     run_inproc("sft", _args(old, "--train.steps", "4", "--checkpoint.every", "2"))
     fresh = ["--train.steps", "2", "--checkpoint.every", "1", "--checkpoint.keep_last", "1",
              "--checkpoint.resume", "false"]
-    with pytest.raises(SystemExit, match=r"holds an earlier run \(2 checkpoint\(s\) up to step 4.*--overwrite"):
+    with refused(capsys, r"holds an earlier run \(2 checkpoint\(s\) up to step 4.*--overwrite"):
         run_inproc("sft", _args(old, *fresh))
     assert _steps(old) == [1, 2, 3, 4] and _ckpts(old) == [2, 4]
     old_export = exported(old)
@@ -122,7 +158,7 @@ def test_metrics_hold_each_step_once_after_a_kill_before_the_first_checkpoint(tm
     assert _steps(out) == [1, 2, 3]
 
 
-def test_changed_lr_on_resume_is_the_lr_that_runs_and_a_changed_seq_len_is_refused(tmp_path):
+def test_changed_lr_on_resume_is_the_lr_that_runs_and_a_changed_seq_len_is_refused(tmp_path, capsys):
     from trainer.optim import lr_lambda
 
     out = tmp_path / "run"
@@ -136,21 +172,21 @@ def test_changed_lr_on_resume_is_the_lr_that_runs_and_a_changed_seq_len_is_refus
     rec = [json.loads(line) for line in (out / "config_changes.jsonl").read_text().splitlines()]
     assert rec[-1]["step"] == 2 and rec[-1]["changes"]["optim.lr"] == {"old": 1e-3, "new": 5e-3}
     before = (out / "metrics.jsonl").read_text()
-    with pytest.raises(SystemExit, match=r"cannot change: data.seq_len: 32 -> 16"):
+    with refused(capsys, r"cannot change: data.seq_len: 32 -> 16"):
         run_inproc("sft", _args(out, *common, "--train.steps", "6", "--optim.lr", "5e-3", "--data.seq_len", "16"))
     assert (out / "metrics.jsonl").read_text() == before and _ckpts(out) == [2, 4]
 
 
-def test_no_space_for_a_checkpoint_is_refused_before_writing(tmp_path, monkeypatch):
+def test_no_space_for_a_checkpoint_is_refused_before_writing(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
-    with pytest.raises(SystemExit, match=r"checkpoint step 2 needs 0\.\d\d GB at .*checkpoints, 0\.00 GB free"):
+    with refused(capsys, r"checkpoint step 2 needs 0\.\d\d GB at .*checkpoints, 0\.00 GB free", EXIT_NO_SPACE):
         run_inproc("sft", _args(out, "--train.steps", "2"))
     assert not (out / "checkpoints").exists() or os.listdir(out / "checkpoints") == []
 
 
-def test_an_export_that_ran_out_of_space_is_finished_by_the_same_command(tmp_path, monkeypatch):
+def test_an_export_that_ran_out_of_space_is_finished_by_the_same_command(tmp_path, monkeypatch, capsys):
     from checkpoints_convert import io as cio
 
     out = tmp_path / "run"
@@ -160,7 +196,7 @@ def test_an_export_that_ran_out_of_space_is_finished_by_the_same_command(tmp_pat
     def full(self, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(cio.ShardWriter, "add", full)
-    with pytest.raises(SystemExit, match=rf"No space left on device writing {out / 'hf'}.*run the same command"):
+    with refused(capsys, rf"No space left on device writing {out / 'hf'}.*run the same command", EXIT_NO_SPACE):
         run_inproc("sft", args)
     assert not (out / "hf").exists() and not [p for p in os.listdir(out) if p.startswith(".hf.tmp")]
     assert _ckpts(out) == [2]
@@ -244,7 +280,7 @@ def _ppid(pid: int) -> int | None:
     return None if fields[0] == "Z" else int(fields[1])
 
 
-def test_a_checkpoint_write_that_runs_out_of_space_names_the_path_and_leaves_nothing(tmp_path, monkeypatch):
+def test_a_checkpoint_write_that_runs_out_of_space_names_the_path_and_leaves_nothing(tmp_path, monkeypatch, capsys):
     from torch.distributed.checkpoint import filesystem
 
     out = tmp_path / "run"
@@ -253,8 +289,8 @@ def test_a_checkpoint_write_that_runs_out_of_space_names_the_path_and_leaves_not
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(filesystem, "_write_item", full)
-    with pytest.raises(SystemExit, match=rf"No space left on device writing {out / 'checkpoints' / 'step_00000002.tmp'}"
-                                         r".*earlier checkpoints are untouched"):
+    with refused(capsys, rf"No space left on device writing {out / 'checkpoints' / 'step_00000002.tmp'}"
+                         r".*earlier checkpoints are untouched", EXIT_NO_SPACE):
         run_inproc("sft", _args(out, "--train.steps", "2"))
     monkeypatch.setattr(filesystem, "_write_item", real)
     assert os.listdir(out / "checkpoints") == []

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tests.conftest import TINY_HF
-from tests.trainer_utils import ROOT, TINY, exported, metrics, run_inproc, run_torchrun
+from data.errors import EXIT_BAD_INPUT, EXIT_MISSING
+from tests.trainer_utils import ROOT, TINY, exported, metrics, refused, run_inproc, run_torchrun
 from trainer.checkpoint import latest_checkpoint
 from trainer.optim import lr_lambda
 
@@ -224,23 +225,23 @@ def test_unknown_options_and_keys_are_rejected_naming_the_valid_ones(tmp_path, c
     assert "--optim.lr" in err and "learning_rate" in err
     recipe = tmp_path / "r.yaml"
     recipe.write_text("optim:\n  lr: 1e-4\n  momentum: 0.9\n")
-    with pytest.raises(SystemExit, match=r"unknown key optim.momentum.*'lr'"):
+    with refused(capsys, r"unknown key optim.momentum.*'lr'", EXIT_BAD_INPUT):
         main(["--config", str(recipe), "--output-dir", str(tmp_path / "y")])
-    with pytest.raises(SystemExit, match="/nonexistent/train.jsonl: no such file"):
+    with refused(capsys, "/nonexistent/train.jsonl: no such file", EXIT_MISSING):
         main(["--data.sources", "[{path: /nonexistent/train.jsonl}]", "--train.device", "cpu",
               "--output-dir", str(tmp_path / "z")])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     assert not (tmp_path / "z" / "checkpoints").exists()
 
 
-def test_device_option_is_checked_before_anything_is_written(tmp_path):
+def test_device_option_is_checked_before_anything_is_written(tmp_path, capsys):
     from trainer.sft import main
 
-    with pytest.raises(SystemExit, match="train.device must be auto, cuda or cpu"):
+    with refused(capsys, "train.device must be auto, cuda or cpu", EXIT_BAD_INPUT):
         main(["--train.device", "tpu", "--output-dir", str(tmp_path / "a")])
     if torch.cuda.is_available():  # the other half of this check runs in tests/test_trainer_gpu.py
         return
-    with pytest.raises(SystemExit, match=r"no CUDA device.*--train.device cpu"):
+    with refused(capsys, r"no CUDA device.*--train.device cpu"):
         main([*TINY[:-2], "--data.synthetic", "true", "--train.device", "cuda", "--output-dir", str(tmp_path / "b")])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -295,10 +296,10 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_token_ids_beyond_the_model_vocabulary_are_refused_before_training(tmp_path):
+def test_token_ids_beyond_the_model_vocabulary_are_refused_before_training(tmp_path, capsys):
     from trainer.sft import main
 
-    with pytest.raises(SystemExit, match="vocabulary of 2000 ids, but the model embeds only 1000"):
+    with refused(capsys, "vocabulary of 2000 ids, but the model embeds only 1000"):
         main(["--model.overrides", "{vocab_size: 1000}", "--output-dir", str(tmp_path / "run"), "--train.device", "cpu",
               "--data.cache_dir", str(tmp_path / "cache"), "--train.progress", "false"])
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -105,10 +105,10 @@ def test_cuda_micro_steps_never_wait_for_the_gpu(tmp_path, monkeypatch, script, 
 
         data = ["--data.synthetic", "true"]
     else:
-        import data as data_mod
+        from data.demo import ensure_demo_data
         from trainer.dpo import DPOTask as Task
 
-        pairs = data_mod.ensure_demo_data(str(tmp_path / "demo"))["jsonl"]["dpo"]
+        pairs = ensure_demo_data(str(tmp_path / "demo"))["jsonl"]["dpo"]
         (tmp_path / "pairs.jsonl").write_text("\n".join(open(pairs).read().splitlines()[:16]) + "\n")
         data = ["--data.sources", f"[{tmp_path / 'pairs.jsonl'}]", "--data.seq_len", "128"]
     original, grad_norm = Task.micro_step, loop._grad_norm

@@ -1,13 +1,17 @@
 """Helpers for the trainer tests: run a trainer in-process or under torchrun, read what it wrote."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
+import types
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -38,6 +42,22 @@ def run_inproc(script: str, args: list[str]) -> dict:
     else:
         from trainer.dpo import main
     return main(on_cpu(args))
+
+
+@contextlib.contextmanager
+def refused(capsys, match: str, code: int | None = None):
+    """Around a command that must stop with one line ``error: ...`` on stderr matching ``match`` (a
+    regular expression) and, when given, exit status ``code``."""
+    capsys.readouterr()
+    result = types.SimpleNamespace(code=None, message=None)
+    with pytest.raises(SystemExit) as e:
+        yield result
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, errors
+    assert re.search(match, errors[0]), errors[0]
+    if code is not None:
+        assert e.value.code == code, (e.value.code, errors[0])
+    result.code, result.message = e.value.code, errors[0]
 
 
 def run_torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 240, check: bool = True):

@@ -22,7 +22,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from data.files import NoSpaceError, fsync_dir, is_no_space, writing
+from data.errors import NoSpaceError
+from data.files import fsync_dir, is_no_space, writing
 from trainer.errors import TrainerError
 from checkpoints_convert import dcp_read
 from checkpoints_convert.dcp_layout import (COMPLETE, MODEL_CONFIG, RUN_CONFIG, TRAINER_STATE, checkpoint_dirs,
@@ -82,7 +83,7 @@ class Checkpointer:
         except NoSpaceError as e:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise TrainerError(f"{e}; the earlier checkpoints are untouched") from None
+            raise NoSpaceError(f"{e}; the earlier checkpoints are untouched") from None
         if self.rank == 0:
             with open(os.path.join(tmp, COMPLETE), "w") as f:
                 f.write(f"{step}\n")

@@ -39,10 +39,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainer import parallel
-from trainer.errors import TrainerError, exit_on_error, finish_process
+from data.errors import exit_on_error
+from trainer import demo, parallel
+from trainer.errors import TrainerError, finish_process
 from trainer.loop import MicroStep, StepContext, build_model, run
 from trainer.options import DPO_LOSS_TYPES as LOSS_TYPES, DPO_SECTIONS, parse_options
+from trainer.sft import SFTTask
+from trainer.sources import sources_and_vocab
 
 
 def dpo_loss(pol_w, pol_l, ref_w, ref_l, len_w, len_l, beta: float, loss_type: str = "sigmoid"):
@@ -124,10 +127,12 @@ def weights_fingerprint(directory: str) -> str:
 
 
 class DPOTask:
+    """``default_data``: as SFTTask's (the demo's preference pairs from the entry script)."""
     name = "dpo"
 
-    def __init__(self):
+    def __init__(self, default_data=None):
         self.ref = None  # index -> (ref_w, ref_l) tensor [N, 2], or a live model
+        self.default_data = default_data
 
     def release(self) -> None:
         """At the end of a run: drop the reference model (a live one holds the process group)."""
@@ -135,10 +140,7 @@ class DPOTask:
         self.loader = None
 
     def adjust_model_config(self, opts, cfg, info):
-        from trainer.sources import sources_and_vocab
-
-        dirs, _, self.tokenizer, cfg = sources_and_vocab(opts, info.rank, "dpo",
-                                                         lambda p: ({"dpo": p["dpo"]}, {"dpo": 1.0}), cfg)
+        dirs, _, self.tokenizer, cfg = sources_and_vocab(opts, info.rank, "dpo", cfg, self.default_data)
         if len(dirs) != 1:
             raise TrainerError("DPO takes exactly one data source (a JSONL of pairs or a prepared dpo directory)")
         self.source = next(iter(dirs.values()))
@@ -289,7 +291,6 @@ class DPOTask:
         return out
 
 
-DEMO_SFT_EXPORT = os.path.join("runs", "sft", "hf")
 # Preference tuning moves a trained model a little: a lower peak rate than SFT's. The NLL term on
 # the chosen answers is on by default: on the demo, plain sigmoid DPO reached reward accuracy 1.0
 # while greedy answers got worse (answers with a format error 14% -> 77.5%: both sides' likelihood
@@ -304,19 +305,9 @@ def main(argv=None) -> dict:
                              defaults=DPO_DEFAULTS)
         if not opts.model.init_from and not opts.data.sources:
             # The demo: start from an SFT-ed tiny model, trained now if the SFT demo has not been run.
-            if os.path.exists(os.path.join(DEMO_SFT_EXPORT, "config.json")):
-                opts.model.init_from = DEMO_SFT_EXPORT
-            else:
-                from trainer.options import SFT_SECTIONS
-                from trainer.sft import SFTTask
-
-                warm = os.path.join(opts.output_dir, "sft_warmup")
-                sft_opts = parse_options(["--train.steps", "150", "--output-dir", warm, "--train.progress",
-                                          str(opts.train.progress).lower(), "--train.log_every",
-                                          str(opts.train.log_every)], "trainer/sft.py", SFT_SECTIONS, "", warm)
-                run(SFTTask(), sft_opts, shutdown=False)
-                opts.model.init_from = os.path.join(warm, "hf")
-        return run(DPOTask(), opts)
+            opts.model.init_from = demo.dpo_initial_model(
+                opts, lambda sft_opts: run(SFTTask(default_data=demo.sft_data), sft_opts, shutdown=False))
+        return run(DPOTask(default_data=demo.dpo_data), opts)
 
 
 if __name__ == "__main__":

@@ -34,11 +34,13 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from moe.config import AUX_LOSS_TYPES, BailingMoeConfig
 from moe.losses import CarriedCounts
 from moe.model import BailingMoeForCausalLM, initial_value
-from data.files import NoSpaceError, require_space, writing
+from data.errors import NoSpaceError
+from data.files import require_space, writing
 from trainer import parallel, rundir
 from trainer.checkpoint import Checkpointer, latest_checkpoint
 from trainer.errors import TrainerError
@@ -374,7 +376,7 @@ class Trainer:
 
     def save(self) -> str:
         nbytes = self._state_bytes()
-        rundir.on_rank0(lambda: _check_space(self.ckpt_root, nbytes, f"checkpoint step {self.state.step}"))
+        rundir.on_rank0(lambda: require_space(self.ckpt_root, nbytes, f"checkpoint step {self.state.step}"))
         tstate = {**dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict(),
                   "world_size": self.info.world_size}
         rstate = {"loader": self.loader.state_dict(), "rng": torch.get_rng_state()}
@@ -404,18 +406,19 @@ class Trainer:
             return
         from checkpoints_convert.dcp_layout import read_model_config
         from checkpoints_convert.dcp_to_hf import dcp_to_hf
-        from trainer.sources import export_sources
 
         if os.path.exists(record):
             os.remove(record)
         cfg = read_model_config(checkpoint)
         width = 4 if cfg.torch_dtype == "float32" else 2
-        _check_space(hf_dir, cfg.num_params() * width, "the Hugging Face export")
         try:
+            require_space(hf_dir, cfg.num_params() * width, "the Hugging Face export")
             with writing(hf_dir):
-                dcp_to_hf(checkpoint, hf_dir, overwrite=True, **export_sources(self.opts))
+                # What travels beside the weights is read from the checkpoint's config.yaml, the one
+                # rule dcp_to_hf applies (export_files.export_sources).
+                dcp_to_hf(checkpoint, hf_dir, overwrite=True)
         except NoSpaceError as e:
-            raise TrainerError(f"{e}; the checkpoint {checkpoint} is whole: free space and run the same "
+            raise NoSpaceError(f"{e}; the checkpoint {checkpoint} is whole: free space and run the same "
                                f"command again to finish the export") from None
         with open(record + ".tmp", "w") as f:
             json.dump({"checkpoint": os.path.basename(checkpoint)}, f)
@@ -498,35 +501,31 @@ class Trainer:
         opts = self.opts
         total = opts.train.steps
         self.stop.install()
-        bar = None
-        if self.info.is_main and opts.train.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=total, initial=self.state.step, desc=self.task.name, dynamic_ncols=True)
-        while self.state.step < total:
-            with self._profiler(self.state.step + 1):
-                metrics = self.last_metrics = self.step()
-            step = self.state.step
-            if step % opts.train.log_every == 0 or step == total:
-                self.logger.log(step, metrics)
-                if bar is None:
-                    self.logger.info(format_metrics(step, total, metrics))
-            if bar is not None:
+        # In a with block: an error ends the bar's line before it is printed.
+        with tqdm(total=total, initial=self.state.step, desc=self.task.name, dynamic_ncols=True,
+                  disable=not (self.info.is_main and opts.train.progress)) as bar:
+            while self.state.step < total:
+                with self._profiler(self.state.step + 1):
+                    metrics = self.last_metrics = self.step()
+                step = self.state.step
+                if step % opts.train.log_every == 0 or step == total:
+                    self.logger.log(step, metrics)
+                    if bar.disable:
+                        self.logger.info(format_metrics(step, total, metrics))
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-            if self.state.bad_in_a_row >= opts.train.max_bad_steps:
-                raise TrainerError(f"{self.state.bad_in_a_row} consecutive steps with a non-finite loss or gradient; "
-                                   f"stopping (the last good checkpoint is kept)")
-            if opts.checkpoint.every and step % opts.checkpoint.every == 0 and step < total:
-                self.save()
-            if self.stop_requested:
-                if self.saved_at == step:
-                    self.logger.info(f"SIGTERM received: step {step} is already saved; exiting")
-                else:
-                    self.logger.info(f"SIGTERM received: saving at step {step} and exiting")
+                if self.state.bad_in_a_row >= opts.train.max_bad_steps:
+                    raise TrainerError(f"{self.state.bad_in_a_row} consecutive steps with a non-finite loss or "
+                                       f"gradient; stopping (the last good checkpoint is kept)")
+                if opts.checkpoint.every and step % opts.checkpoint.every == 0 and step < total:
                     self.save()
-                return {"metrics": self.last_metrics, "step": step, "stopped": True}
-        if bar is not None:
-            bar.close()
+                if self.stop_requested:
+                    if self.saved_at == step:
+                        self.logger.info(f"SIGTERM received: step {step} is already saved; exiting")
+                    else:
+                        self.logger.info(f"SIGTERM received: saving at step {step} and exiting")
+                        self.save()
+                    return {"metrics": self.last_metrics, "step": step, "stopped": True}
         result = {"metrics": self.last_metrics, "step": self.state.step, "checkpoint": None}
         if opts.checkpoint.save_final:
             result["checkpoint"] = self.save() if self.saved_at != self.state.step else latest_checkpoint(self.ckpt_root)
@@ -563,13 +562,6 @@ class Trainer:
         release = getattr(self.task, "release", None)
         if release is not None:
             release()
-
-
-def _check_space(path: str, nbytes: int, what: str) -> None:
-    try:
-        require_space(path, nbytes, what)
-    except NoSpaceError as e:
-        raise TrainerError(str(e)) from None
 
 
 def _sum_by_name(dicts) -> dict[str, torch.Tensor]:

@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from tqdm import tqdm
+
 from trainer.errors import TrainerError
 
 
@@ -58,8 +60,8 @@ class RunLogger:
         os.replace(tmp, self.path)
 
     def info(self, msg: str) -> None:
-        if self.is_main:
-            print(msg, file=sys.stderr, flush=True)
+        if self.is_main:  # through tqdm: a progress bar on the terminal is cleared first, then redrawn
+            tqdm.write(msg, file=sys.stderr)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.is_main:

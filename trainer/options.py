@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from data.errors import BadInputError
 from trainer.errors import TrainerError
 
 
@@ -139,7 +140,7 @@ SFT_SECTIONS = dict(model=ModelOptions, data=DataOptions, optim=OptimOptions, tr
 DPO_SECTIONS = dict(SFT_SECTIONS, dpo=DPOOptions)
 
 
-class OptionsError(TrainerError, ValueError):
+class OptionsError(BadInputError, TrainerError):
     """An unknown or wrongly typed option, or options that do not go together."""
 
 

@@ -1,7 +1,8 @@
 """The run directory's safety rules: one trainer per directory, no two runs mixed, options that may
 and may not change on resume, temporaries of killed runs removed, workers that die with torchrun.
 
-    <output-dir>/.lock                 host, pid, start time of the trainer using the directory (rank 0's)
+    <output-dir>/.lock                 locked (flock) by the trainer using the directory (rank 0), with its
+                                       host, pid, start time and command; removed when it ends
     <output-dir>/config_changes.jsonl  one line per resume that changed an option: step, old and new values
 
 Everything here runs on rank 0 (the lock, the checks, the moves) before anything else is written;
@@ -23,7 +24,8 @@ import torch.distributed as dist
 import yaml
 
 from checkpoints_convert.dcp_layout import COMPLETE, RUN_CONFIG, TRAINER_STATE, checkpoint_dirs
-from data.files import OWNER_FILE, process_alive, process_identity
+from data.errors import BadInputError, InUseError, LingmoeError, MissingFileError, NoSpaceError, exit_code_of
+from data.files import OWNER_FILE, FileLock, process_alive, process_identity
 from trainer.errors import TrainerError
 
 LOCK_NAME = ".lock"
@@ -46,18 +48,31 @@ CHANGEABLE = {
 }
 
 
+# What a failure on rank 0 becomes on the other ranks: the same kind of error (so the same exit code).
+_REMOTE = {cls.exit_code: cls for cls in (TrainerError, BadInputError, InUseError)}
+
+
 def on_rank0(fn):
-    """Run ``fn()`` on rank 0 only; every rank gets its result, or raises the TrainerError it raised."""
-    out = [None, None]
+    """Run ``fn()`` on rank 0 only; every rank gets its result, or an error of the kind rank 0 raised."""
+    out = [None, None, None]
+    error = None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
-            out = [fn(), None]
-        except (TrainerError, OSError) as e:  # the other ranks are waiting for the verdict: never leave them
-            out = [None, str(e)]
+            out = [fn(), None, None]
+        except (LingmoeError, OSError) as e:  # the other ranks are waiting for the verdict: never leave them
+            error = e
+            out = [None, str(e), exit_code_of(e)]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(out, src=0)
+    if error is not None:
+        raise error
     if out[1] is not None:
-        raise TrainerError(out[1])
+        code = out[2]
+        if code == NoSpaceError.exit_code:
+            raise NoSpaceError(out[1])
+        if code == MissingFileError.exit_code:
+            raise MissingFileError(out[1])
+        raise _REMOTE.get(code, TrainerError)(out[1])
     return out[0]
 
 
@@ -69,74 +84,54 @@ def _describe(holder: dict) -> str:
 
 
 class RunLock:
-    """``<output-dir>/.lock``: created whole (written to a private file, then hard-linked into place,
-    which fails if a lock is there), removed by its owner on exit. A lock whose owner died on this
-    host is stale and taken over; one held by a live process, or by another host's, is refused."""
+    """``<output-dir>/.lock``: a data.files.FileLock (flock, released by the kernel when its holder
+    dies, however it dies) holding a record of the trainer that holds it. Taking it is one system
+    call, so two launches can never both hold it, and a dead trainer's lock is free at once. A
+    record left by a trainer that was killed on another host is refused: on a network file system
+    that host's lock may not reach this one, so it cannot be known to be gone."""
 
     def __init__(self, output_dir: str):
         self.path = os.path.join(output_dir, LOCK_NAME)
         self.identity = process_identity()
-        self.held = False
+        self.lock = FileLock(self.path)
+
+    @property
+    def held(self) -> bool:
+        return self.lock.fd is not None
 
     def acquire(self) -> str | None:
-        """Take the lock; returns a warning when a stale one was taken over. Raises TrainerError when held."""
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"owner": self.identity, "host": socket.gethostname(), "pid": os.getpid(),
-                       "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-                       "command": " ".join(sys.argv)}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        """Take the lock; returns a warning when a killed trainer's record was there. Raises InUseError
+        when another trainer holds it."""
+        if not self.lock.acquire(blocking=False):
+            holder = _parse(self.lock.read())
+            about = f": {_describe(holder)}" if holder else ""
+            raise InUseError(f"{os.path.dirname(self.path)} is in use by another trainer{about}. Wait for it, stop "
+                             f"it, or choose another --output-dir")
         warning = None
-        try:
-            for _ in range(2):
-                try:
-                    os.link(tmp, self.path)
-                    self.held = True
-                    return warning
-                except FileExistsError:
-                    pass
-                holder = self._read()
-                if holder == {}:  # removed meanwhile: try again
-                    continue
-                alive = process_alive(holder["owner"]) if holder else True
-                if holder is None:
-                    raise TrainerError(f"{self.path}: a lock that cannot be read; another trainer may be using "
-                                       f"{os.path.dirname(self.path)} (remove the file if none is)")
-                if alive is not False:
-                    where = "" if alive else " (on another host: its liveness cannot be checked here)"
-                    raise TrainerError(f"{os.path.dirname(self.path)} is in use by another trainer{where}: "
-                                       f"{_describe(holder)}. Wait for it, stop it, or choose another --output-dir "
-                                       f"(if it is surely gone, remove {self.path})")
-                warning = f"taking over the lock of a trainer that is gone ({_describe(holder)})"
-                try:
-                    os.remove(self.path)
-                except FileNotFoundError:
-                    pass
-            raise TrainerError(f"{self.path}: could not take the lock (another trainer is starting on this directory)")
-        finally:
-            os.remove(tmp)
-
-    def _read(self) -> dict | None:
-        try:
-            with open(self.path) as f:
-                holder = json.load(f)
-            return holder if isinstance(holder, dict) and isinstance(holder.get("owner"), str) else None
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError):
-            return None
+        left = _parse(self.lock.read())  # a record nobody holds: its trainer died without releasing
+        if left and left.get("owner") != self.identity:
+            if left.get("host") not in (None, socket.gethostname()):
+                self.lock.release()
+                raise InUseError(f"{os.path.dirname(self.path)} is in use by another trainer (on another host: its "
+                                 f"liveness cannot be checked here): {_describe(left)}. If it is surely gone, "
+                                 f"remove {self.path}")
+            warning = f"taking over the lock of a trainer that is gone ({_describe(left)})"
+        self.lock.write(json.dumps({
+            "owner": self.identity, "host": socket.gethostname(), "pid": os.getpid(),
+            "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "command": " ".join(sys.argv)}))
+        return warning
 
     def release(self) -> None:
-        if not self.held:
-            return
-        self.held = False
-        holder = self._read()
-        if holder and holder.get("owner") == self.identity:  # never another's lock
-            try:
-                os.remove(self.path)
-            except FileNotFoundError:
-                pass
+        self.lock.release(remove=True)
+
+
+def _parse(text: str) -> dict | None:
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return None
+    return holder if isinstance(holder, dict) else None
 
 
 # ---------------------------------------------------------------- what is already there

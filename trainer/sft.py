@@ -22,28 +22,29 @@ if __package__ in (None, ""):  # run as a file (torchrun trainer/sft.py): import
 
 import torch
 
-from trainer import parallel
-from trainer.errors import exit_on_error, finish_process
+from data.errors import exit_on_error
+from trainer import demo, parallel
+from trainer.errors import finish_process
 from trainer.loop import MicroStep, StepContext, run
 from trainer.options import SFT_SECTIONS, parse_options
+from trainer.sources import sources_and_vocab
 
 
 class SFTTask:
+    """``default_data(opts) -> (dirs, weights, tokenizer dir)``: the data when data.sources is empty
+    (the entry script passes the demo corpus's; None refuses an empty data.sources)."""
     name = "sft"
 
-    def __init__(self):
+    def __init__(self, default_data=None):
         self.tokenizer = None
         self.dirs = None
+        self.default_data = default_data
 
     def adjust_model_config(self, opts, cfg, info):
         if opts.data.synthetic:
             return cfg
-        from trainer.sources import sources_and_vocab
-
-        self.dirs, self.weights, self.tokenizer, cfg = sources_and_vocab(
-            opts, info.rank, "sft", lambda p: ({"general": p["sft_general"], "reasoning": p["sft_reasoning"]},
-                                               {"general": p["mixture"]["sft_general"],
-                                                "reasoning": p["mixture"]["sft_reasoning"]}), cfg)
+        self.dirs, self.weights, self.tokenizer, cfg = sources_and_vocab(opts, info.rank, "sft", cfg,
+                                                                         self.default_data)
         return cfg
 
     def build_loader(self, opts, info, accum, cfg):
@@ -84,7 +85,7 @@ class SFTTask:
 def main(argv=None) -> dict:
     with exit_on_error():
         opts = parse_options(argv, "trainer/sft.py", SFT_SECTIONS, __doc__, default_output="runs/sft")
-        return run(SFTTask(), opts)
+        return run(SFTTask(default_data=demo.sft_data), opts)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ disk space, token ids the model cannot embed) are reported here, before a single
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -15,7 +16,11 @@ import os
 
 import torch.distributed as dist
 
-from data.demo import run_tokenizer_dir  # the rule is data/demo.py's: dcp_to_hf applies it too
+import data
+from data.errors import MissingFileError
+from data.files import FileLock
+from data.prepare import summary
+from data.tokenizer import run_tokenizer_dir  # the one rule: the export (export_files.export_sources) applies it too
 from trainer.errors import TrainerError
 
 # A from-scratch model embeds the tokenizer's ids rounded up to this, for matmul-friendly shapes.
@@ -35,14 +40,8 @@ def resolve_tokenizer_dir(opts) -> str:
     return run_tokenizer_dir(tok, opts.model.init_from)
 
 
-def export_sources(opts) -> dict:
-    """What goes beside the weights of this run's HF export (dcp_to_hf's keywords): the tokenizer it
-    trained with (none for synthetic token rows), the directory it started from, its template option."""
-    return {"tokenizer": None if opts.data.synthetic else resolve_tokenizer_dir(opts),
-            "source_hf": opts.model.init_from or None, "eos_every_turn": opts.data.eos_every_turn}
-
-
-def _cache_dir(opts) -> str:
+def cache_dir(opts) -> str:
+    """Where prepared data is cached: data.cache_dir, else <output-dir>/prepared."""
     return opts.data.cache_dir or os.path.join(opts.output_dir, "prepared")
 
 
@@ -58,25 +57,25 @@ def _fingerprint(path: str, tokenizer_dir: str, kind: str, eos_every_turn: bool 
     return h.hexdigest()[:16]
 
 
-def prepared_sources(opts, rank: int, kind: str, demo_key) -> tuple[dict[str, str], dict[str, float], str]:
+def prepared_sources(opts, rank: int, kind: str, default=None) -> tuple[dict[str, str], dict[str, float], str]:
     """{name: prepared dir}, {name: weight} and the tokenizer directory for a run.
 
-    ``demo_key(paths) -> ({name: dir}, {name: weight})`` picks from the demo corpus when no sources are given.
+    ``default(opts) -> (dirs, weights, tokenizer dir)`` gives the data when data.sources is empty (the
+    entry scripts pass the demo corpus's, trainer/demo.py); local rank 0 makes it first, the other
+    ranks then only open it.
     """
-    import data
-
     tok_dir = resolve_tokenizer_dir(opts)
     if not opts.data.sources:
-        demo_dir = os.path.join(_cache_dir(opts), "demo")
+        if default is None:
+            raise TrainerError("data.sources is empty: give the training data (JSONL files or prepared directories)")
         if _preparer(rank):
-            paths = data.ensure_demo_data(demo_dir)
+            dirs, weights, tok_dir = default(opts)
         _barrier()
         if not _preparer(rank):
-            paths = data.ensure_demo_data(demo_dir)  # already written: only checks the stamp
-        dirs, weights = demo_key(paths)
+            dirs, weights, tok_dir = default(opts)  # already written: only checks it
         for d in dirs.values():
             _check_template(d, opts.data.eos_every_turn)
-        return dirs, weights, paths["tokenizer"]
+        return dirs, weights, tok_dir
 
     dirs, weights, todo = {}, {}, []
     for i, src in enumerate(opts.data.sources):
@@ -89,13 +88,13 @@ def prepared_sources(opts, rank: int, kind: str, demo_key) -> tuple[dict[str, st
         if name in dirs:
             name = f"{name}_{i}"
         if not os.path.exists(path):
-            raise TrainerError(f"data.sources[{i}]: {path}: no such file or directory")
+            raise MissingFileError(f"data.sources[{i}]: {path}: no such file or directory")
         weights[name] = _weight(src.get("weight", 1.0), i, name)
         if os.path.isdir(path) and os.path.exists(os.path.join(path, "manifest.json")):
             _check_template(path, opts.data.eos_every_turn)
             dirs[name] = path
         else:
-            out = os.path.join(_cache_dir(opts), f"{name}-{_fingerprint(path, tok_dir, kind, opts.data.eos_every_turn)}")
+            out = os.path.join(cache_dir(opts), f"{name}-{_fingerprint(path, tok_dir, kind, opts.data.eos_every_turn)}")
             dirs[name] = out
             todo.append((path, out))
     if sum(weights.values()) <= 0:
@@ -132,9 +131,6 @@ def _preparer(rank: int) -> bool:
 def _prepare_once(data, path: str, out: str, tokenizer, kind: str, opts) -> None:
     """Prepare ``path`` into ``out`` unless it is there; under a file lock, so two launches sharing the
     cache directory prepare it once (the second finds the first's result) instead of racing."""
-    from data.demo import FileLock
-    from data.prepare import summary
-
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with FileLock(out + ".lock"):
         if os.path.exists(os.path.join(out, "manifest.json")):
@@ -165,17 +161,14 @@ def _check_template(prepared: str, eos_every_turn: bool) -> None:
                            f"data.prepare{' --eos-every-turn' if eos_every_turn else ''}) or change the option")
 
 
-def sources_and_vocab(opts, rank: int, kind: str, demo_key, cfg):
-    """The task's data and tokenizer, and the model config fitted to them: (dirs, weights, tokenizer, cfg).
+def sources_and_vocab(opts, rank: int, kind: str, cfg, default=None):
+    """The task's data and tokenizer, and the model config fitted to them: (dirs, weights, tokenizer, cfg);
+    ``default`` as for prepared_sources.
 
     From scratch (no model.init_from and no vocab_size override) the model embeds exactly the
     tokenizer's ids, rounded up to VOCAB_MULTIPLE, with its EOS and pad ids; either way every data
     source's ids must fit the embedding."""
-    import dataclasses
-
-    import data
-
-    dirs, weights, tok_dir = prepared_sources(opts, rank, kind, demo_key)
+    dirs, weights, tok_dir = prepared_sources(opts, rank, kind, default)
     tokenizer = data.load_tokenizer(tok_dir)
     if not opts.model.init_from and "vocab_size" not in opts.model.overrides:
         vocab = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE

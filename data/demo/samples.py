@@ -1,11 +1,11 @@
 """The demo corpora's samples: the vocabulary (names, items, words, cities) and one generator per
 kind of record (reasoning word problems, general instructions, tool exchanges, format-breaking
-DPO pairs). data.demo builds the demo corpus from them and data.demo_pipeline the pipeline's, so
+DPO pairs). data.demo builds the demo corpus from them and data.demo.pipeline the pipeline's, so
 neither of those imports the other's module for them.
 """
 import json
 
-from .template import EOS_TOKEN, THINK_OPEN, THINK_CLOSE, TOOL_OPEN, TOOL_CLOSE
+from ..template import EOS_TOKEN, THINK_OPEN, THINK_CLOSE, TOOL_OPEN, TOOL_CLOSE
 
 NAMES = ["Ada", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivan", "Jill", "Kofi", "Lena", "Mo", "Nina"]
 ITEMS = ["apples", "pencils", "stickers", "marbles", "books", "cookies", "stamps", "shells", "coins", "cards"]

@@ -1,6 +1,6 @@
 """The demo corpus of the Ring-Lite-Distill pipeline in miniature, and its held-out evaluation prompts.
 
-Four ability families, each generated from templates (data/demo.py's word lists plus a few more):
+Four ability families, each generated from templates (data.demo.samples' word lists plus a few more):
   reasoning              arithmetic word problems of 1, 2 or 3 steps; <think> lists the steps, the
                          final answer follows </think>
   instruction following  IFEval-style verifiable constraints: capital letters only, exactly N bullet
@@ -27,8 +27,8 @@ import hashlib
 import json
 import random
 
-from .demo_samples import CITIES, CONDITIONS, ITEMS, NAMES, SYSTEMS, TOOL_SYSTEM, WORDS, _corrupt, _task
-from .template import THINK_CLOSE, THINK_OPEN, TOOL_CLOSE, TOOL_OPEN
+from .samples import CITIES, CONDITIONS, ITEMS, NAMES, SYSTEMS, TOOL_SYSTEM, WORDS, _corrupt, _task
+from ..template import THINK_CLOSE, THINK_OPEN, TOOL_CLOSE, TOOL_OPEN
 
 PIPELINE_VERSION = 1
 KB_SEED = 4321
@@ -354,5 +354,6 @@ def eval_prompts(n: int = 100, seed: int = EVAL_SEED) -> dict[str, list[dict]]:
     random.Random(f"{seed}:knowledge").shuffle(qs)
     for q, rel, obj in qs[:n]:
         out["knowledge"].append({"family": "knowledge", "messages": [{"role": "user", "content": q}],
-                                 "check": {"relation": rel, "object": obj}})
+                                 "check": {"relation": rel, "object": obj,
+                                           "others": [o for o in RELATIONS[rel]["objects"] if o != obj]}})
     return out

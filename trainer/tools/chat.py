@@ -1,6 +1,6 @@
 """Chat with an exported model in the bailing template, tokens streamed as they are decoded.
 
-    python -m trainer.chat --model runs/sft/hf [--system "You are a helpful assistant."] [--temperature 0.7]
+    python -m trainer.tools.chat --model runs/sft/hf [--system "You are a helpful assistant."] [--temperature 0.7]
 
 Each line you type is a user turn; the model's answer is printed as it is generated (KV-cache
 decoding, moe.generate) and kept in the conversation. An answer ends at <|endoftext|>, at the start
@@ -17,11 +17,16 @@ import sys
 
 import torch
 
+import data
+import moe
+from checkpoints_convert import load_checkpoint
+from data.errors import BadInputError, run_cli
+
 STOP_STRINGS = ("<role>",)  # the model starting a turn of its own
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer.chat", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m trainer.tools.chat", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="DIR", help="an HF (bailing_moe) or lingmoe-native checkpoint directory")
     p.add_argument("--tokenizer", default="", metavar="DIR",
@@ -78,9 +83,6 @@ class StreamPrinter:
 
 def answer(model, tok, messages, a, out) -> str:
     """Generate, stream and return the assistant's answer to ``messages`` (without EOS / stop string)."""
-    import data
-    import moe
-
     ids = data.encode_prompt(tok, messages)
     x = torch.tensor([ids], device=a.device)
     printer = StreamPrinter(tok, out)
@@ -102,8 +104,6 @@ def answer(model, tok, messages, a, out) -> str:
 
 def fit_context(tok, messages: list[dict], limit: int) -> list[dict]:
     """Drop the oldest user/assistant exchanges (keeping a system message) until the prompt fits."""
-    import data
-
     msgs = list(messages)
     while len(data.encode_prompt(tok, msgs)) > limit:
         first = 1 if msgs[0]["role"] == "system" else 0
@@ -115,32 +115,19 @@ def fit_context(tok, messages: list[dict], limit: int) -> list[dict]:
 
 
 def main(argv=None, stdin=None, stdout=None) -> int:
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
     stdin = stdin or sys.stdin
     out = stdout or sys.stdout
-    import data
-    from checkpoints_convert import CheckpointError, load_checkpoint
-    from data.demo import run_tokenizer_dir
-
     if a.temperature < 0:
-        print("error: --temperature must be >= 0", file=sys.stderr)
-        return 2
+        p.error("--temperature must be >= 0")
     torch.set_num_threads(a.threads)
-    try:
-        model = load_checkpoint(a.model, dtype=a.dtype, device=a.device, expert_backend=a.expert_backend).eval()
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    tok_dir = run_tokenizer_dir(a.tokenizer, a.model)  # the model's own tokenizer when it has one, else the demo's
-    try:
-        tok = data.load_tokenizer(tok_dir)
-    except data.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model = load_checkpoint(a.model, dtype=a.dtype, device=a.device, expert_backend=a.expert_backend).eval()
+    tok_dir = data.run_tokenizer_dir(a.tokenizer, a.model)  # the model's own tokenizer when it has one
+    tok = data.load_tokenizer(tok_dir)
     if tok.vocab_size > model.config.vocab_size:
-        print(f"error: the tokenizer in {tok_dir} has {tok.vocab_size} ids but the model embeds only "
-              f"{model.config.vocab_size}; pass the model's tokenizer with --tokenizer", file=sys.stderr)
-        return 2
+        raise BadInputError(f"the tokenizer in {tok_dir} has {tok.vocab_size} ids but the model embeds only "
+                            f"{model.config.vocab_size}; pass the model's tokenizer with --tokenizer")
     start = [{"role": "system", "content": a.system}] if a.system else []
     messages = list(start)
     limit = model.config.max_position_embeddings - a.max_new_tokens
@@ -171,4 +158,4 @@ def main(argv=None, stdin=None, stdout=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

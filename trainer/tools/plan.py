@@ -1,7 +1,7 @@
 """Memory per GPU and communication per step for FSDP-only and FSDP+EP layouts, and a recommendation.
 
-    python -m trainer.plan --model ling-lite --gpus 16 --gpu-memory-gib 80 --seq-len 4096 --micro-batch 1
-    python -m trainer.plan --model path/to/config.json ...     (an HF config.json or its directory)
+    python -m trainer.tools.plan --model ling-lite --gpus 16 --gpu-memory-gib 80 --seq-len 4096 --micro-batch 1
+    python -m trainer.tools.plan --model path/to/config.json ...     (an HF config.json or its directory)
 
 Parameter counts are exact (the model is built on the meta device). Everything else is an estimate
 of the largest terms, with these assumptions:
@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from data.errors import BadInputError, exit_on_error
 from moe.config import BailingMoeConfig
 from moe.model import BailingMoeForCausalLM
-from trainer.errors import TrainerError, exit_on_error
 
 GIB = 2 ** 30
 CE_CHUNK = 4096
@@ -91,7 +91,7 @@ def plan(cfg: BailingMoeConfig, gpus: int, gpu_memory_gib: float, seq_len: int, 
          accumulation: int = 1, ep: int = 1, activation_checkpointing: bool = False,
          compute_bytes: int = 2) -> Layout:
     if gpus % ep or cfg.num_experts % ep:
-        raise TrainerError(f"ep {ep} must divide the GPUs ({gpus}) and the routed experts ({cfg.num_experts})")
+        raise BadInputError(f"ep {ep} must divide the GPUs ({gpus}) and the routed experts ({cfg.num_experts})")
     c = param_counts(cfg)
     N, edp, T = gpus, gpus // ep, seq_len * micro_batch
     params, grads, optim = 4 * c["total"] / N, 4 * c["total"] / N, 8 * c["total"] / N
@@ -129,7 +129,7 @@ def recommend(layouts: list[Layout]) -> Layout | None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m trainer.plan", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m trainer.tools.plan", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="ling-lite", help="preset name, or an HF config.json (or its directory)")
     p.add_argument("--gpus", type=int, required=True, help="GPUs in the job, all nodes together")
     p.add_argument("--gpu-memory-gib", type=float, default=80.0,

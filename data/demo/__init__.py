@@ -5,35 +5,33 @@ instructions, tool calls answered by a tool turn) and DPO pairs whose rejected s
 structural format error. Everything derives from one integer seed, so the shipped tokenizer in
 data/demo/tokenizer/ can be rebuilt bit for bit with ``python -m data.demo build-tokenizer``.
 
-Trainers call ``ensure_demo_data(out_dir)`` to get JSONL plus prepared shards in a few seconds.
+The demo is a package of its own, kept out of the production paths: only the entry scripts
+(trainer/sft.py and trainer/dpo.py, through trainer/demo.py; the evaluation CLI) and the
+benchmarks use it (tests/test_layering.py keeps it so). With no data sources they call
+``ensure_demo_data(out_dir)`` to get JSONL plus prepared shards in a few seconds, and
+``sft_sources``/``dpo_source`` to pick from them.
+
 The corpus of the pipeline in miniature (base, stage 1, stage 2, DPO, and held-out evaluation
-prompts for four ability families) is data.demo_pipeline's; ``python -m data.demo pipeline`` writes it.
+prompts for four ability families) is data.demo.pipeline's; ``python -m data.demo pipeline`` writes it.
 """
-import argparse
 import json
 import os
 import random
-import sys
 
-from .files import OwnedTempDir
-from .template import EOS_TOKEN, SPECIAL_TOKENS, render_chat
-from .demo_samples import dpo_pair, general_sample, reasoning_sample, tool_sample
+from ..dataset import read_manifest
+from ..files import FileLock, OwnedTempDir
+from ..formats import normalize_dpo, normalize_sft
+from ..prepare import prepare
+from ..template import EOS_TOKEN, SPECIAL_TOKENS, render_chat
+from ..tokenizer import DEMO_TOKENIZER_DIR, load_tokenizer
+from .samples import dpo_pair, general_sample, reasoning_sample, tool_sample
 
 GENERATOR_VERSION = 1
 DEFAULT_SEED = 1234
 SIZES = {"general": 1500, "tool": 500, "reasoning": 2000, "dpo": 1000}
 MIXTURE = {"sft_general": 340, "sft_reasoning": 550}  # the stage-2 SFT general : reasoning ratio
-TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "tokenizer")
+TOKENIZER_DIR = DEMO_TOKENIZER_DIR  # data/demo/tokenizer/, shipped
 VOCAB_SIZE = 2000
-
-
-def run_tokenizer_dir(tokenizer: str = "", init_from: str = "") -> str:
-    """The tokenizer a run uses: data.tokenizer, else model.init_from's when it has one, else the demo's."""
-    if tokenizer:
-        return tokenizer
-    if init_from and os.path.exists(os.path.join(init_from, "tokenizer.json")):
-        return init_from
-    return TOKENIZER_DIR
 
 
 # ---------------------------------------------------------------- corpus
@@ -53,7 +51,6 @@ def generate(seed=DEFAULT_SEED, sizes=None):
 
 
 def _record_texts(corpus):
-    from .formats import normalize_sft, normalize_dpo
     for rec in corpus["sft_general"] + corpus["sft_reasoning"]:
         yield render_chat(normalize_sft(rec)["messages"])
     for rec in corpus["dpo"]:
@@ -114,7 +111,6 @@ def _paths(out_dir):
 
 
 def _up_to_date(out_dir, expect):
-    from .dataset import read_manifest
     try:
         with open(os.path.join(out_dir, "demo.json"), encoding="utf-8") as f:
             stamp = json.load(f)
@@ -134,35 +130,12 @@ def _up_to_date(out_dir, expect):
         return False
 
 
-class FileLock:
-    """Exclusive lock on a file (flock: released by the kernel when its holder dies, so never stale),
-    so processes building the same output together build it once."""
-
-    def __init__(self, path):
-        self.path, self.f = path, None
-
-    def __enter__(self):
-        self.f = open(self.path, "a")
-        try:
-            import fcntl
-            fcntl.flock(self.f, fcntl.LOCK_EX)
-        except ImportError:  # non-POSIX: no cross-process lock, building twice is merely slower
-            pass
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
 def ensure_demo_data(out_dir="demo_data", seed=DEFAULT_SEED, sizes=None, force=False, quiet=True):
     """Write the demo JSONL and prepared shards under ``out_dir`` unless already there and intact.
 
     Returns {"dir", "tokenizer", "jsonl": {...}, "sft_general", "sft_reasoning", "dpo", "mixture"}:
     prepared directories for SFTLoader/DPOLoader and the 340:550 general:reasoning weights.
     """
-    from .prepare import prepare
-    from .tokenizer import load_tokenizer
-
     out_dir = os.path.abspath(out_dir)
     os.makedirs(os.path.join(out_dir, "prepared"), exist_ok=True)
     tokenizer = load_tokenizer(TOKENIZER_DIR)
@@ -184,57 +157,13 @@ def ensure_demo_data(out_dir="demo_data", seed=DEFAULT_SEED, sizes=None, force=F
     return paths
 
 
-def build_parser():
-    p = argparse.ArgumentParser(prog="python -m data.demo",
-                                description="Deterministic demo corpora (reasoning, general, tool calls, DPO pairs) "
-                                            "and the demo byte-level BPE tokenizer.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("build-tokenizer", help="train the demo tokenizer from the demo corpus and save it")
-    t.add_argument("--out", default=TOKENIZER_DIR, help=f"tokenizer directory to write (default {TOKENIZER_DIR})")
-    t.add_argument("--seed", type=int, default=DEFAULT_SEED, help="corpus seed (default %(default)s)")
-    t.add_argument("--vocab-size", type=int, default=VOCAB_SIZE, help="BPE vocabulary size (default %(default)s)")
-    g = sub.add_parser("generate", help="write the demo JSONL files only")
-    g.add_argument("--out", required=True, help="directory for sft_general/sft_reasoning/dpo .jsonl")
-    g.add_argument("--seed", type=int, default=DEFAULT_SEED, help="corpus seed (default %(default)s)")
-    pl = sub.add_parser("pipeline", help="write the pipeline-in-miniature corpus (data.demo_pipeline) as JSONL, plus "
-                                         "its held-out evaluation prompts")
-    pl.add_argument("--out", required=True, help="directory for base/stage1_reasoning/stage2_*/dpo .jsonl and eval_prompts.jsonl")
-    pl.add_argument("--seed", type=int, default=DEFAULT_SEED, help="corpus seed (default %(default)s)")
-    pl.add_argument("-n", type=int, default=100, help="evaluation prompts per family (default %(default)s)")
-    e = sub.add_parser("ensure", help="write JSONL and prepared shards (skipped when already intact)")
-    e.add_argument("--out", default="demo_data", help="output directory (default %(default)s)")
-    e.add_argument("--seed", type=int, default=DEFAULT_SEED, help="corpus seed (default %(default)s)")
-    e.add_argument("--force", action="store_true", help="rebuild even if the existing data is intact")
-    return p
+def sft_sources(paths: dict) -> tuple[dict[str, str], dict[str, float]]:
+    """The SFT demo's data: general and reasoning samples drawn 340 : 550 (the stage-2 recipe), as
+    ({name: prepared dir}, {name: weight}) from ``ensure_demo_data``'s paths."""
+    return ({"general": paths["sft_general"], "reasoning": paths["sft_reasoning"]},
+            {"general": float(paths["mixture"]["sft_general"]), "reasoning": float(paths["mixture"]["sft_reasoning"])})
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if args.cmd == "build-tokenizer":
-        tok = train_tokenizer(seed=args.seed, vocab_size=args.vocab_size)
-        save_tokenizer(tok, args.out)
-        print(f"wrote {args.out} (vocab {tok.get_vocab_size()})")
-    elif args.cmd == "generate":
-        os.makedirs(args.out, exist_ok=True)
-        for name, records in generate(args.seed).items():
-            path = os.path.join(args.out, name + ".jsonl")
-            write_jsonl(records, path)
-            print(f"wrote {path} ({len(records)} records)")
-    elif args.cmd == "pipeline":
-        from .demo_pipeline import eval_prompts, pipeline_corpus
-
-        os.makedirs(args.out, exist_ok=True)
-        parts = dict(pipeline_corpus(args.seed))
-        parts["eval_prompts"] = [it for items in eval_prompts(args.n).values() for it in items]
-        for name, records in parts.items():
-            path = os.path.join(args.out, name + ".jsonl")
-            write_jsonl(records, path)
-            print(f"wrote {path} ({len(records)} records)")
-    else:
-        paths = ensure_demo_data(args.out, seed=args.seed, force=args.force, quiet=False)
-        print(json.dumps(paths, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def dpo_source(paths: dict) -> tuple[dict[str, str], dict[str, float]]:
+    """The DPO demo's preference pairs, in the form of ``sft_sources``."""
+    return {"dpo": paths["dpo"]}, {"dpo": 1.0}
