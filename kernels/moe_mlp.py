@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 
 from . import _grouped_gemm as gg
-from .routing import Routing, build_routing
+from .routing import RoutingTables, build_routing
 
-__all__ = ["moe_mlp"]
+__all__ = ["triton_moe_mlp"]
 
 
 def _check_inputs(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK):
@@ -83,7 +83,7 @@ class _MoEMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_TH):
         x_TH, w_gate_up_E2IH, w_down_EHI, tw_N, gu_N2I, *tables = ctx.saved_tensors
-        routing = Routing(*tables, ctx.block_m)
+        routing = RoutingTables(*tables, ctx.block_m)
         cfg = ctx.cfg
         T, K, E, H = ctx.shape
         need_x, need_wgu, need_wd, _, need_tw = ctx.needs_input_grad
@@ -107,7 +107,7 @@ class _MoEMLPFunction(torch.autograd.Function):
         return dx, dwgu, dwd, None, dtw
 
 
-def moe_mlp(x, w_gate_up, w_down, topk_ids, topk_weights):
+def triton_moe_mlp(x, w_gate_up, w_down, topk_ids, topk_weights):
     """y[t] = sum_k topk_weights[t,k] * down_e(silu(gate_e x_t) * up_e x_t), e = topk_ids[t,k].
 
     x [T, H]; w_gate_up [E, 2I, H] (rows [:I] gate_proj, [I:] up_proj, nn.Linear layout);

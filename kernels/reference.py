@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 from .routing import expert_counts
 
-__all__ = ["moe_mlp", "grouped_mm_moe_mlp", "grouped_mm_available"]
+__all__ = ["loop_moe_mlp", "grouped_mm_moe_mlp", "grouped_mm_available"]
 
 
-def moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK):
+def loop_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK):
     """Per-expert loop: the most obvious correct implementation, kept deliberately simple.
 
     It uses only indexing, matmul and index_add, none of which share code with the Triton path or

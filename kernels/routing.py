@@ -14,10 +14,10 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Routing", "build_routing", "expert_counts", "max_tiles"]
+__all__ = ["RoutingTables", "build_routing", "expert_counts", "max_tiles"]
 
 
-class Routing(NamedTuple):
+class RoutingTables(NamedTuple):
     """Rows of the routed problem sorted by expert (stable, so ties keep (token, k) order).
 
     sorted_token_ids: [N] int32, token index t feeding sorted row r.
@@ -64,7 +64,7 @@ def expert_counts(topk_ids_TK: torch.Tensor, num_experts: int, token_mask_T: tor
     return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, ones)
 
 
-def build_routing(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Routing:
+def build_routing(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> RoutingTables:
     """Sort the N = T*K routed rows by expert and build the per-tile table.
 
     topk_ids: [T, K] int32 or int64 with values in [0, num_experts). Values outside that range
@@ -103,7 +103,7 @@ def build_routing(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Rou
     tile_expert_M = torch.where(valid_M, e_M, torch.full_like(e_M, -1))
     tile_row_start_M = torch.where(valid_M, row_start_M, torch.zeros_like(row_start_M))
 
-    return Routing(
+    return RoutingTables(
         sorted_token_ids=torch.div(order_N, top_k, rounding_mode="floor").to(torch.int32),
         sorted_flat_ids=order_N.to(torch.int32),
         expert_counts=counts_E.to(torch.int32),

@@ -22,7 +22,7 @@ from kernels.routing import expert_counts
 
 
 @dataclass
-class Routing:
+class RouterOutput:
     logits_TE: torch.Tensor  # router logits in the input dtype (what the reference returns)
     probs_TE: torch.Tensor  # fp32 softmax over all E experts
     topk_ids_TK: torch.Tensor  # int64 expert ids, ordered by probability (descending)
@@ -39,7 +39,7 @@ class TopKRouter(nn.Module):
         self._mode: str | None = None
         self._saved: deque[torch.Tensor] = deque()
 
-    def forward(self, x_TH: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> Routing:
+    def forward(self, x_TH: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> RouterOutput:
         logits = F.linear(x_TH, self.weight)
         probs = logits.softmax(dim=-1, dtype=torch.float32)
         # Ids come from topk, weights from gather, in every mode: the recompute then runs the same ops
@@ -53,7 +53,7 @@ class TopKRouter(nn.Module):
         topk_w = probs.gather(-1, topk_ids)
         if self.norm_topk_prob and self.top_k > 1:
             topk_w = topk_w / (topk_w.sum(dim=-1, keepdim=True) + 1e-20)
-        return Routing(logits, probs, topk_ids, topk_w, expert_counts(topk_ids, self.num_experts, token_mask_T))
+        return RouterOutput(logits, probs, topk_ids, topk_w, expert_counts(topk_ids, self.num_experts, token_mask_T))
 
 
 @contextlib.contextmanager

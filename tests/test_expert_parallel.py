@@ -46,7 +46,7 @@ def _module_check(world, ep, backend, case, dp_group, ep_group):
     """Max abs error of y and of every gradient against the reference on the global batch."""
     import torch.distributed as dist
 
-    from kernels.reference import moe_mlp
+    from kernels.reference import loop_moe_mlp
     from moe.expert_parallel import ExpertParallelExperts
 
     rank = dist.get_rank()
@@ -54,7 +54,7 @@ def _module_check(world, ep, backend, case, dp_group, ep_group):
     El = E // ep
     x, w_gu, w_d, ids, tw, dy = _inputs(case, T, H, I, E, K, El)
     leaves = [t.clone().requires_grad_(True) for t in (x, w_gu, w_d, tw)]
-    y_ref = moe_mlp(leaves[0], leaves[1], leaves[2], ids, leaves[3])
+    y_ref = loop_moe_mlp(leaves[0], leaves[1], leaves[2], ids, leaves[3])
     g_ref = torch.autograd.grad(y_ref, leaves, dy)
 
     mod = ExpertParallelExperts(E, H, I, backend, ep_group)
