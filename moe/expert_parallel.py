@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from kernels.routing import expert_counts
 from moe.experts import BACKENDS, GroupedExperts
 
 __all__ = ["ExpertParallelExperts", "all_to_all", "apply_expert_parallel"]
@@ -107,7 +108,8 @@ class ExpertParallelExperts(nn.Module):
     # Eager: split sizes come to the host and the collectives run in order on every rank; a compiled
     # block breaks its graph around this module.
     @torch.compiler.disable
-    def forward(self, x_TH, topk_ids_TK, topk_weights_TK):
+    def forward(self, x_TH, topk_ids_TK, topk_weights_TK, counts_E=None):
+        """counts_E [E]: slots per global expert over all T tokens when the router has them, else None."""
         T, H = x_TH.shape
         K = topk_ids_TK.shape[1]
         E, ep = self.num_experts, self.ep
@@ -118,7 +120,8 @@ class ExpertParallelExperts(nn.Module):
         # 2. slots in global expert order; counts over ALL tokens (padding is computed too, as without EP)
         flat = topk_ids_TK.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts_E = torch.bincount(flat, minlength=E)
+        if counts_E is None:
+            counts_E = expert_counts(topk_ids_TK, E)
         recv_counts = torch.empty_like(counts_E)
         dist.all_to_all_single(recv_counts, counts_E, group=self.group)  # [ep * El]: source-major
         # One host copy of every split this block needs.
@@ -137,7 +140,8 @@ class ExpertParallelExperts(nn.Module):
                 recv_counts, output_size=recv_x.shape[0])
             ones = torch.ones(recv_x.shape[0], 1, dtype=x_TH.dtype if self.backend == "triton" else torch.float32,
                               device=x_TH.device)
-            out = BACKENDS[self.backend](recv_x, w_gu, w_d, local_ids[:, None], ones)
+            # The received rows per local expert are already known: no second count.
+            out = BACKENDS[self.backend](recv_x, w_gu, w_d, local_ids[:, None], ones, recv_counts.view(ep, El).sum(0))
         # 5. back home, unsorted to (token, slot), weighted in fp32 and summed over slots in order
         back = all_to_all(out, send_splits, recv_splits, self.group)
         slots = torch.empty_like(back).index_copy(0, order, back)

@@ -24,10 +24,10 @@ from kernels.reference import grouped_mm_moe_mlp, loop_moe_mlp
 
 
 @torch.compiler.disable  # our kernels run eagerly; a compiled block breaks its graph around them
-def _eager_triton_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK):
+def _eager_triton_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK, counts_E=None):
     import kernels  # imported lazily: Triton is needed only by this backend
 
-    return kernels.triton_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK)
+    return kernels.triton_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK, counts_E)
 
 
 BACKENDS = {"loop": loop_moe_mlp, "torch": grouped_mm_moe_mlp, "triton": _eager_triton_moe_mlp}
@@ -42,6 +42,8 @@ class GroupedExperts(nn.Module):
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def forward(self, x_TH, topk_ids_TK, topk_weights_TK):
+    def forward(self, x_TH, topk_ids_TK, topk_weights_TK, counts_E=None):
+        """counts_E [E]: slots per expert over all T tokens, when the router has counted them (the
+        backends then skip their own count); None lets the backend count."""
         w = topk_weights_TK.to(x_TH.dtype) if self.backend == "triton" else topk_weights_TK
-        return BACKENDS[self.backend](x_TH, self.w_gate_up, self.w_down, topk_ids_TK, w)
+        return BACKENDS[self.backend](x_TH, self.w_gate_up, self.w_down, topk_ids_TK, w, counts_E)

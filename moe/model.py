@@ -202,7 +202,7 @@ class MoEBlock(nn.Module):
         x = x_BSH.reshape(B * S, H)
         mask_T = None if token_mask_BS is None else token_mask_BS.reshape(-1)
         r = self.gate(x, mask_T)
-        y = self.experts(x, r.topk_ids_TK, r.topk_weights_TK)
+        y = self.experts(x, r.topk_ids_TK, r.topk_weights_TK, r.all_counts_E)  # the router's one count
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         if not router_stats:  # decoding: no router losses, and a step costs a few ops less

@@ -175,6 +175,23 @@ def test_routing_against_sort_reference(T, E, K, bm, ids_dtype):
     assert r.num_tiles.item() == len(tiles)
 
 
+@pytest.mark.parametrize("fn", ["triton", "grouped_mm"])
+def test_counts_given_by_the_caller_change_nothing(fn):
+    """The model passes the router's histogram down; the result must be the one the backend gets
+    by counting itself, bit for bit, gradients included."""
+    f = kernels.triton_moe_mlp if fn == "triton" else reference.grouped_mm_moe_mlp
+    x, w_gu, w_d, ids, tw, dy = _make(13, 40, 24, 5, 3, unused_experts=(4,), seed=11)
+    counts = torch.bincount(ids.reshape(-1).cpu(), minlength=5).to(DEVICE)  # counted independently
+    own = _fwd_bwd(f, x, w_gu, w_d, ids, tw, dy)
+    given = _fwd_bwd(lambda *a: f(*a, counts_E=counts), x, w_gu, w_d, ids, tw, dy)
+    for a, b in zip(own, given):
+        assert torch.equal(a, b)
+    tables = build_routing(ids, 5, 4, counts_E=counts)
+    assert all(torch.equal(a, b) for a, b in zip(tables[:-1], build_routing(ids, 5, 4)[:-1]))
+    with pytest.raises(ValueError, match="counts_E"):
+        build_routing(ids, 5, 4, counts_E=counts[:4])
+
+
 def test_forward_without_grad_and_input_checks():
     x, w_gu, w_d, ids, tw, _ = _make(5, 16, 16, 3, 2, seed=7)
     with torch.no_grad():
