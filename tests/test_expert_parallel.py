@@ -94,13 +94,14 @@ def _model_check(world, ep, backend, dp_group, ep_group):
 
     from moe import BailingMoeForCausalLM
     from moe.expert_parallel import apply_expert_parallel
+    from moe.heads import CHUNK_TOKENS, CrossEntropy
 
     rank, E, B, S = dist.get_rank(), 8, 2 * world, 12
     El = E // ep
     torch.manual_seed(0)
     model = BailingMoeForCausalLM(_model_cfg(E, backend))
     ids = torch.randint(0, 97, (B, S), generator=torch.Generator().manual_seed(2))
-    out = model(ids, labels=ids, return_logits=False)
+    out = model(ids, labels=ids, head=CrossEntropy(chunk_size=CHUNK_TOKENS))
     n = out.num_label_tokens
     (out.ce_sum / n + out.aux_loss).backward()
     ref = {k: p.grad.clone() for k, p in model.named_parameters()}
@@ -117,7 +118,8 @@ def _model_check(world, ep, backend, dp_group, ep_group):
         return c
 
     rows = slice(rank * 2, rank * 2 + 2)
-    o = ep_model(ids[rows], labels=ids[rows], return_logits=False, balance_counts_fn=all_ranks_counts)
+    o = ep_model(ids[rows], labels=ids[rows], head=CrossEntropy(chunk_size=CHUNK_TOKENS),
+                 balance_counts_fn=all_ranks_counts)
     # The trainer's normalisation: CE over the global token count, the router loss averaged over ranks.
     loss = o.ce_sum / n + o.aux_loss / world
     loss.backward()

@@ -14,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe import BailingMoeConfig, BailingMoeForCausalLM
+from moe.heads import CHUNK_TOKENS, CrossEntropy
 from kernels.routing import expert_counts
 from moe.router import kept_and_all_counts
 from tests.trainer_utils import TINY, run_inproc
@@ -98,7 +99,7 @@ def test_training_forward_and_backward_read_nothing_back(backend, aux):
     for inputs in (packed, padded):
         model.zero_grad()
         with ReadBacks() as rb:
-            out = model(ids, labels=labels, return_logits=False, **inputs,
+            out = model(ids, labels=labels, head=CrossEntropy(chunk_size=CHUNK_TOKENS), **inputs,
                         balance_counts_fn=(lambda c: c) if aux == "global" else None)
             (out.ce_sum + out.aux_loss).backward()
         assert not rb.ops, (backend, aux, sorted(inputs), dict(rb.ops))

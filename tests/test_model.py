@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from checkpoints_convert import load_hf
-from moe import BailingMoeConfig, BailingMoeForCausalLM, ConfigError
+from moe import BailingMoeConfig, BailingMoeForCausalLM, ConfigError, CrossEntropy, Logits, TokenLogps
 from moe.router import checkpoint_context_fn
 from tests.conftest import TINY_EXPECTED, TINY_HF
 
@@ -61,6 +61,40 @@ def test_packed_row_equals_separate_documents():
     # Backward through the block-diagonal mask works on CPU.
     out.logits[:, :12].sum().backward()
     assert model.model.word_embeddings.weight.grad is not None
+
+
+def test_heads_against_sums_of_the_plain_logits():
+    """Each head against numbers computed by hand from the logits of a plain forward: the label
+    tokens' log-probabilities one by one, their sum (the CE, chunked or not), the last position."""
+    torch.manual_seed(6)
+    model = BailingMoeForCausalLM(_tiny_cfg(aux_loss_alpha=0.01))
+    B, S = 2, 9
+    ids = torch.randint(0, 97, (B, S))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    labels[1, 7:] = -100
+    with torch.no_grad():
+        plain = model(ids)
+        logp = plain.logits.float().log_softmax(-1)
+        want = torch.zeros(B, S)  # position i is scored on labels[i + 1]; the last position on nothing
+        for b in range(B):
+            for i in range(S - 1):
+                if labels[b, i + 1] != -100:
+                    want[b, i] = logp[b, i, labels[b, i + 1]]
+        n = int((labels[:, 1:] != -100).sum())
+        outs = [model(ids, labels=labels, head=h) for h in (CrossEntropy(), CrossEntropy(chunk_size=5))]
+        for out, keeps_logits in zip(outs, (True, False)):
+            assert torch.allclose(out.ce_sum, -want.sum(), atol=1e-5)
+            assert int(out.num_label_tokens) == n and torch.allclose(out.loss, -want.sum() / n, atol=1e-6)
+            assert (out.logits is not None) == keeps_logits
+        logps = model(ids, labels=labels, head=TokenLogps(chunk_size=5))
+        assert torch.allclose(logps.token_logps, want, atol=1e-5)
+        last = model(ids, head=Logits(last_only=True)).logits
+        assert last.shape == (B, 1, 97) and torch.allclose(last, plain.logits[:, -1:], atol=1e-5)
+    # The router's part of the output comes from the trunk, whatever the head.
+    assert all(torch.equal(o.aux_loss, plain.aux_loss) for o in outs + [logps])
+    with pytest.raises(ValueError, match="needs labels"):
+        model(ids, head=TokenLogps())
 
 
 def test_backends_agree_in_outputs_and_gradients():

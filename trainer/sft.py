@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a file (torchrun trainer/sft.py): import
 
 import torch
 
+from moe.heads import CHUNK_TOKENS, CrossEntropy
 from trainer import parallel
 from trainer.errors import exit_on_error, finish_process
 from trainer.loop import MicroStep, StepContext, run
@@ -30,6 +31,9 @@ from trainer.options import SFT_SECTIONS, parse_options
 
 class SFTTask:
     name = "sft"
+    # The summed token CE, chunk by chunk: the step normalises it by the tokens of all ranks and
+    # micro-batches, and no [B, S, V] logits are kept.
+    head = CrossEntropy(chunk_size=CHUNK_TOKENS)
 
     def __init__(self):
         self.tokenizer = None
@@ -67,8 +71,7 @@ class SFTTask:
 
     def micro_step(self, ctx: StepContext, b) -> MicroStep:
         out = ctx.model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"],
-                        document_ids=b.get("document_ids"), return_logits=False,
-                        balance_counts_fn=ctx.balance_counts_fn)
+                        document_ids=b.get("document_ids"), head=self.head, balance_counts_fn=ctx.balance_counts_fn)
         aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=out.ce_sum.device)
         loss = out.ce_sum * ctx.info.world_size / ctx.totals["tokens"].to(out.ce_sum.dtype) + aux / ctx.accum
         docs = b.get("document_ids")
