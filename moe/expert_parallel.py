@@ -10,8 +10,9 @@ ep ranks in the EP group, El = E/ep experts per rank (rank r holds experts [r*El
 Forward of one MoE block on every rank of the group, in lockstep:
   1. route locally (the router runs before this module: its counts, balance losses and load
      metrics never see the dispatch, so they are those of a run without EP);
-  2. slots sorted by global expert id (stable); per-expert counts [E] exchanged with one
-     all_to_all_single (each rank receives, from every source, the counts of its own El experts);
+  2. slots sorted by global expert id (stable); per-expert counts [E] (the router's, over every
+     token) exchanged with one all_to_all_single (each rank receives, from every source, the counts
+     of its own El experts);
   3. the sorted rows all_to_all_single'd with variable splits: rank r receives, from each source
      in rank order, that source's rows for expert r*El, then r*El+1, ...;
   4. the local experts run on the received rows with the chosen backend (loop / torch / triton),
@@ -81,10 +82,11 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 
 
 class ExpertParallelExperts(nn.Module):
-    """GroupedExperts' forward (x_TH, topk_ids_TK with global ids, topk_weights_TK) -> y_TH with this
-    rank's El experts stored as ``w_gate_up`` [El, 2I, H] and ``w_down`` [El, H, I]: plain tensors, or
-    DTensors of global shape [E, ...] sharded Shard(0) over a 1-D ep mesh (what DCP and FSDP2 need;
-    ``apply_expert_parallel(..., mesh=...)`` makes them). Parameter names equal GroupedExperts'.
+    """GroupedExperts' forward (x_TH, topk_ids_TK with global ids, topk_weights_TK, counts_E) -> y_TH
+    with this rank's El experts stored as ``w_gate_up`` [El, 2I, H] and ``w_down`` [El, H, I]: plain
+    tensors, or DTensors of global shape [E, ...] sharded Shard(0) over a 1-D ep mesh (what DCP and
+    FSDP2 need; ``apply_expert_parallel(..., mesh=...)`` makes them). Parameter names equal
+    GroupedExperts'.
 
     ``grad_scale`` multiplies the weights' gradients: a data-parallel wrapper that averages expert
     gradients over the world/ep copies of an expert while the rest is averaged over all ranks sets
