@@ -10,8 +10,8 @@ events (median of --reps after --warmup), with their FLOPs:
     gate_up_fwd   2*N*H*2I    down_fwd   2*N*I*H      (forward)
     down_bwd      2*N*H*I     down_wgrad 2*N*H*I      gate_up_bwd_dx 2*N*2I*H   gate_up_wgrad 2*N*2I*H
 
-and the whole op (kernels.moe_mlp) is timed forward and forward+backward; "other" is the whole minus
-the kernels (routing tables, the fixed-order sums over K, casts). Every variant is first checked
+and the whole op (kernels.triton_moe_mlp) is timed forward and forward+backward; "other" is the
+whole minus the kernels (routing tables, the fixed-order sums over K, casts). Every variant is first checked
 against the fp32 loop reference (output and all gradients). --peers adds a torch.profiler breakdown of
 Liger's fused MoE and the grouped_mm MLP at the same inputs. Legend: T tokens, E experts, K top-k,
 H hidden, I expert width, N = T*K routed rows.
@@ -40,7 +40,7 @@ def _time(fn, reps, warmup):
 
 
 def kernel_calls(inputs):
-    """The six launchers as closures over one set of inputs, in the order moe_mlp runs them."""
+    """The six launchers as closures over one set of inputs, in the order triton_moe_mlp runs them."""
     from kernels import _grouped_gemm as gg
     from kernels.routing import build_routing
 

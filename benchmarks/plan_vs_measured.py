@@ -30,6 +30,7 @@ def _measure(ac: bool) -> dict:
     torch.set_num_threads(2)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     from moe.config import BailingMoeConfig
+    from moe.heads import CHUNK_TOKENS, CrossEntropy
     from moe.model import BailingMoeForCausalLM
     from moe.router import checkpoint_context_fn
     from torch.utils.checkpoint import checkpoint
@@ -43,7 +44,7 @@ def _measure(ac: bool) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, CFG["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     for _ in range(2):
-        out = model(ids, labels=ids, return_logits=False)
+        out = model(ids, labels=ids, head=CrossEntropy(chunk_size=CHUNK_TOKENS))
         (out.loss + out.aux_loss).backward()
         opt.step()
         opt.zero_grad(set_to_none=False)  # gradients stay allocated, as under FSDP

@@ -5,19 +5,19 @@ Legend used across the package: T tokens, E experts, K top-k, H hidden, I expert
 N = T*K routed rows; tensor-name suffixes spell shapes (x_TH, w_gate_up_E2IH, w_down_EHI).
 
 A leaf package: it imports torch and triton only. Importing it launches nothing, and the kernel
-modules are imported (their @triton.jit decoration run) only when ``kernels.moe_mlp`` is first used,
-so the model can use kernels.reference without deciding anything about Triton. To run the kernels on
-a CPU set TRITON_INTERPRET=1 before that first use.
+modules are imported (their @triton.jit decoration run) only when ``kernels.triton_moe_mlp`` is first
+used, so the model can use kernels.reference without deciding anything about Triton. To run the
+kernels on a CPU set TRITON_INTERPRET=1 before that first use.
 """
-from .routing import Routing, build_routing
+from .routing import RoutingTables, build_routing
 
-__all__ = ["moe_mlp", "build_routing", "Routing"]
+__all__ = ["triton_moe_mlp", "build_routing", "RoutingTables"]
 
 
 def __getattr__(name):
-    if name == "moe_mlp":  # the Triton op: imports triton (and decorates the kernels) on first use
-        from .moe_mlp import moe_mlp
+    if name == "triton_moe_mlp":  # the Triton op: imports triton (and decorates the kernels) on first use
+        from .moe_mlp import triton_moe_mlp
 
-        globals()["moe_mlp"] = moe_mlp  # the function, not the submodule the import bound to this name
-        return moe_mlp
+        globals()["triton_moe_mlp"] = triton_moe_mlp  # later lookups skip this hook
+        return triton_moe_mlp
     raise AttributeError(f"module 'kernels' has no attribute {name!r}")

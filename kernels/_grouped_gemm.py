@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .routing import Routing
+from .routing import RoutingTables
 
 __all__ = [
     "KernelConfig", "pick_config", "interpreter_active",
@@ -36,7 +36,7 @@ __all__ = [
 # ----------------------------------------------------------------------------- configs
 
 class KernelConfig(NamedTuple):
-    block_m: int      # rows per tile (must equal Routing.block_m)
+    block_m: int      # rows per tile (must equal RoutingTables.block_m)
     block_n: int      # output columns per program for the single-accumulator kernels
     block_n_gu: int   # output columns per program for gate_up (it carries two accumulators)
     block_n_dbwd: int  # output columns per program for down_bwd (its SwiGLU-backward epilogue is wide)
@@ -362,7 +362,7 @@ def _expert_wgrad_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _check_routing(routing: Routing, cfg: KernelConfig, n_rows: int) -> None:
+def _check_routing(routing: RoutingTables, cfg: KernelConfig, n_rows: int) -> None:
     if routing.block_m != cfg.block_m:
         raise ValueError(f"routing built for block_m={routing.block_m}, kernels use {cfg.block_m}")
     if routing.sorted_token_ids.numel() != n_rows:
@@ -397,13 +397,13 @@ def _check_interpreter_versions() -> None:
                            f"{numpy.__version__}: install triton>=3.7 (requirements.txt pins 3.7.1) or numpy<2.4")
 
 
-def _tile_launch(routing: Routing, n_cols: int, block_n: int, cfg: KernelConfig):
+def _tile_launch(routing: RoutingTables, n_cols: int, block_n: int, cfg: KernelConfig):
     """The 1-D grid of a row-tile kernel and its order arguments (N_TILES, N_COL_BLOCKS, TILE_ORDER)."""
     n_tiles, n_col_blocks = routing.tile_expert.numel(), triton.cdiv(n_cols, block_n)
     return (n_tiles * n_col_blocks,), dict(N_TILES=n_tiles, N_COL_BLOCKS=n_col_blocks, TILE_ORDER=cfg.tile_order)
 
 
-def gate_up_fwd(x_TH: torch.Tensor, w_gate_up_E2IH: torch.Tensor, routing: Routing,
+def gate_up_fwd(x_TH: torch.Tensor, w_gate_up_E2IH: torch.Tensor, routing: RoutingTables,
                 cfg: KernelConfig, save_preact: bool):
     """h_NI = silu(x[tok] @ Wg^T) * (x[tok] @ Wu^T) per sorted row; also gu_N2I = [g | u]
     when save_preact (the backward needs the pre-activation)."""
@@ -435,7 +435,7 @@ def gate_up_fwd(x_TH: torch.Tensor, w_gate_up_E2IH: torch.Tensor, routing: Routi
 
 
 def down_fwd(h_NI: torch.Tensor, w_down_EHI: torch.Tensor, topk_weights_N: torch.Tensor,
-             routing: Routing, cfg: KernelConfig) -> torch.Tensor:
+             routing: RoutingTables, cfg: KernelConfig) -> torch.Tensor:
     """o_NH[flat(r)] = topk_w[flat(r)] * h_r @ W_down[e]^T, in flat (t*K + k) order."""
     h_NI = h_NI.contiguous()
     w = w_down_EHI.contiguous()
@@ -466,7 +466,7 @@ def down_fwd(h_NI: torch.Tensor, w_down_EHI: torch.Tensor, topk_weights_N: torch
 
 
 def down_bwd(dy_TH: torch.Tensor, w_down_EHI: torch.Tensor, gu_N2I: torch.Tensor,
-             topk_weights_N: torch.Tensor, routing: Routing, cfg: KernelConfig, store_hw: bool = True):
+             topk_weights_N: torch.Tensor, routing: RoutingTables, cfg: KernelConfig, store_hw: bool = True):
     """Returns dgu_N2I (sorted rows, activation dtype), dtw_part_NB (fp32, flat rows, one column per
     I-block; the caller sums the columns in order to get d topk_weights) and hw_NI = topk_w * h
     (sorted rows, activation dtype; None unless store_hw), the operand of down_wgrad."""
@@ -501,7 +501,7 @@ def down_bwd(dy_TH: torch.Tensor, w_down_EHI: torch.Tensor, gu_N2I: torch.Tensor
     return dgu_N2I, dtw_part_NB, (hw_NI if store_hw else None)
 
 
-def gate_up_bwd_dx(dgu_N2I: torch.Tensor, w_gate_up_E2IH: torch.Tensor, routing: Routing,
+def gate_up_bwd_dx(dgu_N2I: torch.Tensor, w_gate_up_E2IH: torch.Tensor, routing: RoutingTables,
                    cfg: KernelConfig) -> torch.Tensor:
     """dx_NH[flat(r)] = [dg_r | du_r] @ W_gate_up[e] (reduction over 2I), flat order."""
     dgu_N2I = dgu_N2I.contiguous()
@@ -547,7 +547,7 @@ def _wgrad_launch(a, b, out, routing, cfg, M, N, a_gather, b_gather):
     return out
 
 
-def down_wgrad(dy_TH: torch.Tensor, hw_NI: torch.Tensor, routing: Routing, cfg: KernelConfig,
+def down_wgrad(dy_TH: torch.Tensor, hw_NI: torch.Tensor, routing: RoutingTables, cfg: KernelConfig,
                num_experts: int, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """dW_down[e] = sum_r dy[tok_r]^T hw_r with hw_r = topk_w_r * h_r from down_bwd. [E, H, I]."""
     dy_TH = dy_TH.contiguous()
@@ -562,7 +562,7 @@ def down_wgrad(dy_TH: torch.Tensor, hw_NI: torch.Tensor, routing: Routing, cfg: 
     return _wgrad_launch(dy_TH, hw_NI, out, routing, cfg, H, I, a_gather=True, b_gather=False)
 
 
-def gate_up_wgrad(dgu_N2I: torch.Tensor, x_TH: torch.Tensor, routing: Routing,
+def gate_up_wgrad(dgu_N2I: torch.Tensor, x_TH: torch.Tensor, routing: RoutingTables,
                   cfg: KernelConfig, num_experts: int,
                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """dW_gate_up[e] = sum_r [dg_r | du_r]^T x[tok_r]. [E, 2I, H]."""

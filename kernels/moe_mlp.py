@@ -25,12 +25,12 @@ from __future__ import annotations
 import torch
 
 from . import _grouped_gemm as gg
-from .routing import Routing, build_routing
+from .routing import RoutingTables, build_routing
 
-__all__ = ["moe_mlp"]
+__all__ = ["triton_moe_mlp"]
 
 
-def _check_inputs(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK):
+def _check_inputs(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK, counts_E):
     if x_TH.dim() != 2:
         raise ValueError(f"x must be [T, H], got {tuple(x_TH.shape)}")
     T, H = x_TH.shape
@@ -52,11 +52,13 @@ def _check_inputs(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK
                         f"{w_gate_up_E2IH.dtype}, {w_down_EHI.dtype}")
     if x_TH.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"unsupported dtype {x_TH.dtype}")
+    if counts_E is not None and tuple(counts_E.shape) != (E,):
+        raise ValueError(f"counts_E must be [{E}], got {tuple(counts_E.shape)}")
 
 
 class _MoEMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK):
+    def forward(ctx, x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK, counts_E):
         T, H = x_TH.shape
         K = topk_ids_TK.shape[1]
         E = w_gate_up_E2IH.shape[0]
@@ -65,7 +67,7 @@ class _MoEMLPFunction(torch.autograd.Function):
         w_down_EHI = w_down_EHI.contiguous()
         tw_N = topk_weights_TK.contiguous().reshape(-1)
         cfg = gg.pick_config(T * K, E, x_TH.dtype)
-        routing = build_routing(topk_ids_TK, E, cfg.block_m)
+        routing = build_routing(topk_ids_TK, E, cfg.block_m, counts_E)
         needs_grad = any(ctx.needs_input_grad)
         h_NI, gu_N2I = gg.gate_up_fwd(x_TH, w_gate_up_E2IH, routing, cfg, save_preact=needs_grad)
         o_NH = gg.down_fwd(h_NI, w_down_EHI, tw_N, routing, cfg)
@@ -83,10 +85,10 @@ class _MoEMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_TH):
         x_TH, w_gate_up_E2IH, w_down_EHI, tw_N, gu_N2I, *tables = ctx.saved_tensors
-        routing = Routing(*tables, ctx.block_m)
+        routing = RoutingTables(*tables, ctx.block_m)
         cfg = ctx.cfg
         T, K, E, H = ctx.shape
-        need_x, need_wgu, need_wd, _, need_tw = ctx.needs_input_grad
+        need_x, need_wgu, need_wd, _, need_tw, _ = ctx.needs_input_grad
         dy_TH = dy_TH.to(x_TH.dtype).contiguous()
 
         dx = dwgu = dwd = dtw = None
@@ -104,17 +106,18 @@ class _MoEMLPFunction(torch.autograd.Function):
         if need_wgu:
             dwgu = gg.gate_up_wgrad(dgu_N2I, x_TH, routing, cfg, E,
                                     out_dtype=w_gate_up_E2IH.dtype)
-        return dx, dwgu, dwd, None, dtw
+        return dx, dwgu, dwd, None, dtw, None
 
 
-def moe_mlp(x, w_gate_up, w_down, topk_ids, topk_weights):
+def triton_moe_mlp(x, w_gate_up, w_down, topk_ids, topk_weights, counts_E=None):
     """y[t] = sum_k topk_weights[t,k] * down_e(silu(gate_e x_t) * up_e x_t), e = topk_ids[t,k].
 
     x [T, H]; w_gate_up [E, 2I, H] (rows [:I] gate_proj, [I:] up_proj, nn.Linear layout);
-    w_down [E, H, I]; topk_ids [T, K] int32/int64 in [0, E); topk_weights [T, K] float.
+    w_down [E, H, I]; topk_ids [T, K] int32/int64 in [0, E); topk_weights [T, K] float;
+    counts_E [E] rows per expert when the caller has counted them (see build_routing), else None.
     Returns y [T, H] in x's dtype. Differentiable in x, w_gate_up, w_down, topk_weights.
     Runs on CUDA, or on CPU under TRITON_INTERPRET=1. No host synchronisation anywhere, so
     forward and backward can be captured in a CUDA graph.
     """
-    _check_inputs(x, w_gate_up, w_down, topk_ids, topk_weights)
-    return _MoEMLPFunction.apply(x, w_gate_up, w_down, topk_ids, topk_weights)
+    _check_inputs(x, w_gate_up, w_down, topk_ids, topk_weights, counts_E)
+    return _MoEMLPFunction.apply(x, w_gate_up, w_down, topk_ids, topk_weights, counts_E)

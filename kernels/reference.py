@@ -24,14 +24,16 @@ import torch.nn.functional as F
 
 from .routing import expert_counts
 
-__all__ = ["moe_mlp", "grouped_mm_moe_mlp", "grouped_mm_available"]
+__all__ = ["loop_moe_mlp", "grouped_mm_moe_mlp", "grouped_mm_available"]
 
 
-def moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK):
+def loop_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK, counts_E=None):
     """Per-expert loop: the most obvious correct implementation, kept deliberately simple.
 
     It uses only indexing, matmul and index_add, none of which share code with the Triton path or
     the grouped path. The loop over experts is a Python loop with a data-dependent gather (host sync).
+    ``counts_E`` is accepted for the backends' common signature and not used: the loop finds each
+    expert's rows itself.
     """
     T, H = x_TH.shape
     I = w_gate_up_E2IH.shape[1] // 2
@@ -85,17 +87,20 @@ def _grouped_matmul(x_NK: torch.Tensor, w_EKO: torch.Tensor, counts_E: torch.Ten
     return torch.cat([p @ w_EKO[e] for e, p in enumerate(pieces)]) if pieces else x_NK.new_zeros(0, w_EKO.shape[-1])
 
 
-def grouped_mm_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK):
+def grouped_mm_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK, counts_E=None):
     """Routed slots sorted by expert once, then two grouped GEMMs (torch._grouped_mm where this
     build runs it for the device and dtype, else one matmul per expert segment). The K outputs of a
-    token are combined by an unsort and a sum in a fixed order: deterministic, no index_add atomics."""
+    token are combined by an unsort and a sum in a fixed order: deterministic, no index_add atomics.
+    ``counts_E`` [E]: slots per expert (``expert_counts(topk_ids_TK, E)``) when the caller has them;
+    None counts here."""
     T, H = x_TH.shape
     E, I2, _ = w_gate_up_E2IH.shape
     K = topk_ids_TK.shape[1]
     I = I2 // 2
     flat = topk_ids_TK.reshape(-1)
     order = torch.argsort(flat, stable=True)  # slot index (t*K + k) in expert order
-    counts = expert_counts(topk_ids_TK, E)  # with _grouped_mm, the whole MLP runs without a host sync
+    # with _grouped_mm, the whole MLP runs without a host sync
+    counts = expert_counts(topk_ids_TK, E) if counts_E is None else counts_E
     offs = torch.cumsum(counts, 0).to(torch.int32)
     xs = x_TH[order // K]
     gu = _grouped_matmul(xs, w_gate_up_E2IH.transpose(1, 2), counts, offs)

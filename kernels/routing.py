@@ -14,10 +14,10 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Routing", "build_routing", "expert_counts", "max_tiles"]
+__all__ = ["RoutingTables", "build_routing", "expert_counts", "max_tiles"]
 
 
-class Routing(NamedTuple):
+class RoutingTables(NamedTuple):
     """Rows of the routed problem sorted by expert (stable, so ties keep (token, k) order).
 
     sorted_token_ids: [N] int32, token index t feeding sorted row r.
@@ -49,26 +49,26 @@ def max_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
     return -(-num_rows // block_m) + min(num_experts, num_rows)
 
 
-def expert_counts(topk_ids_TK: torch.Tensor, num_experts: int, token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
-    """int64 [E]: routed slots per expert over the tokens the mask keeps (all when it is None).
+def expert_counts(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 [E]: routed slots per expert (ids in [0, num_experts), any shape).
 
     An integer scatter-add into a fixed-size output, which reads nothing back to the host (exact
     whatever order the atomics land in). ``torch.bincount`` on CUDA copies the input's min and max
-    to the host to size its output, and ``topk_ids[mask]`` needs the mask's nonzero count: either
-    would stall every MoE layer's forward (and its recompute) until the GPU caught up."""
+    to the host to size its output: that would stall every MoE layer's forward (and its recompute)
+    until the GPU caught up."""
     ids = topk_ids_TK.reshape(-1).to(torch.int64)
-    if token_mask_T is None:
-        ones = torch.ones_like(ids)
-    else:
-        ones = token_mask_T.reshape(-1, 1).expand(topk_ids_TK.shape).reshape(-1).to(torch.int64)
-    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, ones)
+    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
 
 
-def build_routing(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Routing:
+def build_routing(topk_ids: torch.Tensor, num_experts: int, block_m: int,
+                  counts_E: torch.Tensor | None = None) -> RoutingTables:
     """Sort the N = T*K routed rows by expert and build the per-tile table.
 
     topk_ids: [T, K] int32 or int64 with values in [0, num_experts). Values outside that range
     are not checked (checking would need a host sync); they fail inside scatter_add_.
+    counts_E: [E] integer rows per expert, ``expert_counts(topk_ids, num_experts)``, when the caller
+    has it already (the model's router counts once per layer); None counts here. It is trusted, not
+    compared with topk_ids: the comparison would cost the count it saves.
     """
     if topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be [T, K], got shape {tuple(topk_ids.shape)}")
@@ -76,6 +76,8 @@ def build_routing(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Rou
         raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
     if block_m <= 0 or num_experts <= 0:
         raise ValueError("block_m and num_experts must be positive")
+    if counts_E is not None and tuple(counts_E.shape) != (num_experts,):
+        raise ValueError(f"counts_E must be [{num_experts}], got shape {tuple(counts_E.shape)}")
     dev = topk_ids.device
     top_k = topk_ids.shape[1]
     ids_N = topk_ids.reshape(-1).to(torch.int64)
@@ -85,7 +87,7 @@ def build_routing(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Rou
     # therefore every reduction over an expert's rows, reproducible run to run.
     _, order_N = torch.sort(ids_N, stable=True)
 
-    counts_E = expert_counts(topk_ids, num_experts)
+    counts_E = expert_counts(topk_ids, num_experts) if counts_E is None else counts_E.to(torch.int64)
     offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev)
     offsets_E1[1:] = torch.cumsum(counts_E, 0)
 
@@ -103,7 +105,7 @@ def build_routing(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Rou
     tile_expert_M = torch.where(valid_M, e_M, torch.full_like(e_M, -1))
     tile_row_start_M = torch.where(valid_M, row_start_M, torch.zeros_like(row_start_M))
 
-    return Routing(
+    return RoutingTables(
         sorted_token_ids=torch.div(order_N, top_k, rounding_mode="floor").to(torch.int32),
         sorted_flat_ids=order_N.to(torch.int32),
         expert_counts=counts_E.to(torch.int32),

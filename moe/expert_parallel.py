@@ -10,8 +10,9 @@ ep ranks in the EP group, El = E/ep experts per rank (rank r holds experts [r*El
 Forward of one MoE block on every rank of the group, in lockstep:
   1. route locally (the router runs before this module: its counts, balance losses and load
      metrics never see the dispatch, so they are those of a run without EP);
-  2. slots sorted by global expert id (stable); per-expert counts [E] exchanged with one
-     all_to_all_single (each rank receives, from every source, the counts of its own El experts);
+  2. slots sorted by global expert id (stable); per-expert counts [E] (the router's, over every
+     token) exchanged with one all_to_all_single (each rank receives, from every source, the counts
+     of its own El experts);
   3. the sorted rows all_to_all_single'd with variable splits: rank r receives, from each source
      in rank order, that source's rows for expert r*El, then r*El+1, ...;
   4. the local experts run on the received rows with the chosen backend (loop / torch / triton),
@@ -32,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from kernels.routing import expert_counts
 from moe.experts import BACKENDS, GroupedExperts
 
 __all__ = ["ExpertParallelExperts", "all_to_all", "apply_expert_parallel"]
@@ -80,10 +82,11 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 
 
 class ExpertParallelExperts(nn.Module):
-    """GroupedExperts' forward (x_TH, topk_ids_TK with global ids, topk_weights_TK) -> y_TH with this
-    rank's El experts stored as ``w_gate_up`` [El, 2I, H] and ``w_down`` [El, H, I]: plain tensors, or
-    DTensors of global shape [E, ...] sharded Shard(0) over a 1-D ep mesh (what DCP and FSDP2 need;
-    ``apply_expert_parallel(..., mesh=...)`` makes them). Parameter names equal GroupedExperts'.
+    """GroupedExperts' forward (x_TH, topk_ids_TK with global ids, topk_weights_TK, counts_E) -> y_TH
+    with this rank's El experts stored as ``w_gate_up`` [El, 2I, H] and ``w_down`` [El, H, I]: plain
+    tensors, or DTensors of global shape [E, ...] sharded Shard(0) over a 1-D ep mesh (what DCP and
+    FSDP2 need; ``apply_expert_parallel(..., mesh=...)`` makes them). Parameter names equal
+    GroupedExperts'.
 
     ``grad_scale`` multiplies the weights' gradients: a data-parallel wrapper that averages expert
     gradients over the world/ep copies of an expert while the rest is averaged over all ranks sets
@@ -107,7 +110,8 @@ class ExpertParallelExperts(nn.Module):
     # Eager: split sizes come to the host and the collectives run in order on every rank; a compiled
     # block breaks its graph around this module.
     @torch.compiler.disable
-    def forward(self, x_TH, topk_ids_TK, topk_weights_TK):
+    def forward(self, x_TH, topk_ids_TK, topk_weights_TK, counts_E=None):
+        """counts_E [E]: slots per global expert over all T tokens when the router has them, else None."""
         T, H = x_TH.shape
         K = topk_ids_TK.shape[1]
         E, ep = self.num_experts, self.ep
@@ -118,7 +122,8 @@ class ExpertParallelExperts(nn.Module):
         # 2. slots in global expert order; counts over ALL tokens (padding is computed too, as without EP)
         flat = topk_ids_TK.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts_E = torch.bincount(flat, minlength=E)
+        if counts_E is None:
+            counts_E = expert_counts(topk_ids_TK, E)
         recv_counts = torch.empty_like(counts_E)
         dist.all_to_all_single(recv_counts, counts_E, group=self.group)  # [ep * El]: source-major
         # One host copy of every split this block needs.
@@ -137,7 +142,8 @@ class ExpertParallelExperts(nn.Module):
                 recv_counts, output_size=recv_x.shape[0])
             ones = torch.ones(recv_x.shape[0], 1, dtype=x_TH.dtype if self.backend == "triton" else torch.float32,
                               device=x_TH.device)
-            out = BACKENDS[self.backend](recv_x, w_gu, w_d, local_ids[:, None], ones)
+            # The received rows per local expert are already known: no second count.
+            out = BACKENDS[self.backend](recv_x, w_gu, w_d, local_ids[:, None], ones, recv_counts.view(ep, El).sum(0))
         # 5. back home, unsorted to (token, slot), weighted in fp32 and summed over slots in order
         back = all_to_all(out, send_splits, recv_splits, self.group)
         slots = torch.empty_like(back).index_copy(0, order, back)

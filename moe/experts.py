@@ -6,12 +6,12 @@ Legend: T tokens, E experts, K experts per token, H hidden size, I expert width.
 y[t] = sum_k w[t,k] * down_e(silu(gate_e x_t) * up_e x_t), e = topk_ids[t,k].
 
 Backends (all give the same outputs):
-  "loop"   one masked pass per expert: the plain reference (kernels.reference.moe_mlp).
+  "loop"   one masked pass per expert: the plain reference (kernels.reference.loop_moe_mlp).
   "torch"  tokens sorted by expert once, then two grouped GEMMs (torch._grouped_mm where the build
            supports the device/dtype, else one matmul per contiguous expert segment); the K outputs
            of a token are combined by an unsort and a sum in a fixed order, so results are
            deterministic (kernels.reference.grouped_mm_moe_mlp, the function the kernel bench times).
-  "triton" our Triton kernels (kernels.moe_mlp), on GPU or under the Triton interpreter.
+  "triton" our Triton kernels (kernels.triton_moe_mlp), on GPU or under the Triton interpreter.
 The plain-PyTorch backends live in kernels/reference.py (which imports no kernel), so that the kernel
 bench times exactly these functions while kernels/ stays a leaf.
 """
@@ -20,17 +20,17 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from kernels.reference import grouped_mm_moe_mlp, moe_mlp as loop_moe_mlp
+from kernels.reference import grouped_mm_moe_mlp, loop_moe_mlp
 
 
 @torch.compiler.disable  # our kernels run eagerly; a compiled block breaks its graph around them
-def triton_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK):
+def _eager_triton_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK, counts_E=None):
     import kernels  # imported lazily: Triton is needed only by this backend
 
-    return kernels.moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK)
+    return kernels.triton_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK, counts_E)
 
 
-BACKENDS = {"loop": loop_moe_mlp, "torch": grouped_mm_moe_mlp, "triton": triton_moe_mlp}
+BACKENDS = {"loop": loop_moe_mlp, "torch": grouped_mm_moe_mlp, "triton": _eager_triton_moe_mlp}
 
 
 class GroupedExperts(nn.Module):
@@ -42,6 +42,8 @@ class GroupedExperts(nn.Module):
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def forward(self, x_TH, topk_ids_TK, topk_weights_TK):
+    def forward(self, x_TH, topk_ids_TK, topk_weights_TK, counts_E=None):
+        """counts_E [E]: slots per expert over all T tokens, when the router has counted them (the
+        backends then skip their own count); None lets the backend count."""
         w = topk_weights_TK.to(x_TH.dtype) if self.backend == "triton" else topk_weights_TK
-        return BACKENDS[self.backend](x_TH, self.w_gate_up, self.w_down, topk_ids_TK, w)
+        return BACKENDS[self.backend](x_TH, self.w_gate_up, self.w_down, topk_ids_TK, w, counts_E)

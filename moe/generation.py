@@ -25,6 +25,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from moe.heads import Logits
+
 
 class KVCache:
     """Per-layer keys and values [B, kv_heads, max_len, D], filled left to right.
@@ -146,16 +148,17 @@ def generate_stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         eos_t = torch.tensor(eos, dtype=torch.long, device=device)
         new: list[list[int]] = [[] for _ in range(B)]
         ids, feed = input_ids, input_ids  # the sequence so far, and what the next forward runs
+        last = Logits(last_only=True)  # the next token needs the last position's logits only
         for t in range(max_new_tokens):
             L = S + t
             if use_cache:
                 logits = model(feed, attention_mask=full_mask[:, :L] if padded else None, position_ids=pos,
-                               kv_cache=cache).logits[:, -1]
+                               kv_cache=cache, head=last).logits[:, -1]
             elif padded:
                 all_pos = (full_mask[:, :L].cumsum(1) - 1).clamp_min(0)
-                logits = model(ids, attention_mask=full_mask[:, :L], position_ids=all_pos).logits[:, -1]
+                logits = model(ids, attention_mask=full_mask[:, :L], position_ids=all_pos, head=last).logits[:, -1]
             else:
-                logits = model(ids).logits[:, -1]
+                logits = model(ids, head=last).logits[:, -1]
             tok = next_tokens(logits, do_sample, temperature, top_k, top_p, generator)
             tok = torch.where(ended, torch.full_like(tok, pad), tok)
             now_ended = (ended | torch.isin(tok, eos_t)) if eos else ended.clone()

@@ -14,12 +14,23 @@ built once per forward and shared by every layer.
 
 Incremental decoding passes a ``kv_cache`` (moe.generation.KVCache): each attention layer appends its
 new keys/values (after RoPE) to the cache and attends over everything cached; see moe.generation.
+
+A forward is the trunk, then a head. The trunk (BailingMoeModel.forward: embeddings, decoder
+layers, final norm) gives the hidden states and each MoE layer's router statistics; the head
+(moe.heads: Logits, CrossEntropy, TokenLogps) turns the hidden states into what the caller asked
+for; the forward adds the router's loss and counts. The head is an argument of the one forward,
+not a method of its own, because of FSDP2 (trainer/parallel.py): the root module's parameters
+(embeddings, final norm, lm_head) are gathered by hooks on the root's forward() and on nothing else.
+A ``model.token_logps(...)`` method would read them sharded unless every such method were
+registered with torch.distributed.fsdp.register_fsdp_forward_method, and a trunk and a head called
+one after the other from outside would be two root forwards for one step. Decoder blocks are
+untouched by this, so activation checkpointing and torch.compile wrap them as before.
 """
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -28,8 +39,8 @@ import torch.nn.functional as F
 
 from moe.config import BailingMoeConfig
 from moe.experts import GroupedExperts
-from moe.losses import (chunked_cross_entropy_sum, chunked_token_logps, load_balancing_loss, router_z_loss,
-                        sequence_load_balancing_loss)
+from moe.heads import CausalLMOutput, CrossEntropy, Head, Logits
+from moe.losses import load_balancing_loss, router_z_loss, sequence_load_balancing_loss
 from moe.router import TopKRouter
 
 
@@ -48,19 +59,6 @@ class MoEStats:
 # A pytree node, so wrappers that walk a block's outputs (FSDP2's pre-backward hooks, checkpointing)
 # see these tensors: gradients of the router losses reach a block through them.
 torch.utils._pytree.register_dataclass(MoEStats)
-
-
-@dataclass
-class CausalLMOutput:
-    logits: torch.Tensor | None = None
-    loss: torch.Tensor | None = None  # ce_sum / num_label_tokens
-    ce_sum: torch.Tensor | None = None  # summed token cross entropy (trainers normalise globally)
-    num_label_tokens: torch.Tensor | None = None
-    token_logps: torch.Tensor | None = None  # [B, S] fp32 log p(labels[i+1] | ..i), 0 where ignored
-    aux_loss: torch.Tensor | None = None  # weighted balance loss (summed over MoE layers) + z-loss
-    router_logits: dict[int, torch.Tensor] = field(default_factory=dict)
-    topk_ids: dict[int, torch.Tensor] = field(default_factory=dict)
-    expert_counts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E] int64
 
 
 class RMSNorm(nn.Module):
@@ -202,7 +200,7 @@ class MoEBlock(nn.Module):
         x = x_BSH.reshape(B * S, H)
         mask_T = None if token_mask_BS is None else token_mask_BS.reshape(-1)
         r = self.gate(x, mask_T)
-        y = self.experts(x, r.topk_ids_TK, r.topk_weights_TK)
+        y = self.experts(x, r.topk_ids_TK, r.topk_weights_TK, r.all_counts_E)  # the router's one count
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         if not router_stats:  # decoding: no router losses, and a step costs a few ops less
@@ -271,12 +269,59 @@ def build_cached_attention_mask(S: int, past: int, device, attention_mask=None):
     return allowed[:, None]
 
 
+def token_and_attention_masks(cfg: BailingMoeConfig, B: int, S: int, device, attention_mask=None,
+                              document_ids=None, kv_cache=None):
+    """(token_mask, attn_mask) of a forward. token_mask [B, S] bool: the tokens the router statistics
+    count (None = all); attn_mask: None (plain causal), a boolean [B, 1, S, keys] or a flex BlockMask."""
+    if kv_cache is not None:
+        if document_ids is not None or cfg.attn_implementation == "flex":
+            raise ValueError("kv_cache works with SDPA attention over unpacked rows (no document_ids, no flex)")
+        return None, build_cached_attention_mask(S, kv_cache.length, device, attention_mask)  # decoding keeps no stats
+    token_mask = None
+    if document_ids is not None:
+        token_mask = document_ids >= 0
+    if attention_mask is not None:
+        token_mask = attention_mask.bool() if token_mask is None else token_mask & attention_mask.bool()
+    if attention_kind(cfg.attn_implementation, device.type, document_ids is not None) == "flex":
+        return token_mask, build_flex_block_mask(B, S, device, attention_mask, document_ids)
+    return token_mask, build_attention_mask(B, S, device, attention_mask, document_ids)
+
+
 class BailingMoeModel(nn.Module):
+    """The trunk: embeddings, decoder layers, final norm."""
+
     def __init__(self, cfg: BailingMoeConfig):
         super().__init__()
+        self.config = cfg
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                kv_cache=None, output_router_logits: bool = False) -> tuple[torch.Tensor, dict[int, MoEStats]]:
+        """The final hidden states [B, S, H] (after the norm) and each MoE layer's router statistics
+        by layer index (none while decoding). Arguments as BailingMoeForCausalLM.forward's."""
+        cfg = self.config
+        B, S = input_ids.shape
+        dev = input_ids.device
+        token_mask, attn_mask = token_and_attention_masks(cfg, B, S, dev, attention_mask, document_ids, kv_cache)
+        if position_ids is None:
+            past = 0 if kv_cache is None else kv_cache.length
+            position_ids = torch.arange(past, past + S, device=dev)[None].expand(B, S)
+        h = self.word_embeddings(input_ids)
+        rope = tuple(t[:, :, None] for t in rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype))
+        stats: dict[int, MoEStats] = {}
+        for layer in self.layers:
+            if kv_cache is None:  # (wrappers such as activation checkpointing see the training signature)
+                h, st = layer(h, rope, attn_mask, token_mask, output_router_logits)
+            else:
+                h, st = layer(h, rope, attn_mask, token_mask, output_router_logits, kv_cache=kv_cache)
+            if st is not None:
+                stats[layer.layer_idx] = st
+        if kv_cache is not None:
+            kv_cache.advance(S)
+        return self.norm(h), stats
 
 
 def initial_value(name: str, shape: tuple[int, ...], cfg: BailingMoeConfig, seed: int) -> torch.Tensor:
@@ -320,75 +365,27 @@ class BailingMoeForCausalLM(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None, output_router_logits: bool = False,
-                return_logits: bool = True, balance_counts_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                ce_chunk_size: int | None = None, return_token_logps: bool = False,
-                kv_cache=None) -> CausalLMOutput:
-        """
+                document_ids: torch.Tensor | None = None, *, head: Head | None = None, kv_cache=None,
+                balance_counts_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                output_router_logits: bool = False) -> CausalLMOutput:
+        """The trunk over the tokens, then ``head`` (moe.heads), then the router's loss and counts.
+
         input_ids [B, S]; attention_mask [B, S] (1 = real token) and/or document_ids [B, S] (packed
         rows, -1 = padding); position_ids [B, S] (default 0..S-1); labels [B, S] unshifted, -100 =
-        ignored (position i's logits predict labels[i+1]).
-        return_logits=False skips the [B, S, V] logits and computes the loss chunk by chunk.
+        ignored (position i's logits predict labels[i+1]), for the heads that need them.
+        head: default Logits() without labels, CrossEntropy() (logits and mean loss) with them.
+        kv_cache (moe.generation.KVCache) decodes incrementally: input_ids are the tokens after the
+        ``kv_cache.length`` cached ones, attention_mask [B, cached + S] covers both, position_ids
+        default to cached..cached+S-1; the cache grows by S. Decoding keeps no router statistics.
         balance_counts_fn (aux_loss_type 'global') maps the local expert counts [L_moe, E] to the counts
         the balance loss uses: the trainer's sums them over data-parallel ranks and over the step's
         micro-batches so far (moe.losses.CarriedCounts); without one, 'global' counts locally.
-        return_token_logps (with labels) gives per-token label log-probs instead of the loss (DPO).
-        kv_cache (moe.generation.KVCache) decodes incrementally: input_ids are the tokens after the
-        ``kv_cache.length`` cached ones, attention_mask [B, cached + S] covers both, position_ids
-        default to cached..cached+S-1; the cache grows by S.
+        output_router_logits adds each MoE layer's router logits and top-k ids to the output.
         """
-        cfg = self.config
-        B, S = input_ids.shape
-        dev = input_ids.device
-        past = 0 if kv_cache is None else kv_cache.length
-        if kv_cache is not None and (document_ids is not None or cfg.attn_implementation == "flex"):
-            raise ValueError("kv_cache works with SDPA attention over unpacked rows (no document_ids, no flex)")
-        if position_ids is None:
-            position_ids = torch.arange(past, past + S, device=dev)[None].expand(B, S)
-        token_mask = None  # which tokens the router statistics count (none are kept while decoding)
-        if document_ids is not None:
-            token_mask = document_ids >= 0
-        if attention_mask is not None and kv_cache is None:
-            token_mask = attention_mask.bool() if token_mask is None else token_mask & attention_mask.bool()
-        if kv_cache is not None:
-            attn_mask = build_cached_attention_mask(S, past, dev, attention_mask)
-        elif attention_kind(cfg.attn_implementation, dev.type, document_ids is not None) == "flex":
-            attn_mask = build_flex_block_mask(B, S, dev, attention_mask, document_ids)
-        else:
-            attn_mask = build_attention_mask(B, S, dev, attention_mask, document_ids)
-
-        h = self.model.word_embeddings(input_ids)
-        rope = tuple(t[:, :, None] for t in rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype))
-        stats: dict[int, MoEStats] = {}
-        for layer in self.model.layers:
-            if kv_cache is None:  # (wrappers such as activation checkpointing see the training signature)
-                h, st = layer(h, rope, attn_mask, token_mask, output_router_logits)
-            else:
-                h, st = layer(h, rope, attn_mask, token_mask, output_router_logits, kv_cache=kv_cache)
-            if st is not None:
-                stats[layer.layer_idx] = st
-        if kv_cache is not None:
-            kv_cache.advance(S)
-        h = self.model.norm(h)
-
-        out = CausalLMOutput()
-        w_head = self.lm_head.weight
-        if cfg.norm_head:
-            w_head = w_head / w_head.norm(dim=0, keepdim=True).clamp_min(1e-7)
-        if return_logits or labels is None:
-            out.logits = F.linear(h, w_head)
-        if labels is not None and return_token_logps:
-            shifted = torch.cat([labels[:, 1:], labels.new_full((B, 1), -100)], dim=1).reshape(-1)
-            out.token_logps = chunked_token_logps(h.reshape(B * S, -1), w_head, shifted, ce_chunk_size or 4096).view(B, S).clone()  # FSDP2 hooks outputs; a view would lose it
-        elif labels is not None:
-            shifted = torch.cat([labels[:, 1:], labels.new_full((B, 1), -100)], dim=1).reshape(-1)
-            if out.logits is not None and ce_chunk_size is None:
-                out.ce_sum = F.cross_entropy(out.logits.reshape(B * S, -1).float(), shifted,
-                                             ignore_index=-100, reduction="sum")
-            else:
-                out.ce_sum = chunked_cross_entropy_sum(h.reshape(B * S, -1), w_head, shifted, ce_chunk_size or 4096)
-            out.num_label_tokens = (shifted != -100).sum()
-            out.loss = out.ce_sum / out.num_label_tokens.clamp_min(1)
+        if head is None:
+            head = Logits() if labels is None else CrossEntropy()
+        h, stats = self.model(input_ids, attention_mask, position_ids, document_ids, kv_cache, output_router_logits)
+        out = head(h, self._head_weight(), labels)
         if stats:
             out.aux_loss = self._router_loss(stats, balance_counts_fn)
             out.expert_counts = {i: s.counts_E for i, s in stats.items()}
@@ -396,6 +393,12 @@ class BailingMoeForCausalLM(nn.Module):
                 out.router_logits = {i: s.logits for i, s in stats.items()}
                 out.topk_ids = {i: s.topk_ids for i, s in stats.items()}
         return out
+
+    def _head_weight(self) -> torch.Tensor:
+        w = self.lm_head.weight
+        if self.config.norm_head:  # the reference normalises each hidden dimension's column
+            w = w / w.norm(dim=0, keepdim=True).clamp_min(1e-7)
+        return w
 
     def _router_loss(self, stats: dict[int, MoEStats], balance_counts_fn) -> torch.Tensor:
         cfg = self.config

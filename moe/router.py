@@ -22,12 +22,28 @@ from kernels.routing import expert_counts
 
 
 @dataclass
-class Routing:
+class RouterOutput:
     logits_TE: torch.Tensor  # router logits in the input dtype (what the reference returns)
     probs_TE: torch.Tensor  # fp32 softmax over all E experts
     topk_ids_TK: torch.Tensor  # int64 expert ids, ordered by probability (descending)
     topk_weights_TK: torch.Tensor  # fp32 combine weights (renormalised when norm_topk_prob)
-    counts_E: torch.Tensor  # int64 tokens routed to each expert (over the tokens given)
+    counts_E: torch.Tensor  # int64 slots routed to each expert over the kept tokens (balance loss, load)
+    all_counts_E: torch.Tensor  # int64 slots per expert over every token, padding too (the experts' tables)
+
+
+def kept_and_all_counts(topk_ids_TK: torch.Tensor, num_experts: int,
+                        token_mask_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routed slots per expert over the kept tokens and over all tokens, int64 [E] each, from ONE
+    histogram. The experts compute every routed row, padding too, so their sorted tables need the
+    second, while the router statistics count real tokens only. A dropped token's slots go to bins
+    E..2E-1 of a [2E] histogram: kept = bins[:E], all = kept + bins[E:]. Without a mask the two
+    are the same tensor."""
+    if token_mask_T is None:
+        counts = expert_counts(topk_ids_TK, num_experts)
+        return counts, counts
+    dropped_T1 = (~token_mask_T.bool()).reshape(-1, 1).to(topk_ids_TK.dtype)
+    both = expert_counts(topk_ids_TK + num_experts * dropped_T1, 2 * num_experts).view(2, num_experts)
+    return both[0], both[0] + both[1]
 
 
 class TopKRouter(nn.Module):
@@ -39,7 +55,7 @@ class TopKRouter(nn.Module):
         self._mode: str | None = None
         self._saved: deque[torch.Tensor] = deque()
 
-    def forward(self, x_TH: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> Routing:
+    def forward(self, x_TH: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> RouterOutput:
         logits = F.linear(x_TH, self.weight)
         probs = logits.softmax(dim=-1, dtype=torch.float32)
         # Ids come from topk, weights from gather, in every mode: the recompute then runs the same ops
@@ -53,7 +69,8 @@ class TopKRouter(nn.Module):
         topk_w = probs.gather(-1, topk_ids)
         if self.norm_topk_prob and self.top_k > 1:
             topk_w = topk_w / (topk_w.sum(dim=-1, keepdim=True) + 1e-20)
-        return Routing(logits, probs, topk_ids, topk_w, expert_counts(topk_ids, self.num_experts, token_mask_T))
+        counts, all_counts = kept_and_all_counts(topk_ids, self.num_experts, token_mask_T)
+        return RouterOutput(logits, probs, topk_ids, topk_w, counts, all_counts)
 
 
 @contextlib.contextmanager

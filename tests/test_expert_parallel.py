@@ -46,7 +46,7 @@ def _module_check(world, ep, backend, case, dp_group, ep_group):
     """Max abs error of y and of every gradient against the reference on the global batch."""
     import torch.distributed as dist
 
-    from kernels.reference import moe_mlp
+    from kernels.reference import loop_moe_mlp
     from moe.expert_parallel import ExpertParallelExperts
 
     rank = dist.get_rank()
@@ -54,7 +54,7 @@ def _module_check(world, ep, backend, case, dp_group, ep_group):
     El = E // ep
     x, w_gu, w_d, ids, tw, dy = _inputs(case, T, H, I, E, K, El)
     leaves = [t.clone().requires_grad_(True) for t in (x, w_gu, w_d, tw)]
-    y_ref = moe_mlp(leaves[0], leaves[1], leaves[2], ids, leaves[3])
+    y_ref = loop_moe_mlp(leaves[0], leaves[1], leaves[2], ids, leaves[3])
     g_ref = torch.autograd.grad(y_ref, leaves, dy)
 
     mod = ExpertParallelExperts(E, H, I, backend, ep_group)
@@ -94,13 +94,14 @@ def _model_check(world, ep, backend, dp_group, ep_group):
 
     from moe import BailingMoeForCausalLM
     from moe.expert_parallel import apply_expert_parallel
+    from moe.heads import CHUNK_TOKENS, CrossEntropy
 
     rank, E, B, S = dist.get_rank(), 8, 2 * world, 12
     El = E // ep
     torch.manual_seed(0)
     model = BailingMoeForCausalLM(_model_cfg(E, backend))
     ids = torch.randint(0, 97, (B, S), generator=torch.Generator().manual_seed(2))
-    out = model(ids, labels=ids, return_logits=False)
+    out = model(ids, labels=ids, head=CrossEntropy(chunk_size=CHUNK_TOKENS))
     n = out.num_label_tokens
     (out.ce_sum / n + out.aux_loss).backward()
     ref = {k: p.grad.clone() for k, p in model.named_parameters()}
@@ -117,7 +118,8 @@ def _model_check(world, ep, backend, dp_group, ep_group):
         return c
 
     rows = slice(rank * 2, rank * 2 + 2)
-    o = ep_model(ids[rows], labels=ids[rows], return_logits=False, balance_counts_fn=all_ranks_counts)
+    o = ep_model(ids[rows], labels=ids[rows], head=CrossEntropy(chunk_size=CHUNK_TOKENS),
+                 balance_counts_fn=all_ranks_counts)
     # The trainer's normalisation: CE over the global token count, the router loss averaged over ranks.
     loss = o.ce_sum / n + o.aux_loss / world
     loss.backward()

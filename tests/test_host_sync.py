@@ -14,7 +14,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe import BailingMoeConfig, BailingMoeForCausalLM
-from moe.router import expert_counts
+from moe.heads import CHUNK_TOKENS, CrossEntropy
+from kernels.routing import expert_counts
+from moe.router import kept_and_all_counts
 from tests.trainer_utils import TINY, run_inproc
 
 aten = torch.ops.aten
@@ -58,14 +60,20 @@ def test_the_recorder_sees_each_kind_of_read_back():
                             "aten._local_scalar_dense.default": 2}, rb.ops
 
 
-def test_expert_counts_equal_bincount_over_the_kept_tokens():
+def test_expert_counts_equal_bincount_over_the_kept_and_all_tokens():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 7, (50, 3), generator=g)
     mask = torch.rand(50, generator=g) > 0.3
-    assert torch.equal(expert_counts(ids, 9), torch.bincount(ids.flatten(), minlength=9))
-    assert torch.equal(expert_counts(ids, 9, mask), torch.bincount(ids[mask].flatten(), minlength=9))
-    assert expert_counts(ids, 9, mask).dtype == torch.int64
-    assert expert_counts(ids, 9, torch.zeros(50, dtype=torch.bool)).sum() == 0
+    every = torch.bincount(ids.flatten(), minlength=9)
+    assert torch.equal(expert_counts(ids, 9), every)
+    kept, all_ = kept_and_all_counts(ids, 9, mask)
+    assert torch.equal(kept, torch.bincount(ids[mask].flatten(), minlength=9))
+    assert torch.equal(all_, every)
+    assert kept.dtype == all_.dtype == torch.int64
+    kept, all_ = kept_and_all_counts(ids, 9, torch.zeros(50, dtype=torch.bool))
+    assert kept.sum() == 0 and torch.equal(all_, every)
+    kept, all_ = kept_and_all_counts(ids, 9)
+    assert torch.equal(kept, every) and all_ is kept  # no mask: one histogram serves both
 
 
 def _model(backend, aux):
@@ -91,11 +99,40 @@ def test_training_forward_and_backward_read_nothing_back(backend, aux):
     for inputs in (packed, padded):
         model.zero_grad()
         with ReadBacks() as rb:
-            out = model(ids, labels=labels, return_logits=False, **inputs,
+            out = model(ids, labels=labels, head=CrossEntropy(chunk_size=CHUNK_TOKENS), **inputs,
                         balance_counts_fn=(lambda c: c) if aux == "global" else None)
             (out.ce_sum + out.aux_loss).backward()
         assert not rb.ops, (backend, aux, sorted(inputs), dict(rb.ops))
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+class Histograms(TorchDispatchMode):
+    """Counts integer scatter-adds: in a forward each is one histogram of expert ids (the sequence
+    balance loss scatter-adds in fp32, and nothing else scatter-adds integers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (aten.scatter_add, aten.scatter_add_) and not out.is_floating_point():
+            self.n += 1
+        return out
+
+
+@pytest.mark.parametrize("backend", ["loop", "torch", "triton"])
+def test_each_moe_layer_counts_its_experts_once(backend):
+    """The router's one histogram serves the balance loss, the load metrics and the expert
+    backend's sorted tables, with padding in the input (the tables count it, the statistics do not)
+    and without."""
+    model = _model(backend, "micro")  # 3 layers, the first dense: 2 MoE layers
+    ids = torch.randint(0, 97, (2, 16))
+    for inputs in (dict(document_ids=torch.tensor([[0] * 9 + [1] * 5 + [-1] * 2, [0] * 16])),
+                   dict(attention_mask=torch.tensor([[1] * 12 + [0] * 4, [1] * 16])), {}):
+        with Histograms() as h:
+            model(ids, labels=ids, **inputs)
+        assert h.n == 2, (backend, sorted(inputs), h.n)
 
 
 @pytest.mark.parametrize("script", ["sft", "dpo"])

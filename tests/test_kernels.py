@@ -66,11 +66,11 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_moe_mlp_matches_reference(case):
+def test_triton_moe_mlp_matches_reference(case):
     T, H, I, E, K, ids_dtype, extra = CASES[case]
     inputs = _make(T, H, I, E, K, ids_dtype, **extra)
-    got = _fwd_bwd(kernels.moe_mlp, *inputs)
-    want = _fwd_bwd(reference.moe_mlp, *inputs)
+    got = _fwd_bwd(kernels.triton_moe_mlp, *inputs)
+    want = _fwd_bwd(reference.loop_moe_mlp, *inputs)
     names = ["y", "dx", "dw_gate_up", "dw_down", "dtopk_w"]
     errs = {n: _rel(a, b) for n, a, b in zip(names, got, want)}
     print(case, {n: f"{e:.2e}" for n, e in errs.items()})
@@ -94,9 +94,9 @@ def test_non_contiguous_inputs():
     dy_nc = torch.stack([dy, dy], dim=2)[:, :, 1]
     for t in (x_nc, w_gu_nc, tw_nc, ids_nc, dy_nc):
         assert not t.is_contiguous()
-    y = kernels.moe_mlp(x_nc, w_gu_nc, w_d, ids_nc, tw_nc)
+    y = kernels.triton_moe_mlp(x_nc, w_gu_nc, w_d, ids_nc, tw_nc)
     gx, gw, gtw = torch.autograd.grad(y, (x_base, w_base, tw_base), dy_nc)
-    want = _fwd_bwd(reference.moe_mlp, x, w_gu, w_d, ids, tw, dy)
+    want = _fwd_bwd(reference.loop_moe_mlp, x, w_gu, w_d, ids, tw, dy)
     errs = [_rel(y.detach(), want[0]), _rel(gx[:, :, 0], want[1]),
             _rel(gw.transpose(1, 2), want[2]), _rel(gtw[:, :, 1], want[4])]
     print("non-contiguous rel errs", errs)
@@ -124,10 +124,10 @@ def test_launch_order_changes_nothing_but_the_order(monkeypatch):
     # accumulated across programs would differ in their last bits between the two orders.)
     inputs = _make(24, 20, 8, 5, 2, skew_to=1, seed=6, unused_experts=(4,))
     monkeypatch.setenv("LINGMOE_TRITON_CONFIG", "tile_order=0")
-    old = _fwd_bwd(kernels.moe_mlp, *inputs)
+    old = _fwd_bwd(kernels.triton_moe_mlp, *inputs)
     monkeypatch.setenv("LINGMOE_TRITON_CONFIG", "tile_order=1")
-    new = _fwd_bwd(kernels.moe_mlp, *inputs)
-    want = _fwd_bwd(reference.moe_mlp, *inputs)
+    new = _fwd_bwd(kernels.triton_moe_mlp, *inputs)
+    want = _fwd_bwd(reference.loop_moe_mlp, *inputs)
     for a, b, r in zip(old, new, want):
         assert torch.equal(a, b)
         assert _rel(a, r) < 1e-4
@@ -175,21 +175,38 @@ def test_routing_against_sort_reference(T, E, K, bm, ids_dtype):
     assert r.num_tiles.item() == len(tiles)
 
 
+@pytest.mark.parametrize("fn", ["triton", "grouped_mm"])
+def test_counts_given_by_the_caller_change_nothing(fn):
+    """The model passes the router's histogram down; the result must be the one the backend gets
+    by counting itself, bit for bit, gradients included."""
+    f = kernels.triton_moe_mlp if fn == "triton" else reference.grouped_mm_moe_mlp
+    x, w_gu, w_d, ids, tw, dy = _make(13, 40, 24, 5, 3, unused_experts=(4,), seed=11)
+    counts = torch.bincount(ids.reshape(-1).cpu(), minlength=5).to(DEVICE)  # counted independently
+    own = _fwd_bwd(f, x, w_gu, w_d, ids, tw, dy)
+    given = _fwd_bwd(lambda *a: f(*a, counts_E=counts), x, w_gu, w_d, ids, tw, dy)
+    for a, b in zip(own, given):
+        assert torch.equal(a, b)
+    tables = build_routing(ids, 5, 4, counts_E=counts)
+    assert all(torch.equal(a, b) for a, b in zip(tables[:-1], build_routing(ids, 5, 4)[:-1]))
+    with pytest.raises(ValueError, match="counts_E"):
+        build_routing(ids, 5, 4, counts_E=counts[:4])
+
+
 def test_forward_without_grad_and_input_checks():
     x, w_gu, w_d, ids, tw, _ = _make(5, 16, 16, 3, 2, seed=7)
     with torch.no_grad():
-        y = kernels.moe_mlp(x, w_gu, w_d, ids, tw)
-    assert _rel(y, reference.moe_mlp(x, w_gu, w_d, ids, tw)) < 1e-4
+        y = kernels.triton_moe_mlp(x, w_gu, w_d, ids, tw)
+    assert _rel(y, reference.loop_moe_mlp(x, w_gu, w_d, ids, tw)) < 1e-4
     with pytest.raises(ValueError):
-        kernels.moe_mlp(x, w_gu, w_d[:, :, :-1], ids, tw)
+        kernels.triton_moe_mlp(x, w_gu, w_d[:, :, :-1], ids, tw)
     with pytest.raises(TypeError):
-        kernels.moe_mlp(x, w_gu, w_d, ids.float(), tw)
+        kernels.triton_moe_mlp(x, w_gu, w_d, ids.float(), tw)
 
 
 def test_grouped_mm_reference_matches_loop():
     inputs = _make(11, 24, 16, 4, 2, seed=9)
     got = _fwd_bwd(reference.grouped_mm_moe_mlp, *inputs)
-    want = _fwd_bwd(reference.moe_mlp, *inputs)
+    want = _fwd_bwd(reference.loop_moe_mlp, *inputs)
     for a, b in zip(got, want):
         assert _rel(a, b) < 1e-5
 
@@ -227,7 +244,7 @@ def test_bench_cli_rows(tmp_path):
     for pass_ in ("fwd", "fwd+bwd"):
         leaves = [t.detach().requires_grad_(pass_ != "fwd") for t in (x, w_gu, w_d, tw)]
         with FlopCounterMode(display=False) as fc:
-            y = reference.moe_mlp(leaves[0], leaves[1], leaves[2], ids, leaves[3])
+            y = reference.loop_moe_mlp(leaves[0], leaves[1], leaves[2], ids, leaves[3])
             if pass_ != "fwd":
                 torch.autograd.grad(y, leaves, dy)
         counted[pass_] = fc.get_total_flops()
@@ -265,13 +282,13 @@ def test_bench_check_catches_a_wrong_output_or_gradient():
             return g * 1.01
 
     def wrong_output(x, wgu, wd, ids, tw):
-        return reference.moe_mlp(x, wgu, wd, ids, tw) * 1.01
+        return reference.loop_moe_mlp(x, wgu, wd, ids, tw) * 1.01
 
     def wrong_dx(x, wgu, wd, ids, tw):
-        return reference.moe_mlp(ScaledGrad.apply(x), wgu, wd, ids, tw)
+        return reference.loop_moe_mlp(ScaledGrad.apply(x), wgu, wd, ids, tw)
 
     def nan_output(x, wgu, wd, ids, tw):
-        return reference.moe_mlp(x, wgu, wd, ids, tw) * float("nan")
+        return reference.loop_moe_mlp(x, wgu, wd, ids, tw) * float("nan")
 
     assert bench._check(wrong_output, inputs, False, ref[:1]) == pytest.approx(0.01, rel=1e-3)
     assert bench._check(wrong_dx, inputs, False, ref[:1]) < 1e-6  # forward alone cannot see it

@@ -55,8 +55,8 @@ SHAPES = [
 def test_accuracy_vs_fp32_reference(shape, dtype, tol):
     T, H, I, E, K, skew = shape
     inputs = _make(T, H, I, E, K, dtype, skew=skew)
-    got = _fwd_bwd(kernels.moe_mlp, *inputs)
-    want = _fwd_bwd(reference.moe_mlp, *inputs, upcast=True)
+    got = _fwd_bwd(kernels.triton_moe_mlp, *inputs)
+    want = _fwd_bwd(reference.loop_moe_mlp, *inputs, upcast=True)
     names = ["y", "dx", "dw_gate_up", "dw_down", "dtopk_w"]
     errs = {n: _rel(a, b) for n, a, b in zip(names, got, want)}
     print(shape, dtype, errs)
@@ -67,8 +67,8 @@ def test_accuracy_vs_fp32_reference(shape, dtype, tol):
 
 def test_bitwise_deterministic_gpu():
     inputs = _make(1024, 512, 384, 16, 4, torch.bfloat16, seed=1, skew=1.5)
-    a = _fwd_bwd(kernels.moe_mlp, *inputs)
-    b = _fwd_bwd(kernels.moe_mlp, *inputs)
+    a = _fwd_bwd(kernels.triton_moe_mlp, *inputs)
+    b = _fwd_bwd(kernels.triton_moe_mlp, *inputs)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
 
@@ -80,7 +80,7 @@ def test_cuda_graph_capture_and_replay():
     s_ids, s_dy = ids.clone(), dy.clone()
 
     def step():
-        y = kernels.moe_mlp(leaves[0], leaves[1], leaves[2], s_ids, leaves[3])
+        y = kernels.triton_moe_mlp(leaves[0], leaves[1], leaves[2], s_ids, leaves[3])
         return (y,) + torch.autograd.grad(y, leaves, s_dy)
 
     side = torch.cuda.Stream()
@@ -103,6 +103,6 @@ def test_cuda_graph_capture_and_replay():
     s_dy.copy_(dy2)
     graph.replay()
     torch.cuda.synchronize()
-    eager = _fwd_bwd(kernels.moe_mlp, x2, w_gu2, w_d2, ids2, tw2, dy2)
+    eager = _fwd_bwd(kernels.triton_moe_mlp, x2, w_gu2, w_d2, ids2, tw2, dy2)
     for got, want in zip(outs, eager):
         assert torch.equal(got, want)

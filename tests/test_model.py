@@ -4,9 +4,10 @@ import dataclasses
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from checkpoints_convert import load_hf
-from moe import BailingMoeConfig, BailingMoeForCausalLM, ConfigError
+from moe import BailingMoeConfig, BailingMoeForCausalLM, ConfigError, CrossEntropy, Logits, TokenLogps
 from moe.router import checkpoint_context_fn
 from tests.conftest import TINY_EXPECTED, TINY_HF
 
@@ -61,6 +62,40 @@ def test_packed_row_equals_separate_documents():
     # Backward through the block-diagonal mask works on CPU.
     out.logits[:, :12].sum().backward()
     assert model.model.word_embeddings.weight.grad is not None
+
+
+def test_heads_against_sums_of_the_plain_logits():
+    """Each head against numbers computed by hand from the logits of a plain forward: the label
+    tokens' log-probabilities one by one, their sum (the CE, chunked or not), the last position."""
+    torch.manual_seed(6)
+    model = BailingMoeForCausalLM(_tiny_cfg(aux_loss_alpha=0.01))
+    B, S = 2, 9
+    ids = torch.randint(0, 97, (B, S))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    labels[1, 7:] = -100
+    with torch.no_grad():
+        plain = model(ids)
+        logp = plain.logits.float().log_softmax(-1)
+        want = torch.zeros(B, S)  # position i is scored on labels[i + 1]; the last position on nothing
+        for b in range(B):
+            for i in range(S - 1):
+                if labels[b, i + 1] != -100:
+                    want[b, i] = logp[b, i, labels[b, i + 1]]
+        n = int((labels[:, 1:] != -100).sum())
+        outs = [model(ids, labels=labels, head=h) for h in (CrossEntropy(), CrossEntropy(chunk_size=5))]
+        for out, keeps_logits in zip(outs, (True, False)):
+            assert torch.allclose(out.ce_sum, -want.sum(), atol=1e-5)
+            assert int(out.num_label_tokens) == n and torch.allclose(out.loss, -want.sum() / n, atol=1e-6)
+            assert (out.logits is not None) == keeps_logits
+        logps = model(ids, labels=labels, head=TokenLogps(chunk_size=5))
+        assert torch.allclose(logps.token_logps, want, atol=1e-5)
+        last = model(ids, head=Logits(last_only=True)).logits
+        assert last.shape == (B, 1, 97) and torch.allclose(last, plain.logits[:, -1:], atol=1e-5)
+    # The router's part of the output comes from the trunk, whatever the head.
+    assert all(torch.equal(o.aux_loss, plain.aux_loss) for o in outs + [logps])
+    with pytest.raises(ValueError, match="needs labels"):
+        model(ids, head=TokenLogps())
 
 
 def test_backends_agree_in_outputs_and_gradients():
@@ -232,21 +267,37 @@ def test_auto_attention_takes_flex_only_for_packed_rows_on_cuda():
     assert attention_kind("sdpa", "cuda", packed=True) == "sdpa" and attention_kind("flex", "cpu", packed=False) == "flex"
 
 
-def test_rotary_tables_built_once_per_forward(monkeypatch):
-    import moe.model as mm
+class _TrigWork(TorchDispatchMode):
+    """Elements of every cos and sin a forward computes."""
 
-    calls = []
-    orig = mm.rotary_cos_sin
-    monkeypatch.setattr(mm, "rotary_cos_sin", lambda *a: calls.append(1) or orig(*a))
-    model = BailingMoeForCausalLM(_tiny_cfg(num_hidden_layers=3))
-    model(torch.randint(0, 97, (2, 6)))
-    assert len(calls) == 1
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.cos, torch.ops.aten.sin):
+            self.elements += out.numel()
+        return out
+
+
+def test_rotary_work_does_not_grow_with_depth():
+    """What sharing the rotary tables buys: a forward evaluates cos and sin for one [B, S, D] table
+    pair whatever the number of layers (the layers' attention once rebuilt them each)."""
+    B, S = 2, 6
+    work = {}
+    for layers in (1, 4):
+        model = BailingMoeForCausalLM(_tiny_cfg(num_hidden_layers=layers))
+        with torch.no_grad(), _TrigWork() as trig:
+            model(torch.randint(0, 97, (B, S)))
+        work[layers] = trig.elements
+    assert 0 < work[4] == work[1] <= 2 * B * S * model.config.head_dim, work
 
 
 def test_gqa_attention_equals_attention_over_repeated_kv_heads():
     # Independent reference: plain softmax attention where query head j reads kv head j // (nh/nkv),
     # with the causal rule, and with a packed-row mask (the repeated-heads path) and without (enable_gqa).
-    from moe.model import Attention, build_attention_mask, rotary_cos_sin
+    from moe.model import Attention, rotary_cos_sin
 
     torch.manual_seed(5)
     cfg = _tiny_cfg(num_attention_heads=4, num_key_value_heads=2)
@@ -260,7 +311,10 @@ def test_gqa_attention_equals_attention_over_repeated_kv_heads():
     cos, sin = rope
     rot = lambda t: t * cos + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1) * sin  # noqa: E731
     q, k, v = rot(qkv[:, :, :nh]), rot(qkv[:, :, nh:nh + nkv]), qkv[:, :, nh + nkv:]
-    for mask_BSS in (build_attention_mask(B, S, "cpu", document_ids=doc)[:, 0], torch.ones(S, S).tril().bool()[None]):
+    # Query i of row b sees key j when j <= i in the same document, written out element by element.
+    d = doc.tolist()
+    packed_BSS = torch.tensor([[[j <= i and d[b][j] == d[b][i] for j in range(S)] for i in range(S)] for b in range(B)])
+    for mask_BSS in (packed_BSS, torch.ones(S, S).tril().bool()[None]):
         want = torch.empty(B, S, nh, hd)
         for j in range(nh):
             scores = torch.einsum("bsd,btd->bst", q[:, :, j], k[:, :, j // (nh // nkv)]) / hd ** 0.5

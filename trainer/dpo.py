@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data.errors import exit_on_error
+from moe.heads import TokenLogps
 from trainer import demo, parallel
 from trainer.errors import TrainerError, finish_process
 from trainer.loop import MicroStep, StepContext, build_model, run
@@ -90,8 +91,8 @@ def sequence_logps(model, b: dict, pad_id: int, balance_counts_fn=None, grad: bo
     ids = torch.cat([_pad_to(b["chosen_input_ids"], S, pad_id), _pad_to(b["rejected_input_ids"], S, pad_id)])
     labels = torch.cat([_pad_to(b["chosen_labels"], S, -100), _pad_to(b["rejected_labels"], S, -100)])
     with torch.set_grad_enabled(grad):
-        out = model(ids, labels=labels, attention_mask=_real_mask(labels).long(), return_logits=False,
-                    return_token_logps=True, balance_counts_fn=balance_counts_fn)
+        out = model(ids, labels=labels, attention_mask=_real_mask(labels).long(), head=TokenLogps(),
+                    balance_counts_fn=balance_counts_fn)
     lp = out.token_logps.sum(1)
     n = (labels[:, 1:] != -100).sum(1).to(lp.dtype)
     B = b["chosen_input_ids"].shape[0]

@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a file (torchrun trainer/sft.py): import
 import torch
 
 from data.errors import exit_on_error
+from moe.heads import CHUNK_TOKENS, CrossEntropy
 from trainer import demo, parallel
 from trainer.errors import finish_process
 from trainer.loop import MicroStep, StepContext, run
@@ -34,6 +35,9 @@ class SFTTask:
     """``default_data(opts) -> (dirs, weights, tokenizer dir)``: the data when data.sources is empty
     (the entry script passes the demo corpus's; None refuses an empty data.sources)."""
     name = "sft"
+    # The summed token CE, chunk by chunk: the step normalises it by the tokens of all ranks and
+    # micro-batches, and no [B, S, V] logits are kept.
+    head = CrossEntropy(chunk_size=CHUNK_TOKENS)
 
     def __init__(self, default_data=None):
         self.tokenizer = None
@@ -68,8 +72,7 @@ class SFTTask:
 
     def micro_step(self, ctx: StepContext, b) -> MicroStep:
         out = ctx.model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"],
-                        document_ids=b.get("document_ids"), return_logits=False,
-                        balance_counts_fn=ctx.balance_counts_fn)
+                        document_ids=b.get("document_ids"), head=self.head, balance_counts_fn=ctx.balance_counts_fn)
         aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=out.ce_sum.device)
         loss = out.ce_sum * ctx.info.world_size / ctx.totals["tokens"].to(out.ce_sum.dtype) + aux / ctx.accum
         docs = b.get("document_ids")

@@ -3,11 +3,11 @@ its old name, `python -m kernels.bench`).
 
 Legend: T tokens, E experts, K top-k, H hidden, I expert width, N = T*K routed rows.
 
-Implementations: "triton" (kernels.moe_mlp), "liger" (Liger-Kernel's fused MoE op,
+Implementations: "triton" (kernels.triton_moe_mlp), "liger" (Liger-Kernel's fused MoE op,
 LigerFusedMoEFunction, when the package is installed: a peer, never a dependency),
 "grouped_mm" (the model's torch expert backend: sort once + torch._grouped_mm,
 kernels.reference.grouped_mm_moe_mlp), "loop" (the model's per-expert loop,
-kernels.reference.moe_mlp) and "dense" (one dense SwiGLU MLP over N rows with the same FLOPs: the
+kernels.reference.loop_moe_mlp) and "dense" (one dense SwiGLU MLP over N rows with the same FLOPs: the
 ceiling a perfectly balanced grouped GEMM could reach).
 FLOPs: 3 GEMMs of 2*H*I per routed row forward (6*N*H*I); forward+backward is 3x that.
 
@@ -130,12 +130,12 @@ def _skip_reason(impl, device, interp, dtype, work, liger_missing):
 
 def _impl_fn(name):
     if name == "loop":
-        return reference.moe_mlp
+        return reference.loop_moe_mlp
     if name == "grouped_mm":
         return reference.grouped_mm_moe_mlp
     if name == "triton":
-        from kernels.moe_mlp import moe_mlp
-        return moe_mlp
+        from kernels.moe_mlp import triton_moe_mlp
+        return triton_moe_mlp
     if name == "liger":
         from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
 
@@ -213,7 +213,7 @@ def _reference(inputs):
     """The loop reference in fp32 on fp32 copies of the inputs: y and the four gradients."""
     x, w_gu, w_d, ids, tw, dy = inputs
     ref_in = [t.detach().float().requires_grad_(True) for t in (x, w_gu, w_d, tw)]
-    y_ref = reference.moe_mlp(ref_in[0], ref_in[1], ref_in[2], ids, ref_in[3])
+    y_ref = reference.loop_moe_mlp(ref_in[0], ref_in[1], ref_in[2], ids, ref_in[3])
     if y_ref.abs().max() == 0:
         raise RuntimeError("reference output is all zeros: refusing to benchmark on it")
     grads = torch.autograd.grad(y_ref, ref_in, dy.float())
