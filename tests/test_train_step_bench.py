@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from tests.trainer_utils import ROOT
-from trainer.options import SFT_SECTIONS, OptionsError, parse_options
+from trainer.options import Options, OptionsError, parse_options
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import train_step  # noqa: E402
@@ -74,7 +74,7 @@ def test_layers_that_fit_grows_with_memory_and_is_at_least_one():
 
 
 def _parse(args):
-    return parse_options(args, "sft", SFT_SECTIONS, "", default_output="runs/x")
+    return parse_options(args, "sft", Options, "", default_output="runs/x")
 
 
 def test_save_final_false_needs_export_off_and_docs_per_row_is_checked():

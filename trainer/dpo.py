@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from trainer import parallel
 from trainer.errors import TrainerError, exit_on_error, finish_process
 from trainer.loop import MicroStep, StepContext, build_model, run
-from trainer.options import DPO_LOSS_TYPES as LOSS_TYPES, DPO_SECTIONS, parse_options
+from trainer.options import DPO_LOSS_TYPES as LOSS_TYPES, DPORunOptions, parse_options
 
 
 def dpo_loss(pol_w, pol_l, ref_w, ref_l, len_w, len_l, beta: float, loss_type: str = "sigmoid"):
@@ -300,20 +300,20 @@ DPO_DEFAULTS = {"optim": {"lr": 2e-4, "warmup_ratio": 0.05}, "train": {"steps": 
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     with exit_on_error():
-        opts = parse_options(argv, "trainer/dpo.py", DPO_SECTIONS, __doc__, default_output="runs/dpo",
+        opts = parse_options(argv, "trainer/dpo.py", DPORunOptions, __doc__, default_output="runs/dpo",
                              defaults=DPO_DEFAULTS)
         if not opts.model.init_from and not opts.data.sources:
             # The demo: start from an SFT-ed tiny model, trained now if the SFT demo has not been run.
             if os.path.exists(os.path.join(DEMO_SFT_EXPORT, "config.json")):
                 opts.model.init_from = DEMO_SFT_EXPORT
             else:
-                from trainer.options import SFT_SECTIONS
+                from trainer.options import Options
                 from trainer.sft import SFTTask
 
                 warm = os.path.join(opts.output_dir, "sft_warmup")
                 sft_opts = parse_options(["--train.steps", "150", "--output-dir", warm, "--train.progress",
                                           str(opts.train.progress).lower(), "--train.log_every",
-                                          str(opts.train.log_every)], "trainer/sft.py", SFT_SECTIONS, "", warm)
+                                          str(opts.train.log_every)], "trainer/sft.py", Options, "", warm)
                 run(SFTTask(), sft_opts, shutdown=False)
                 opts.model.init_from = os.path.join(warm, "hf")
         return run(DPOTask(), opts)

@@ -35,7 +35,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from moe.config import AUX_LOSS_TYPES, BailingMoeConfig
+from moe.config import BailingMoeConfig
 from moe.losses import CarriedCounts
 from moe.model import BailingMoeForCausalLM, initial_value
 from data.files import NoSpaceError, require_space, writing
@@ -106,8 +106,6 @@ def resolve_backend(name: str, device: torch.device) -> str:
 def model_overrides(opts: Options, device: torch.device) -> dict:
     """The BailingMoeConfig fields the training options set on top of a preset or a checkpoint's config."""
     m = opts.model
-    if m.aux_loss_type not in AUX_LOSS_TYPES:
-        raise TrainerError(f"model.aux_loss_type {m.aux_loss_type!r} is not one of {', '.join(AUX_LOSS_TYPES)}")
     return dict(expert_backend=resolve_backend(m.expert_backend, device), aux_loss_type=m.aux_loss_type,
                 z_loss_coef=m.z_loss_coef, aux_loss_alpha=0.0 if m.aux_loss_type == "none" else m.aux_loss_alpha,
                 **m.overrides)

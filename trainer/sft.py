@@ -25,7 +25,7 @@ import torch
 from trainer import parallel
 from trainer.errors import exit_on_error, finish_process
 from trainer.loop import MicroStep, StepContext, run
-from trainer.options import SFT_SECTIONS, parse_options
+from trainer.options import Options, parse_options
 
 
 class SFTTask:
@@ -83,7 +83,7 @@ class SFTTask:
 
 def main(argv=None) -> dict:
     with exit_on_error():
-        opts = parse_options(argv, "trainer/sft.py", SFT_SECTIONS, __doc__, default_output="runs/sft")
+        opts = parse_options(argv, "trainer/sft.py", Options, __doc__, default_output="runs/sft")
         return run(SFTTask(), opts)
 
 
