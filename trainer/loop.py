@@ -283,8 +283,7 @@ class Trainer:
         self.loader = self.task.build_loader(opts, info, self.accum, cfg)
         o = opts.optim
         self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps, info.device)
-        warmup = o.warmup_steps if o.warmup_steps >= 0 else int(o.warmup_ratio * opts.train.steps)
-        self.scheduler = build_scheduler(self.optimizer, opts.train.steps, warmup, o.min_lr_ratio)
+        self.scheduler = self._schedule(done_steps=0)
         self.checkpointer = Checkpointer(self.ckpt_root, info.rank, opts.checkpoint.keep_last)
         self.ctx = StepContext(opts, info, self.model, cfg, self.accum, self.logger)
         if cfg.aux_loss_type == "global":
@@ -336,26 +335,29 @@ class Trainer:
         if self.resume_from:
             tstate, rstate = self.checkpointer.load(self.resume_from, self.model, self.optimizer)
             self.state = TrainState(step=tstate["step"], bad_in_a_row=tstate["bad_in_a_row"])
-            self.scheduler.load_state_dict(tstate["scheduler"])
-            self._apply_schedule_options()
+            self._apply_schedule_options(done_steps=tstate["scheduler"]["last_epoch"])
             self.loader.load_state_dict(rstate["loader"])
             torch.set_rng_state(rstate["rng"])
             self.saved_at = self.state.step  # that step's checkpoint exists: never rewrite it
             self.logger.info(f"resumed from {self.resume_from} at step {self.state.step}")
         return self.resume_from
 
-    def _apply_schedule_options(self) -> None:
-        """After loading optimizer and schedule state: the options' lr and weight decay are what runs
-        (the loaded state holds those the checkpoint was written with; the schedule's shape, built from
-        the options, already is the new one)."""
+    def _schedule(self, done_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+        """The options' schedule, ``done_steps`` steps in: it sets each group's lr for the next step."""
+        o, steps = self.opts.optim, self.opts.train.steps
+        warmup = o.warmup_steps if o.warmup_steps >= 0 else int(o.warmup_ratio * steps)
+        return build_scheduler(self.optimizer, steps, warmup, o.min_lr_ratio, done_steps)
+
+    def _apply_schedule_options(self, done_steps: int) -> None:
+        """After loading the optimizer state: the options' lr and weight decay are what runs (the loaded
+        state holds those the checkpoint was written with). A scheduler built ``done_steps`` in takes its
+        peak from each group's initial_lr, which is set to the options' lr first."""
         o = self.opts.optim
         groups = self.optimizer.param_groups
         groups[0]["weight_decay"] = o.weight_decay  # group 1 (norms, biases) never decays
-        self.scheduler.base_lrs = [o.lr for _ in groups]
-        lrs = [o.lr * f(self.scheduler.last_epoch) for f in self.scheduler.lr_lambdas]
-        for g, lr in zip(groups, lrs):
-            g["initial_lr"], g["lr"] = o.lr, lr
-        self.scheduler._last_lr = lrs
+        for g in groups:
+            g["initial_lr"] = o.lr
+        self.scheduler = self._schedule(done_steps)
 
     def _state_bytes(self) -> int:
         """Bytes a checkpoint writes: this rank's parameter and optimizer-state shards, summed over ranks."""
