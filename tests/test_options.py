@@ -1,5 +1,6 @@
 """trainer/options.py: typed sections, one validation for every option, errors that name where a value came from."""
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -7,6 +8,7 @@ import pytest
 import yaml
 
 from moe.config import PRESETS, PresetName
+from tests.trainer_utils import TINY, metrics, run_inproc
 from trainer.options import DPORunOptions, Options, OptionsError, dump_yaml, parse_options, validate
 
 
@@ -86,3 +88,17 @@ def test_options_built_in_code_go_through_the_same_checks():
     o.optim.lr = 3  # an int where a float is wanted is taken, as a float
     assert type(validate(o).optim.lr) is float
     assert dataclasses.asdict(validate(Options())) == dataclasses.asdict(Options())
+
+
+def test_ceiling_tflops_logs_model_flops_over_it_and_may_change_on_resume(tmp_path):
+    out = tmp_path / "run"
+    args = TINY + ["--data.synthetic", "true", "--train.global_batch_size", "4", "--data.micro_batch_size", "2",
+                   "--checkpoint.export_hf", "false", "--train.peak_tflops", "1e-6", "--output-dir", str(out)]
+    run_inproc("sft", args + ["--train.steps", "1"])
+    run_inproc("sft", args + ["--train.steps", "2", "--train.ceiling_tflops", "4e-6"])
+    first, second = metrics(out)
+    assert "mfu" in first and "mfu_vs_measured_peak" not in first  # 0 = not logged
+    # The same model FLOPs per second over a denominator 4 times the peak's.
+    assert second["mfu_vs_measured_peak"] == pytest.approx(second["mfu"] / 4, rel=1e-12)
+    changes = json.loads((out / "config_changes.jsonl").read_text().splitlines()[-1])["changes"]
+    assert changes["train.ceiling_tflops"] == {"old": 0.0, "new": 4e-6}

@@ -51,10 +51,6 @@ from trainer.options import Options, dump_yaml
 # most specific first: torch.cuda.get_device_name gives e.g. "NVIDIA H100 80GB HBM3" for the SXM part.
 DATASHEET_PEAK_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),
                          ("H200 NVL", 835.0), ("H200", 989.0), ("A100", 312.0))
-# Dense bf16 matmul rates measured by benchmarks/ceilings.py (8192^3) on the lent GPUs: logged beside
-# MFU as mfu_vs_measured_peak, a ceiling reachable in practice, never as MFU itself. H100:
-# benchmarks/h100_2026-11-23/1_check_quick_profile_5559c7b/ceilings.json. No H200 measured yet.
-MEASURED_PEAK_TFLOPS = {"H100": 753.0}
 
 
 @dataclasses.dataclass
@@ -160,19 +156,12 @@ def flops_per_token(cfg: BailingMoeConfig, seq_len: int) -> float:
     return 6.0 * active + attn
 
 
-def _peak_by_name(table, device: torch.device) -> float:
-    if device.type != "cuda":
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in (table.items() if isinstance(table, dict) else table):
-        if key in name:
-            return tflops
-    return 0.0
-
-
 def datasheet_peak_tflops(opts: Options, device: torch.device) -> float:
     """The MFU denominator: train.peak_tflops when set, else the datasheet's dense bf16 figure (0 = unknown)."""
-    return opts.train.peak_tflops if opts.train.peak_tflops > 0 else _peak_by_name(DATASHEET_PEAK_TFLOPS, device)
+    if opts.train.peak_tflops > 0 or device.type != "cuda":
+        return opts.train.peak_tflops
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for key, tflops in DATASHEET_PEAK_TFLOPS if key in name), 0.0)
 
 
 class _StopFlag:
@@ -289,7 +278,7 @@ class Trainer:
         if cfg.aux_loss_type == "global":
             self.ctx.balance_counts_fn = CarriedCounts(parallel.all_reduce_sum)
         self.peak_tflops = datasheet_peak_tflops(opts, info.device)
-        self.measured_peak_tflops = _peak_by_name(MEASURED_PEAK_TFLOPS, info.device)
+        self.ceiling_tflops = opts.train.ceiling_tflops
         self.flops_per_token = flops_per_token(cfg, opts.data.seq_len)
         # The task's own preparation runs on the initial weights, before any resume restores trained
         # ones (DPO's reference log-probs are those of the initial model).
@@ -483,8 +472,8 @@ class Trainer:
         per_gpu = self.flops_per_token * tokens_per_s / self.info.world_size
         if self.peak_tflops > 0:
             out["mfu"] = per_gpu / (self.peak_tflops * 1e12)
-        if self.measured_peak_tflops > 0:
-            out["mfu_vs_measured_peak"] = per_gpu / (self.measured_peak_tflops * 1e12)
+        if self.ceiling_tflops > 0:
+            out["mfu_vs_measured_peak"] = per_gpu / (self.ceiling_tflops * 1e12)
         if self.info.device.type == "cuda":
             out["memory_gib"] = torch.cuda.max_memory_allocated(self.info.device) / 2 ** 30
         else:  # peak resident memory of this process (rank 0's, as it is rank 0 that logs)

@@ -107,6 +107,9 @@ class TrainOptions:
     max_bad_steps: int = opt(5, "stop after this many consecutive steps with a non-finite loss or gradient")
     peak_tflops: float = opt(0.0, "dense bf16 peak per GPU for MFU; 0 = the datasheet figure for known GPUs "
                                   "(H100/H200 SXM 989)")
+    ceiling_tflops: float = opt(0.0, "dense bf16 matmul rate measured on this GPU (benchmarks/ceilings.py, TFLOP/s); "
+                                     "when set, model FLOPs over it are logged as mfu_vs_measured_peak beside MFU "
+                                     "(a ceiling reachable in practice, never MFU itself); 0 = not logged", ge=0)
     progress: bool = opt(True, "show a progress bar on rank 0")
     profile_step: int = opt(0, "record optimizer step N under torch.profiler: <output-dir>/profile/ gets rank 0's "
                                "Chrome trace and each rank's summary (GPU busy share, top kernels, host waits); "
