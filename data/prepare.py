@@ -329,6 +329,10 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.max_len is not None and args.max_len < 2:  # below 2 no sample keeps a token to train on
+        print(f"error: --max-len must be at least 2 (a token to predict from and one to predict), got {args.max_len}",
+              file=sys.stderr)
+        return 1
     try:
         manifest = prepare(args.files, args.tokenizer, args.out, kind=args.kind, skip_bad=args.skip_bad,
                            max_len=args.max_len, overlong=args.overlong, default_domain=args.domain,

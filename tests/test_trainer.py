@@ -171,7 +171,7 @@ def _other_value(sec, key, default):
     if isinstance(default, int):
         return [str(default + 1), str(default - 1)]
     if isinstance(default, float):
-        return [repr(default * 2 + 0.5)]
+        return [repr(default * 2 + 0.5), repr(default / 2)]  # the second for those below 1 (AdamW's betas)
     if isinstance(default, list):
         return ["[a.jsonl]"]
     if isinstance(default, dict):

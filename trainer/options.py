@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal, get_args, get_origin
 
 import yaml
 
-from moe.config import AuxLossType, ExpertBackend, PresetName
+from moe.config import AuxLossType, BailingMoeConfig, ExpertBackend, PresetName
 from trainer.errors import TrainerError
 
 
@@ -46,6 +46,8 @@ DPOReference = Literal["precomputed", "live"]
 DPONllAverage = Literal["sequence", "token"]
 DPO_LOSS_TYPES = get_args(DPOLossType)
 
+MAX_SEED = 2 ** 32 - 1  # numpy's and the synthetic rows' seed arithmetic stay in range below this
+
 
 @dataclass
 class ModelOptions:
@@ -59,8 +61,9 @@ class ModelOptions:
                                                "data-parallel ranks and the step's micro-batches so far, as "
                                                "Megatron's global_aux_loss), 'micro' (per rank and micro-batch), "
                                                "'sequence' (per row, DeepSeek-V3), or 'none'")
-    aux_loss_alpha: float = opt(1e-3, "load-balancing coefficient (perfect balance adds exactly alpha per MoE layer)")
-    z_loss_coef: float = opt(0.0, "router z-loss coefficient (ST-MoE; ~1e-3 when used)")
+    aux_loss_alpha: float = opt(1e-3, "load-balancing coefficient (perfect balance adds exactly alpha per MoE layer)",
+                                ge=0)
+    z_loss_coef: float = opt(0.0, "router z-loss coefficient (ST-MoE; ~1e-3 when used)", ge=0)
     activation_checkpointing: bool = opt(False, "recompute each decoder block in backward (routing replayed, not re-decided)")
     compile: bool = opt(False, "torch.compile each decoder block")
     param_dtype: ParamDtype = opt("bf16", "parameter/compute dtype on GPU (FSDP2 mixed precision; grads reduced in "
@@ -72,8 +75,8 @@ class DataOptions:
     sources: list[str | dict[str, Any]] = opt([], "training data: a list of {path: FILE.jsonl or prepared dir, "
                                                   "weight: W}; empty = the generated demo corpus")
     tokenizer: str = opt("", "tokenizer directory (tokenizer.json); empty = the demo tokenizer")
-    seq_len: int = opt(256, "tokens per packed row")
-    micro_batch_size: int = opt(4, "rows per micro-batch on each rank")
+    seq_len: int = opt(256, "tokens per packed row", ge=2)  # one to predict from, one to predict
+    micro_batch_size: int = opt(4, "rows per micro-batch on each rank", ge=1)
     cache_dir: str = opt("", "where prepared (tokenized) data is cached; empty = <output-dir>/prepared")
     skip_bad: bool = opt(False, "skip malformed samples (counted in the summary) instead of stopping")
     eos_every_turn: bool = opt(False, "train <|endoftext|> after every assistant turn of multi-turn data, as "
@@ -86,27 +89,27 @@ class DataOptions:
 
 @dataclass
 class OptimOptions:
-    lr: float = opt(1e-3, "peak learning rate")
-    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak (cosine decay)")
-    warmup_steps: int = opt(-1, "linear warm-up steps; -1 = warmup_ratio x steps")
-    warmup_ratio: float = opt(0.1, "warm-up as a fraction of the steps when warmup_steps is -1")
-    weight_decay: float = opt(0.1, "AdamW decoupled weight decay (not applied to norms and biases)")
-    beta1: float = opt(0.9, "AdamW beta1")
-    beta2: float = opt(0.95, "AdamW beta2")
-    eps: float = opt(1e-8, "AdamW epsilon")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
+    lr: float = opt(1e-3, "peak learning rate", ge=0)
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak (cosine decay)", ge=0, le=1)
+    warmup_steps: int = opt(-1, "linear warm-up steps; -1 = warmup_ratio x steps", ge=-1)
+    warmup_ratio: float = opt(0.1, "warm-up as a fraction of the steps when warmup_steps is -1", ge=0, le=1)
+    weight_decay: float = opt(0.1, "AdamW decoupled weight decay (not applied to norms and biases)", ge=0)
+    beta1: float = opt(0.9, "AdamW beta1", ge=0, lt=1)
+    beta2: float = opt(0.95, "AdamW beta2", ge=0, lt=1)
+    eps: float = opt(1e-8, "AdamW epsilon", gt=0)  # 0 turns a never-updated moment's 0/0 into NaN weights
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)", ge=0)
 
 
 @dataclass
 class TrainOptions:
-    steps: int = opt(200, "optimizer steps")
+    steps: int = opt(200, "optimizer steps", ge=1)
     global_batch_size: int = opt(8, "packed rows per optimizer step over all ranks; gradient accumulation "
-                                    "= global_batch_size / (micro_batch_size x ranks)")
-    seed: int = opt(1234, "seed for init, data order and dropout-free randomness")
-    log_every: int = opt(1, "print and record metrics every N steps")
-    max_bad_steps: int = opt(5, "stop after this many consecutive steps with a non-finite loss or gradient")
+                                    "= global_batch_size / (micro_batch_size x ranks)", ge=1)
+    seed: int = opt(1234, "seed for init, data order and dropout-free randomness", ge=0, le=MAX_SEED)
+    log_every: int = opt(1, "print and record metrics every N steps", ge=1)
+    max_bad_steps: int = opt(5, "stop after this many consecutive steps with a non-finite loss or gradient", ge=1)
     peak_tflops: float = opt(0.0, "dense bf16 peak per GPU for MFU; 0 = the datasheet figure for known GPUs "
-                                  "(H100/H200 SXM 989)")
+                                  "(H100/H200 SXM 989)", ge=0)
     ceiling_tflops: float = opt(0.0, "dense bf16 matmul rate measured on this GPU (benchmarks/ceilings.py, TFLOP/s); "
                                      "when set, model FLOPs over it are logged as mfu_vs_measured_peak beside MFU "
                                      "(a ceiling reachable in practice, never MFU itself); 0 = not logged", ge=0)
@@ -122,13 +125,13 @@ class TrainOptions:
 class ParallelOptions:
     ep: int = opt(1, "expert parallelism: each group of ep consecutive ranks splits the routed experts (E/ep "
                      "whole experts per rank, tokens sent by all-to-all); expert weights are FSDP-sharded over the "
-                     "other world/ep ranks, everything else over all ranks. 1 = no expert parallelism")
+                     "other world/ep ranks, everything else over all ranks. 1 = no expert parallelism", ge=1)
 
 
 @dataclass
 class CheckpointOptions:
-    every: int = opt(100, "save a checkpoint every N steps (and always at the end); 0 = only at the end")
-    keep_last: int = opt(2, "checkpoints to keep (older ones are deleted after a successful save)")
+    every: int = opt(100, "save a checkpoint every N steps (and always at the end); 0 = only at the end", ge=0)
+    keep_last: int = opt(2, "checkpoints to keep (older ones are deleted after a successful save)", ge=1)
     resume: bool = opt(True, "resume from the latest checkpoint in <output-dir>/checkpoints when there is one")
     export_hf: bool = opt(True, "write an HF safetensors export to <output-dir>/hf at the end")
     save_final: bool = opt(True, "save a checkpoint when training ends; false only for throughput "
@@ -144,8 +147,8 @@ class LogOptions:
 @dataclass
 class DPOOptions:
     loss_type: DPOLossType = opt("sigmoid", "'sigmoid' (DPO), 'ipo' or 'hinge'")
-    beta: float = opt(0.1, "DPO beta")
-    nll_coef: float = opt(0.0, "weight of an NLL term on the chosen answer (RPO / pref_ftx); 0 = off")
+    beta: float = opt(0.1, "DPO beta", gt=0)  # ipo divides by it; at 0 sigmoid and hinge have no gradient
+    nll_coef: float = opt(0.0, "weight of an NLL term on the chosen answer (RPO / pref_ftx); 0 = off", ge=0)
     nll_average: DPONllAverage = opt("sequence", "the NLL term's mean: 'sequence' (each chosen answer's token mean, "
                                                  "then over pairs: LLaMA-Factory's pref_ftx) or 'token' (over all "
                                                  "chosen tokens of the step: TRL's sft loss)")
@@ -192,6 +195,8 @@ class DPORunOptions(Options):
 # ---------------------------------------------------------------- validation: the one place
 
 _BOUND_TESTS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
+# BailingMoeConfig fields that model.* options set: an override of one would be given twice.
+_SET_BY_MODEL_OPTIONS = ("expert_backend", "aux_loss_type", "aux_loss_alpha", "z_loss_coef")
 
 
 def _one_of(allowed) -> str:
@@ -244,13 +249,20 @@ def validate(opts: Options, origin: Callable[[str], str] = lambda name: "options
 
 
 def _check_combinations(opts: Options, origin: Callable[[str], str]) -> None:
-    ck, train = opts.checkpoint, opts.train
+    ck, train, model = opts.checkpoint, opts.train, opts.model
     if not ck.save_final and ck.export_hf:
         raise OptionsError(f"{origin('checkpoint.save_final')}: checkpoint.save_final false needs checkpoint.export_hf "
                            f"false (the HF export is written from the final checkpoint)")
     if not 0 <= train.profile_step <= train.steps:
         raise OptionsError(f"{origin('train.profile_step')}: train.profile_step must be a step in 1..train.steps "
                            f"({train.steps}), or 0 for none; got {train.profile_step}")
+    known = {f.name for f in dataclasses.fields(BailingMoeConfig)} - {"extra_hf", *_SET_BY_MODEL_OPTIONS}
+    for key in model.overrides:
+        if key in _SET_BY_MODEL_OPTIONS:
+            raise OptionsError(f"{origin('model.overrides')}: model.overrides cannot set {key}: use model.{key}")
+        if key not in known:
+            raise OptionsError(f"{origin('model.overrides')}: model.overrides: unknown model config field {key!r}; "
+                               f"valid fields: {sorted(known)}")
     if not isinstance(opts.output_dir, str) or not opts.output_dir:
         raise OptionsError(f"{origin('output_dir')}: output_dir must be a directory name, got {opts.output_dir!r}")
 
