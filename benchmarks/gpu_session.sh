@@ -34,7 +34,9 @@ variants="${VARIANTS:-}"
 # The dense matmul rate a 'check' stage measured earlier in this call, as train_step.py's --ceiling-tflops
 # (the trainer then logs mfu_vs_measured_peak); nothing when there is none.
 ceiling() {
-  [ -s "$out/ceilings.json" ] && python3 -c 'import json, sys; print("--ceiling-tflops", json.load(open(sys.argv[1]))["dense_bf16_tflops"])' "$out/ceilings.json"
+  [ -s "$out/ceilings.json" ] &&
+    python3 -c 'import json, sys; print("--ceiling-tflops", json.load(open(sys.argv[1]))["dense_bf16_tflops"])' \
+      "$out/ceilings.json"
 }
 
 for stage in "$@"; do

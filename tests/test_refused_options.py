@@ -62,7 +62,8 @@ def test_a_bad_value_is_refused_before_anything_is_written(option, value, tmp_pa
 
 @pytest.mark.parametrize("option, value", [("dpo.beta", "0"), ("dpo.nll_coef", "-1")])
 def test_a_bad_dpo_value_is_refused_before_anything_is_written(option, value, tmp_path):
-    # beta 0: ipo divides by it, sigmoid and hinge have no gradient; a negative NLL weight pushes the chosen answers down.
+    # beta 0: ipo divides by it, sigmoid and hinge have no gradient; a negative NLL weight pushes the
+    # chosen answers down.
     _refused("dpo", option, value, tmp_path / "run")
 
 

@@ -194,7 +194,8 @@ class DPORunOptions(Options):
 
 # ---------------------------------------------------------------- validation: the one place
 
-_BOUND_TESTS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
+_BOUND_TESTS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"),
+                "le": (operator.le, "<="), "lt": (operator.lt, "<")}
 # BailingMoeConfig fields that model.* options set: an override of one would be given twice.
 _SET_BY_MODEL_OPTIONS = ("expert_backend", "aux_loss_type", "aux_loss_alpha", "z_loss_coef")
 
