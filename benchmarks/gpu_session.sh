@@ -31,6 +31,13 @@ if compgen -G ".whl/*.whl" > /dev/null && [ ! -d /tmp/site ]; then
 fi
 [ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 variants="${VARIANTS:-}"
+# The dense matmul rate a 'check' stage measured earlier in this call, as train_step.py's --ceiling-tflops
+# (the trainer then logs mfu_vs_measured_peak); nothing when there is none.
+ceiling() {
+  [ -s "$out/ceilings.json" ] &&
+    python3 -c 'import json, sys; print("--ceiling-tflops", json.load(open(sys.argv[1]))["dense_bf16_tflops"])' \
+      "$out/ceilings.json"
+}
 
 for stage in "$@"; do
   echo "=== stage $stage: $(date -u +%FT%TZ)"
@@ -74,25 +81,25 @@ for stage in "$@"; do
         | tee "$out/suite.log" | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" | grep -v PASSED
       ;;
     train)
-      timeout 420 python3 benchmarks/train_step.py --steps "${TRAIN_STEPS:-10}" --warmup "${TRAIN_WARMUP:-3}" \
+      timeout 420 python3 benchmarks/train_step.py $(ceiling) --steps "${TRAIN_STEPS:-10}" --warmup "${TRAIN_WARMUP:-3}" \
         --json "$out/train_step.json" 2>&1 | tee "$out/train.log"
       ;;
     trainprof)
       for mb in ${TRAIN_MBS:-1 2}; do
-        timeout 280 python3 benchmarks/train_step.py --backends triton --micro-batch "$mb" --steps 3 --warmup 2 \
+        timeout 280 python3 benchmarks/train_step.py $(ceiling) --backends triton --micro-batch "$mb" --steps 3 --warmup 2 \
           --save-at 0 --profile --json "$out/train_prof_mb$mb.json" 2>&1 | tee "$out/trainprof_mb$mb.log"
       done
       ;;
     flex)
       for attn in flex sdpa; do
-        timeout 200 python3 benchmarks/train_step.py --backends triton --seq-len 16384 --docs-per-row 2 \
+        timeout 200 python3 benchmarks/train_step.py $(ceiling) --backends triton --seq-len 16384 --docs-per-row 2 \
           --attn "$attn" --global-batch 2 --steps 3 --warmup 2 --json "$out/train_16k_$attn.json" 2>&1 \
           | tee "$out/flex_$attn.log"
       done
       ;;
     aftersave)
       # The default train stage cannot save mid-run (6 layers' fp32 state is ~41 GB): 2 layers can.
-      timeout 300 python3 benchmarks/train_step.py --backends triton --layers 2 --steps 8 --warmup 2 --save-at 6 \
+      timeout 300 python3 benchmarks/train_step.py $(ceiling) --backends triton --layers 2 --steps 8 --warmup 2 --save-at 6 \
         --json "$out/train_step_aftersave.json" 2>&1 | tee "$out/aftersave.log"
       ;;
     *)

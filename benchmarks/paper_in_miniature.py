@@ -104,7 +104,7 @@ def stage_args(name: str, out: str, corpus: dict[str, str], seed: int, scale: fl
 def train(name: str, out: str, corpus: dict[str, str], seed: int, fresh: bool, scale: float = 1.0) -> float:
     """Train one stage (unless its export exists and not fresh); returns seconds spent."""
     from trainer.loop import run
-    from trainer.options import DPO_SECTIONS, SFT_SECTIONS, parse_options
+    from trainer.options import DPORunOptions, Options, parse_options
 
     run_dir = os.path.join(out, name)
     task_name, argv = stage_args(name, out, corpus, seed, scale)
@@ -120,11 +120,11 @@ def train(name: str, out: str, corpus: dict[str, str], seed: int, fresh: bool, s
     if task_name == "sft":
         from trainer.sft import SFTTask
 
-        run(SFTTask(), parse_options(argv, "trainer/sft.py", SFT_SECTIONS, "", run_dir), shutdown=False)
+        run(SFTTask(), parse_options(argv, "trainer/sft.py", Options, "", run_dir), shutdown=False)
     else:
         from trainer.dpo import DPOTask
 
-        run(DPOTask(), parse_options(argv, "trainer/dpo.py", DPO_SECTIONS, "", run_dir), shutdown=False)
+        run(DPOTask(), parse_options(argv, "trainer/dpo.py", DPORunOptions, "", run_dir), shutdown=False)
     dt = time.perf_counter() - t0
     with open(stamp, "w") as f:
         json.dump(signature, f, indent=1)

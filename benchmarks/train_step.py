@@ -16,8 +16,9 @@ unseen. The checkpoint is deleted with the run directory.
 
 MFU = (6 x active parameters without the embedding + causal attention) FLOPs per token x tokens/s
 over the datasheet dense bf16 peak (trainer.loop.flops_per_token and DATASHEET_PEAK_TFLOPS: 989
-TFLOP/s for H100/H200 SXM, or --peak-tflops); mfu_vs_measured_peak divides by the measured matmul
-rate instead. Results go to a JSON file with the device, versions, commit and date.
+TFLOP/s for H100/H200 SXM, or --peak-tflops); with --ceiling-tflops (the dense matmul rate
+benchmarks/ceilings.py measured on the GPU in hand), mfu_vs_measured_peak divides by that instead.
+Results go to a JSON file with the device, versions, commit and date.
 """
 from __future__ import annotations
 
@@ -103,6 +104,8 @@ def run_backend(backend: str, args, layers: int, trainer_args: list[str], workdi
            "--output-dir", out_dir]
     if args.peak_tflops:
         cmd += ["--train.peak_tflops", str(args.peak_tflops)]
+    if args.ceiling_tflops:
+        cmd += ["--train.ceiling_tflops", str(args.ceiling_tflops)]
     if args.profile:
         cmd += ["--train.profile_step", str(n_steps)]
     cmd += trainer_args
@@ -188,6 +191,9 @@ def main(argv=None) -> dict:
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="dense bf16 peak per device for MFU; 0 = the datasheet figure the trainer knows for the GPU "
                         "(989 for H100/H200 SXM), and no MFU elsewhere (default: 0)")
+    p.add_argument("--ceiling-tflops", type=float, default=0.0,
+                   help="dense bf16 matmul rate measured on this device (benchmarks/ceilings.py's dense_bf16_tflops); "
+                        "when set, rows also report mfu_vs_measured_peak (default: 0, not reported)")
     p.add_argument("--save-at", default="auto",
                    help="save a checkpoint after this step and report the median step time before and after it; "
                         "'auto' = half-way through the timed steps, 0 = no save (default: auto)")

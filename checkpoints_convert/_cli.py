@@ -9,7 +9,8 @@ SHARD_HELP = ("largest output shard, e.g. 5GB, 500MB, 2GiB (default: %(default)s
               "gets a shard of its own. Shards are streamed to disk, so this does not change memory use")
 
 
-def add_common(p: argparse.ArgumentParser, shard_default: str = "5GB") -> None:
+def add_common(p: argparse.ArgumentParser, shard_default: str = "5GB", dtype_default: str = "keep",
+               dtype_choices: tuple[str, ...] = ("keep", "bf16", "fp32", "fp16"), dtype_help: str = DTYPE_HELP) -> None:
     p.add_argument("--shard-size", default=shard_default, metavar="SIZE", help=SHARD_HELP)
-    p.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp32", "fp16"], help=DTYPE_HELP)
+    p.add_argument("--dtype", default=dtype_default, choices=list(dtype_choices), help=dtype_help)
     p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")

@@ -78,13 +78,9 @@ def main(argv=None) -> int:
                                 epilog="Exit status: 0 on success, 2 on any error (message on stderr, no output left behind).")
     p.add_argument("ckpt", help="a step_N checkpoint directory, or a checkpoints/ directory (latest step)")
     p.add_argument("out", help="output HF directory (must not exist)")
-    _cli.add_common(p)
-    p.set_defaults(dtype="auto")
-    for action in p._actions:
-        if action.dest == "dtype":
-            action.choices = ["auto", "keep", "bf16", "fp32", "fp16"]
-            action.help = ("dtype of the tensors written: auto (default: the model config's torch_dtype, bf16 for "
-                           "Ling-Lite, not the fp32 master weights), keep (as stored), bf16, fp32 or fp16")
+    _cli.add_common(p, dtype_default="auto", dtype_choices=("auto", "keep", "bf16", "fp32", "fp16"),
+                    dtype_help="dtype of the tensors written: auto (default: the model config's torch_dtype, bf16 "
+                               "for Ling-Lite, not the fp32 master weights), keep (as stored), bf16, fp32 or fp16")
     p.add_argument("--tokenizer", metavar="DIR", default="auto",
                    help="the tokenizer the run trained with (default: as the step's config.yaml says; '' = none)")
     p.add_argument("--source-hf", metavar="DIR", default="auto",

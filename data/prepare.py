@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from .errors import DataError, MissingFileError, run_cli
+from .errors import BadInputError, DataError, MissingFileError, run_cli
 from .files import OwnedTempDir, require_space
 from .formats import normalize_dpo, normalize_sft, read_jsonl
 from .packing import fit_document
@@ -328,6 +328,9 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.max_len is not None and args.max_len < 2:  # below 2 no sample keeps a token to train on
+        raise BadInputError(f"--max-len must be at least 2 (a token to predict from and one to predict), "
+                            f"got {args.max_len}")
     manifest = prepare(args.files, args.tokenizer, args.out, kind=args.kind, skip_bad=args.skip_bad,
                        max_len=args.max_len, overlong=args.overlong, default_domain=args.domain,
                        progress=not args.quiet, eos_every_turn=args.eos_every_turn)

@@ -10,12 +10,17 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from data.errors import BadInputError
 
-EXPERT_BACKENDS = ("loop", "torch", "triton")
-AUX_LOSS_TYPES = ("micro", "global", "sequence", "none")
+# The Literal types are the one source of each set of names (the training options are typed with
+# them); the tuples are read off them for membership checks and messages.
+ExpertBackend = Literal["loop", "torch", "triton"]
+AuxLossType = Literal["micro", "global", "sequence", "none"]
+PresetName = Literal["ling-lite", "tiny"]  # the keys of PRESETS (tests/test_configs.py checks they agree)
+EXPERT_BACKENDS = get_args(ExpertBackend)
+AUX_LOSS_TYPES = get_args(AuxLossType)
 
 # HF keys we read but that change nothing in the computation (dropouts are 0 in every release,
 # sliding-window attention is off for bailing_moe); kept so a round trip preserves them.
@@ -204,7 +209,7 @@ class BailingMoeConfig:
         return cls(**d)
 
 
-PRESETS: dict[str, dict[str, Any]] = {
+PRESETS: dict[PresetName, dict[str, Any]] = {
     # The real Ling-lite-1.5 config.json values.
     "ling-lite": {},
     # A model that trains in minutes on a laptop CPU, with every structural feature of Ling-Lite

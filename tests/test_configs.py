@@ -10,14 +10,14 @@ import torch
 from moe import BailingMoeConfig, BailingMoeForCausalLM
 from trainer import parallel
 from trainer.loop import model_overrides
-from trainer.options import DPO_SECTIONS, SFT_SECTIONS, OptionsError, parse_options
+from trainer.options import DPORunOptions, Options, OptionsError, parse_options
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 
 
-def _load(name, sections=SFT_SECTIONS, extra=()):
-    return parse_options(["--config", str(CONFIGS / name), *extra], "t", sections, "", "runs/x")
+def _load(name, options=Options, extra=()):
+    return parse_options(["--config", str(CONFIGS / name), *extra], "t", options, "", "runs/x")
 
 
 def _command(name):
@@ -43,8 +43,8 @@ def test_the_docs_and_the_recipes_name_each_other():
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_resolves_and_builds_its_model_on_meta(name):
     ranks, script = _command(name)
-    o = _load(name, DPO_SECTIONS if script == "dpo" else SFT_SECTIONS)
-    assert ("dpo" in o.sections) == (script == "dpo")
+    o = _load(name, DPORunOptions if script == "dpo" else Options)
+    assert isinstance(o, DPORunOptions) == (script == "dpo")
     # A recipe starting from a checkpoint starts from Ling-Lite, whose config.json is the ling-lite
     # preset (tests/test_model.py checks the preset against the real file's values).
     cfg = BailingMoeConfig.preset("ling-lite" if o.model.init_from else o.model.preset,
@@ -66,7 +66,7 @@ def test_recipe_resolves_and_builds_its_model_on_meta(name):
 
 
 def test_tiny_demo_recipe_equals_the_defaults():
-    assert _load("tiny_demo.yaml").to_dict() == parse_options([], "t", SFT_SECTIONS, "", "runs/sft").to_dict()
+    assert _load("tiny_demo.yaml").to_dict() == parse_options([], "t", Options, "", "runs/sft").to_dict()
 
 
 def test_command_line_overrides_recipe_and_types_are_checked():

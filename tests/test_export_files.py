@@ -191,3 +191,28 @@ def test_export_of_a_model_trained_from_an_hf_dir_carries_its_code(demo_run, tmp
         "eos_token_id": 0, "pad_token_id": 0, "do_sample": True, "top_p": 0.8}  # demo tokenizer: eos = pad = 0
     auto = json.loads((out / "config.json").read_text())["auto_map"]
     assert auto["AutoModelForCausalLM"] == "modeling_bailing_moe.BailingMoeForCausalLM"
+
+
+def test_dcp_to_hf_command_writes_the_configs_dtype_by_default(demo_run, tmp_path):
+    from safetensors import safe_open
+
+    from checkpoints_convert.dcp_to_hf import main
+
+    def dtypes(out):
+        found = set()
+        for f in out.glob("*.safetensors"):
+            with safe_open(str(f), "pt") as st:
+                found |= {st.get_slice(k).get_dtype() for k in st.keys()}
+        return found
+
+    # The tiny preset says float32; as Ling-Lite's config does, this copy says bfloat16 (stored: fp32).
+    ckpt = tmp_path / "checkpoints"
+    shutil.copytree(demo_run / "checkpoints", ckpt)
+    for cfg in ckpt.glob("step_*/model_config.json"):
+        cfg.write_text(json.dumps(dict(json.loads(cfg.read_text()), torch_dtype="bfloat16")))
+    main([str(ckpt), str(tmp_path / "auto"), "--quiet"])
+    main([str(ckpt), str(tmp_path / "keep"), "--quiet", "--dtype", "keep"])
+    assert (dtypes(tmp_path / "auto"), dtypes(tmp_path / "keep")) == ({"BF16"}, {"F32"})
+    with pytest.raises(SystemExit) as e:
+        main([str(ckpt), str(tmp_path / "int8"), "--dtype", "int8"])
+    assert e.value.code == 2 and not (tmp_path / "int8").exists()

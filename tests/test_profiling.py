@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tests.trainer_utils import TINY, metrics, run_inproc
-from trainer.options import OptionsError, SFT_SECTIONS, parse_options
+from trainer.options import Options, OptionsError, parse_options
 from trainer.profiling import summarize_trace, union_ms
 
 
@@ -84,7 +84,7 @@ def test_a_summary_that_fails_is_recorded_and_the_run_goes_on(tmp_path, monkeypa
 @pytest.mark.parametrize("step", ["-1", "4"])
 def test_profile_step_outside_the_run_is_refused(step):
     with pytest.raises(OptionsError, match="train.profile_step must be a step in 1..train.steps"):
-        parse_options(["--train.steps", "3", "--train.profile_step", step], "trainer/sft.py", SFT_SECTIONS, "",
+        parse_options(["--train.steps", "3", "--train.profile_step", step], "trainer/sft.py", Options, "",
                       "runs/x")
 
 

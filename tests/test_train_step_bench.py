@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from tests.trainer_utils import ROOT
-from trainer.options import SFT_SECTIONS, OptionsError, parse_options
+from trainer.options import Options, OptionsError, parse_options
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import train_step  # noqa: E402
@@ -28,7 +28,8 @@ def test_train_step_bench_times_each_backend_around_one_save(tmp_path):
     runs = tmp_path / "runs"
     res = train_step.main(["--backends", "torch", "loop", "--layers", "2", "--seq-len", "64", "--micro-batch", "2",
                            "--global-batch", "4", "--steps", "4", "--warmup", "1", "--save-at", "3",
-                           "--peak-tflops", "0.001", "--json", str(out), "--workdir", str(runs), "--keep-runs",
+                           "--peak-tflops", "0.001", "--ceiling-tflops", "0.004", "--json", str(out),
+                           "--workdir", str(runs), "--keep-runs",
                            "--", "--train.device", "cpu"])
     on_disk = json.loads(out.read_text())
     assert on_disk["rows"] == json.loads(json.dumps(res["rows"]))
@@ -41,6 +42,7 @@ def test_train_step_bench_times_each_backend_around_one_save(tmp_path):
         assert r["flops_per_token"] == TINY2_FLOPS_PER_TOKEN_S64
         # MFU = FLOPs/token x tokens/s over the peak given (0.001 TFLOP/s per device, one device).
         assert r["mfu"] == pytest.approx(TINY2_FLOPS_PER_TOKEN_S64 * r["tokens_per_s"] / 1e9, rel=1e-6)
+        assert r["mfu_vs_measured_peak"] == pytest.approx(r["mfu"] / 4, rel=1e-6)  # over a ceiling 4x the peak
         assert len(r["step_ms_all"]) == 5 and r["save_at"] == 3
         assert r["ms_before_save"] > 0 and r["ms_after_save"] > 0
         # The trainer saved after step 3 and nothing at the end: no final checkpoint, no export.
@@ -74,7 +76,7 @@ def test_layers_that_fit_grows_with_memory_and_is_at_least_one():
 
 
 def _parse(args):
-    return parse_options(args, "sft", SFT_SECTIONS, "", default_output="runs/x")
+    return parse_options(args, "sft", Options, "", default_output="runs/x")
 
 
 def test_save_final_false_needs_export_off_and_docs_per_row_is_checked():

@@ -172,7 +172,7 @@ def _other_value(sec, key, default):
     if isinstance(default, int):
         return [str(default + 1), str(default - 1)]
     if isinstance(default, float):
-        return [repr(default * 2 + 0.5)]
+        return [repr(default * 2 + 0.5), repr(default / 2)]  # the second for those below 1 (AdamW's betas)
     if isinstance(default, list):
         return ["[a.jsonl]"]
     if isinstance(default, dict):
@@ -186,15 +186,16 @@ def test_every_option_in_help_is_accepted_and_changes_the_resolved_config(script
     import re
 
     from trainer import dpo, sft
-    from trainer.options import DPO_SECTIONS, SFT_SECTIONS, OptionsError, build_parser, parse_options
+    from trainer.options import DPORunOptions, Options, OptionsError, build_parser, parse_options
 
-    sections, defaults, doc = ((SFT_SECTIONS, None, sft.__doc__) if script == "sft"
-                               else (DPO_SECTIONS, dpo.DPO_DEFAULTS, dpo.__doc__))
+    options, defaults, doc = ((Options, None, sft.__doc__) if script == "sft"
+                              else (DPORunOptions, dpo.DPO_DEFAULTS, dpo.__doc__))
+    sections = options.sections()
 
     def resolve(args):
-        return parse_options(args, script, sections, doc, "runs/x", defaults=defaults).to_dict()
+        return parse_options(args, script, options, doc, "runs/x", defaults=defaults).to_dict()
 
-    help_text = build_parser(script, sections, doc, defaults).format_help()
+    help_text = build_parser(script, options, doc, defaults).format_help()
     listed = set(re.findall(r"^\s+--(\w+)\.(\w+) V\b", help_text, flags=re.M))  # the option lines
     assert listed == {(sec, f.name) for sec, cls in sections.items() for f in dataclasses.fields(cls)}
     base = resolve([])
@@ -260,7 +261,7 @@ def test_bad_sample_reported_with_file_and_line_before_training(tmp_path):
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     from trainer import loop
     from trainer.errors import TrainerError
-    from trainer.options import SFT_SECTIONS, parse_options
+    from trainer.options import Options, parse_options
     from trainer.sft import SFTTask
 
     class PoisonedTask(SFTTask):
@@ -277,7 +278,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
 
     opts = parse_options(TINY + ["--data.synthetic", "true", "--train.steps", "20", "--train.global_batch_size", "4",
                                  "--train.max_bad_steps", "3", "--checkpoint.every", "1",
-                                 "--output-dir", str(tmp_path)], "t", SFT_SECTIONS, "", str(tmp_path))
+                                 "--output-dir", str(tmp_path)], "t", Options, "", str(tmp_path))
     with pytest.raises(TrainerError, match="3 consecutive steps with a non-finite"):
         loop.run(PoisonedTask(), opts)
     m = metrics(tmp_path)
@@ -335,7 +336,7 @@ def test_single_process_save_and_resume_start_no_thread_team(tmp_path, monkeypat
     # spin-waits and every later step ran ~2x slower (trainer/checkpoint.py). That team shows as an
     # extra thread named after its gloo parent. The demo's tiny preset has enough tensors for it.
     from trainer import loop
-    from trainer.options import SFT_SECTIONS, parse_options
+    from trainer.options import Options, parse_options
     from trainer.sft import SFTTask
 
     seen = {}
@@ -351,7 +352,7 @@ def test_single_process_save_and_resume_start_no_thread_team(tmp_path, monkeypat
         return parse_options(["--data.synthetic", "true", "--data.seq_len", "32", "--train.progress", "false",
                               "--train.device", "cpu", "--train.steps", str(steps), "--checkpoint.every", "1",
                               "--checkpoint.export_hf", "false", "--output-dir", str(tmp_path)],
-                             "t", SFT_SECTIONS, "", str(tmp_path))
+                             "t", Options, "", str(tmp_path))
     try:
         loop.run(SFTTask(), opts(2), shutdown=False)
         after_saves = _thread_names()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 from data.demo import dpo_source, ensure_demo_data, sft_sources
-from trainer.options import SFT_SECTIONS, Options, parse_options
+from trainer.options import Options, parse_options
 from trainer.sources import cache_dir
 
 DEMO_SFT_EXPORT = os.path.join("runs", "sft", "hf")
@@ -46,6 +46,6 @@ def dpo_initial_model(opts: Options, train_sft) -> str:
     warm = os.path.join(opts.output_dir, "sft_warmup")
     sft_opts = parse_options(["--train.steps", str(WARMUP_STEPS), "--output-dir", warm, "--train.progress",
                               str(opts.train.progress).lower(), "--train.log_every", str(opts.train.log_every)],
-                             "trainer/sft.py", SFT_SECTIONS, "", warm)
+                             "trainer/sft.py", Options, "", warm)
     train_sft(sft_opts)
     return os.path.join(warm, "hf")

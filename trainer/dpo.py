@@ -44,7 +44,7 @@ from moe.heads import TokenLogps
 from trainer import demo, parallel
 from trainer.errors import TrainerError, finish_process
 from trainer.loop import MicroStep, StepContext, build_model, run
-from trainer.options import DPO_LOSS_TYPES as LOSS_TYPES, DPO_SECTIONS, parse_options
+from trainer.options import DPO_LOSS_TYPES as LOSS_TYPES, DPORunOptions, parse_options
 from trainer.sft import SFTTask
 from trainer.sources import sources_and_vocab
 
@@ -302,7 +302,7 @@ DPO_DEFAULTS = {"optim": {"lr": 2e-4, "warmup_ratio": 0.05}, "train": {"steps": 
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     with exit_on_error():
-        opts = parse_options(argv, "trainer/dpo.py", DPO_SECTIONS, __doc__, default_output="runs/dpo",
+        opts = parse_options(argv, "trainer/dpo.py", DPORunOptions, __doc__, default_output="runs/dpo",
                              defaults=DPO_DEFAULTS)
         if not opts.model.init_from and not opts.data.sources:
             # The demo: start from an SFT-ed tiny model, trained now if the SFT demo has not been run.

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from moe.config import AUX_LOSS_TYPES, BailingMoeConfig
+from moe.config import BailingMoeConfig
 from moe.losses import CarriedCounts
 from moe.model import BailingMoeForCausalLM, initial_value
 from data.errors import NoSpaceError
@@ -53,10 +53,6 @@ from trainer.options import Options, dump_yaml
 # most specific first: torch.cuda.get_device_name gives e.g. "NVIDIA H100 80GB HBM3" for the SXM part.
 DATASHEET_PEAK_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),
                          ("H200 NVL", 835.0), ("H200", 989.0), ("A100", 312.0))
-# Dense bf16 matmul rates measured by benchmarks/ceilings.py (8192^3) on the lent GPUs: logged beside
-# MFU as mfu_vs_measured_peak, a ceiling reachable in practice, never as MFU itself. H100:
-# benchmarks/h100_2026-11-23/1_check_quick_profile_5559c7b/ceilings.json. No H200 measured yet.
-MEASURED_PEAK_TFLOPS = {"H100": 753.0}
 
 
 @dataclasses.dataclass
@@ -108,8 +104,6 @@ def resolve_backend(name: str, device: torch.device) -> str:
 def model_overrides(opts: Options, device: torch.device) -> dict:
     """The BailingMoeConfig fields the training options set on top of a preset or a checkpoint's config."""
     m = opts.model
-    if m.aux_loss_type not in AUX_LOSS_TYPES:
-        raise TrainerError(f"model.aux_loss_type {m.aux_loss_type!r} is not one of {', '.join(AUX_LOSS_TYPES)}")
     return dict(expert_backend=resolve_backend(m.expert_backend, device), aux_loss_type=m.aux_loss_type,
                 z_loss_coef=m.z_loss_coef, aux_loss_alpha=0.0 if m.aux_loss_type == "none" else m.aux_loss_alpha,
                 **m.overrides)
@@ -164,19 +158,12 @@ def flops_per_token(cfg: BailingMoeConfig, seq_len: int) -> float:
     return 6.0 * active + attn
 
 
-def _peak_by_name(table, device: torch.device) -> float:
-    if device.type != "cuda":
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in (table.items() if isinstance(table, dict) else table):
-        if key in name:
-            return tflops
-    return 0.0
-
-
 def datasheet_peak_tflops(opts: Options, device: torch.device) -> float:
     """The MFU denominator: train.peak_tflops when set, else the datasheet's dense bf16 figure (0 = unknown)."""
-    return opts.train.peak_tflops if opts.train.peak_tflops > 0 else _peak_by_name(DATASHEET_PEAK_TFLOPS, device)
+    if opts.train.peak_tflops > 0 or device.type != "cuda":
+        return opts.train.peak_tflops
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for key, tflops in DATASHEET_PEAK_TFLOPS if key in name), 0.0)
 
 
 class _StopFlag:
@@ -287,14 +274,13 @@ class Trainer:
         self.loader = self.task.build_loader(opts, info, self.accum, cfg)
         o = opts.optim
         self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps, info.device)
-        warmup = o.warmup_steps if o.warmup_steps >= 0 else int(o.warmup_ratio * opts.train.steps)
-        self.scheduler = build_scheduler(self.optimizer, opts.train.steps, warmup, o.min_lr_ratio)
+        self.scheduler = self._schedule(done_steps=0)
         self.checkpointer = Checkpointer(self.ckpt_root, info.rank, opts.checkpoint.keep_last)
         self.ctx = StepContext(opts, info, self.model, cfg, self.accum, self.logger)
         if cfg.aux_loss_type == "global":
             self.ctx.balance_counts_fn = CarriedCounts(parallel.all_reduce_sum)
         self.peak_tflops = datasheet_peak_tflops(opts, info.device)
-        self.measured_peak_tflops = _peak_by_name(MEASURED_PEAK_TFLOPS, info.device)
+        self.ceiling_tflops = opts.train.ceiling_tflops
         self.flops_per_token = flops_per_token(cfg, opts.data.seq_len)
         # The task's own preparation runs on the initial weights, before any resume restores trained
         # ones (DPO's reference log-probs are those of the initial model).
@@ -340,26 +326,29 @@ class Trainer:
         if self.resume_from:
             tstate, rstate = self.checkpointer.load(self.resume_from, self.model, self.optimizer)
             self.state = TrainState(step=tstate["step"], bad_in_a_row=tstate["bad_in_a_row"])
-            self.scheduler.load_state_dict(tstate["scheduler"])
-            self._apply_schedule_options()
+            self._apply_schedule_options(done_steps=tstate["scheduler"]["last_epoch"])
             self.loader.load_state_dict(rstate["loader"])
             torch.set_rng_state(rstate["rng"])
             self.saved_at = self.state.step  # that step's checkpoint exists: never rewrite it
             self.logger.info(f"resumed from {self.resume_from} at step {self.state.step}")
         return self.resume_from
 
-    def _apply_schedule_options(self) -> None:
-        """After loading optimizer and schedule state: the options' lr and weight decay are what runs
-        (the loaded state holds those the checkpoint was written with; the schedule's shape, built from
-        the options, already is the new one)."""
+    def _schedule(self, done_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+        """The options' schedule, ``done_steps`` steps in: it sets each group's lr for the next step."""
+        o, steps = self.opts.optim, self.opts.train.steps
+        warmup = o.warmup_steps if o.warmup_steps >= 0 else int(o.warmup_ratio * steps)
+        return build_scheduler(self.optimizer, steps, warmup, o.min_lr_ratio, done_steps)
+
+    def _apply_schedule_options(self, done_steps: int) -> None:
+        """After loading the optimizer state: the options' lr and weight decay are what runs (the loaded
+        state holds those the checkpoint was written with). A scheduler built ``done_steps`` in takes its
+        peak from each group's initial_lr, which is set to the options' lr first."""
         o = self.opts.optim
         groups = self.optimizer.param_groups
         groups[0]["weight_decay"] = o.weight_decay  # group 1 (norms, biases) never decays
-        self.scheduler.base_lrs = [o.lr for _ in groups]
-        lrs = [o.lr * f(self.scheduler.last_epoch) for f in self.scheduler.lr_lambdas]
-        for g, lr in zip(groups, lrs):
-            g["initial_lr"], g["lr"] = o.lr, lr
-        self.scheduler._last_lr = lrs
+        for g in groups:
+            g["initial_lr"] = o.lr
+        self.scheduler = self._schedule(done_steps)
 
     def _state_bytes(self) -> int:
         """Bytes a checkpoint writes: this rank's parameter and optimizer-state shards, summed over ranks."""
@@ -486,8 +475,8 @@ class Trainer:
         per_gpu = self.flops_per_token * tokens_per_s / self.info.world_size
         if self.peak_tflops > 0:
             out["mfu"] = per_gpu / (self.peak_tflops * 1e12)
-        if self.measured_peak_tflops > 0:
-            out["mfu_vs_measured_peak"] = per_gpu / (self.measured_peak_tflops * 1e12)
+        if self.ceiling_tflops > 0:
+            out["mfu_vs_measured_peak"] = per_gpu / (self.ceiling_tflops * 1e12)
         if self.info.device.type == "cuda":
             out["memory_gib"] = torch.cuda.max_memory_allocated(self.info.device) / 2 ** 30
         else:  # peak resident memory of this process (rank 0's, as it is rank 0 that logs)

@@ -33,6 +33,9 @@ def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float):
+def build_scheduler(optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float, done_steps: int = 0):
+    """The schedule after ``done_steps`` optimizer steps; it sets each group's lr for the next one. From
+    step 0 the peak is each group's lr; later (a resume) it is each group's initial_lr, which
+    LRScheduler requires then."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, total_steps, warmup_steps, min_lr_ratio))
+        optimizer, lambda s: lr_lambda(s, total_steps, warmup_steps, min_lr_ratio), last_epoch=done_steps - 1)

@@ -27,7 +27,7 @@ from moe.heads import CHUNK_TOKENS, CrossEntropy
 from trainer import demo, parallel
 from trainer.errors import finish_process
 from trainer.loop import MicroStep, StepContext, run
-from trainer.options import SFT_SECTIONS, parse_options
+from trainer.options import Options, parse_options
 from trainer.sources import sources_and_vocab
 
 
@@ -87,7 +87,7 @@ class SFTTask:
 
 def main(argv=None) -> dict:
     with exit_on_error():
-        opts = parse_options(argv, "trainer/sft.py", SFT_SECTIONS, __doc__, default_output="runs/sft")
+        opts = parse_options(argv, "trainer/sft.py", Options, __doc__, default_output="runs/sft")
         return run(SFTTask(default_data=demo.sft_data), opts)
 
 
