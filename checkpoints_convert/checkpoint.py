@@ -26,6 +26,7 @@ from checkpoints_convert.io import (MODEL_ST_DTYPES, CheckpointError, MissingChe
                                     ShardWriter, cast, dtype_name, nbytes_of, parse_dtype, parse_size)
 from data.files import OwnedTempDir
 from moe.config import BailingMoeConfig, ConfigError
+from moe.model import BailingMoeForCausalLM
 
 NATIVE_FORMAT = "lingmoe-native"
 NATIVE_VERSION = 1
@@ -295,8 +296,6 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, layout: str, shard_s
 
 # ---------------------------------------------------------------------------------------------- models
 def _load(path, dtype, device, expect: str | None, overrides) -> "torch.nn.Module":
-    from moe.model import BailingMoeForCausalLM
-
     dtype = parse_dtype(dtype)
     with open_checkpoint(path, **overrides) as ckpt:
         if expect is not None and ckpt.kind != expect:

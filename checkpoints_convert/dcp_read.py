@@ -21,7 +21,9 @@ import pickle
 import warnings
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
@@ -120,8 +122,6 @@ class PlainDataLoadPlanner(DefaultLoadPlanner):
                                   f"({_reason(e)}); checkpoints are read as data only "
                                   f"(docs/checkpoints.md)") from None
         # What DefaultLoadPlanner.load_bytes does after its own torch.load.
-        from torch.distributed.checkpoint._traverse import set_element
-
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
@@ -133,8 +133,6 @@ def load(state_dict: dict, step_dir: str | os.PathLike, no_dist: bool = False) -
 
     The metadata is read (and refused if need be) up front on every rank, so a refusal is our
     CheckpointError rather than one wrapped in DCP's CheckpointException."""
-    import torch.distributed.checkpoint as dcp
-
     read_metadata(step_dir)
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is

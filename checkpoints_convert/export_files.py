@@ -25,6 +25,9 @@ import os
 import shutil
 
 from checkpoints_convert.io import CheckpointError, MissingCheckpointError
+from data import load_tokenizer
+from data.errors import DataError
+from data.hf_template import chat_template
 from data.tokenizer import run_tokenizer_dir
 
 CONFIG_NAME = "config.json"
@@ -92,10 +95,6 @@ def _as_token(value):
 
 def _tokenizer_side(out_dir: str, tokenizer_dir: str, model_max_length: int | None, eos_every_turn: bool):
     """Copy the vocabulary, write tokenizer_config.json / special_tokens_map.json; the loaded tokenizer."""
-    from data import load_tokenizer
-    from data.errors import DataError
-    from data.hf_template import chat_template
-
     try:
         tok = load_tokenizer(tokenizer_dir)
     except DataError as e:

@@ -13,8 +13,13 @@ import json
 import os
 import sys
 
+from checkpoints_convert.checkpoint import open_checkpoint
 from checkpoints_convert.export_files import GENERATION_CONFIG, TOKENIZER_CONFIG
 from checkpoints_convert.io import CheckpointError
+from data import load_tokenizer
+from data.errors import DataError
+from data.hf_template import SAMPLE_CONVERSATIONS, render_with_jinja
+from data.template import render_chat
 
 
 def _json(path):
@@ -31,9 +36,6 @@ def template_matches(template: str) -> tuple[bool | None, str]:
         import jinja2  # noqa: F401
     except ImportError:
         return None, "jinja2 is not installed, the template was not rendered"
-    from data.hf_template import SAMPLE_CONVERSATIONS, render_with_jinja
-    from data.template import render_chat
-
     first_diff = ""
     for every, how in ((False, "eos after the last answer"), (True, "eos after every answer")):
         for i, conv in enumerate(SAMPLE_CONVERSATIONS):
@@ -60,8 +62,6 @@ def check_serving(path: str, out=None) -> int:
         nonlocal bad
         bad += status not in ("ok", "skipped")
         print(f"{status:8s}{what}: {detail}", file=out)
-
-    from checkpoints_convert.checkpoint import open_checkpoint
 
     cfg = None
     try:
@@ -91,8 +91,6 @@ def check_serving(path: str, out=None) -> int:
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         line("MISSING", "tokenizer", f"no tokenizer.json in {path}")
     else:
-        from data import load_tokenizer
-        from data.errors import DataError
         try:
             tok = load_tokenizer(path)
         except DataError as e:

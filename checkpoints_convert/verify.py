@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from checkpoints_convert.checkpoint import open_checkpoint
 from checkpoints_convert.io import dtype_name
+from checkpoints_convert.serving import check_serving
 from moe.config import BailingMoeConfig
 from data.errors import run_cli
 
@@ -164,7 +165,6 @@ def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
     if args.serving:
-        from checkpoints_convert.serving import check_serving
         return check_serving(args.a)
     if args.b is None:
         p.error("verify needs two checkpoints A B (or --serving A)")

@@ -19,6 +19,8 @@ default spelling (``{"a": 1}``); Jinja cannot parse JSON.
 
 This module builds the text only; rendering it needs jinja2, which data/ does not import.
 """
+import json
+
 from .template import (ASSISTANT_PREFIX, EOS_TOKEN, SYSTEM_PREFIX, TOOL_CLOSE, TOOL_OPEN, TOOL_PREFIX,
                        USER_PREFIX)
 
@@ -88,8 +90,6 @@ def chat_template(eos_every_turn: bool = False) -> str:
 def jinja_environment():
     """A Jinja2 environment set up as transformers' apply_chat_template sets up its own (sandboxed,
     trim_blocks, lstrip_blocks, json.dumps as ``tojson``, ``raise_exception``). Needs jinja2."""
-    import json
-
     from jinja2.exceptions import TemplateError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment

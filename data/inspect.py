@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 
+from .dataset import open_prepared
 from .errors import run_cli
 from .formats import read_jsonl, detect_kind
 from .format_check import format_check
@@ -97,7 +98,6 @@ def inspect_jsonl(path, n, tokenizer=None, color=False, out=None, skip_bad=False
 
 def inspect_prepared(directory, n, tokenizer, color=False, out=None):
     out = out or sys.stdout
-    from .dataset import open_prepared
     ds = open_prepared(directory)
     print(f"=== {directory}: {ds.manifest['kind']} samples={len(ds)} hash={ds.data_hash[:16]}", file=out)
     names = ds.domains

@@ -21,6 +21,7 @@ import functools
 import os
 from typing import NamedTuple, Optional
 
+import numpy
 import torch
 import triton
 import triton.language as tl
@@ -388,8 +389,6 @@ def _version(text: str) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=None)
 def _check_interpreter_versions() -> None:
-    import numpy
-
     # triton 3.6's interpreter turns loop bounds into Python ints with int(1-element array),
     # which NumPy 2.4 rejects ("only 0-dimensional arrays can be converted"); 3.7 squeezes first.
     if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):

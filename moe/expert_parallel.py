@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor, Shard
 
 from kernels.routing import expert_counts
 from moe.experts import BACKENDS, GroupedExperts
@@ -175,8 +176,6 @@ def apply_expert_parallel(model: nn.Module, group=None, mesh=None) -> None:
                 full = getattr(child, pname)
                 local = full.detach()[r * El:(r + 1) * El].clone()
                 if mesh is not None:
-                    from torch.distributed.tensor import DTensor, Shard
-
                     local = DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
                                                shape=full.shape, stride=full.stride())
                 setattr(ep_experts, pname, nn.Parameter(local, requires_grad=full.requires_grad))

@@ -38,8 +38,12 @@ if __package__ in (None, ""):  # run as a file (torchrun trainer/dpo.py): import
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from data import DPOLoader
 from data.errors import exit_on_error
+from data.files import writing
 from moe.heads import TokenLogps
 from trainer import demo, parallel
 from trainer.errors import TrainerError, finish_process
@@ -148,11 +152,9 @@ class DPOTask:
         return cfg
 
     def build_loader(self, opts, info, accum, cfg):
-        import data
-
         self.options = opts.dpo
         self.pad_id = cfg.pad_token_id
-        self.loader = data.DPOLoader(self.source, opts.data.seq_len, opts.data.micro_batch_size, rank=info.rank,
+        self.loader = DPOLoader(self.source, opts.data.seq_len, opts.data.micro_batch_size, rank=info.rank,
                                      world_size=info.world_size, seed=opts.train.seed)
         return self.loader
 
@@ -196,10 +198,6 @@ class DPOTask:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # each pair was computed by exactly one rank
             table = t.cpu()
         if info.is_main:
-            from safetensors.torch import save_file
-
-            from data.files import writing
-
             tmp = f"{path}.tmp-{os.getpid()}"
             try:
                 with writing(path):
@@ -236,8 +234,6 @@ class DPOTask:
     def _load_cached(self, path: str, key: str) -> torch.Tensor | None:
         """The cached table when it exists and was made under exactly this key; safetensors, so
         loading it runs no code. A damaged or foreign file is recomputed over."""
-        from safetensors import safe_open
-
         if not os.path.exists(path):
             return None
         try:

@@ -36,17 +36,21 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from checkpoints_convert import CheckpointError, open_checkpoint
+from checkpoints_convert.dcp_layout import read_model_config
+from checkpoints_convert.dcp_to_hf import dcp_to_hf
+from data.errors import NoSpaceError
+from data.files import require_space, writing
 from moe.config import BailingMoeConfig
 from moe.losses import CarriedCounts
 from moe.model import BailingMoeForCausalLM, initial_value
-from data.errors import NoSpaceError
-from data.files import require_space, writing
 from trainer import parallel, rundir
 from trainer.checkpoint import Checkpointer, latest_checkpoint
 from trainer.errors import TrainerError
 from trainer.metrics import RunLogger, format_metrics
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.options import Options, dump_yaml
+from trainer.profiling import StepProfiler
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (without sparsity), per GPU. MFU is model
 # FLOPs over this figure, as torchtitan, nanochat and Megatron report it. Matched by device name,
@@ -114,8 +118,6 @@ def model_config_from_options(opts: Options, device: torch.device) -> tuple[Bail
     extra = model_overrides(opts, device)
     if not opts.model.init_from:
         return BailingMoeConfig.preset(opts.model.preset, **extra), None
-    from checkpoints_convert import CheckpointError, open_checkpoint
-
     try:  # HF or native, validated (names, shapes, shard files) before anything is allocated
         ckpt = open_checkpoint(opts.model.init_from, **extra)
     except CheckpointError as e:
@@ -393,9 +395,6 @@ class Trainer:
         if done and os.path.isdir(hf_dir):
             self.logger.info(f"Hugging Face export {hf_dir} of {checkpoint} is already there")
             return
-        from checkpoints_convert.dcp_layout import read_model_config
-        from checkpoints_convert.dcp_to_hf import dcp_to_hf
-
         if os.path.exists(record):
             os.remove(record)
         cfg = read_model_config(checkpoint)
@@ -526,8 +525,6 @@ class Trainer:
         """torch.profiler around optimizer step ``step`` when --train.profile_step names it."""
         if self.opts.train.profile_step != step:
             return contextlib.nullcontext()
-        from trainer.profiling import StepProfiler
-
         return StepProfiler(os.path.join(self.opts.output_dir, "profile"), step, self.info.rank, self.info.device,
                             self.logger if self.info.is_main else None)
 

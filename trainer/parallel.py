@@ -17,9 +17,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from moe.expert_parallel import ExpertParallelExperts, apply_expert_parallel
 from moe.router import checkpoint_context_fn
 from trainer.errors import TrainerError
 
@@ -79,7 +84,6 @@ def init_distributed(device_type: str = "auto") -> DistInfo:
         backend = "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
-    from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, mesh)
@@ -122,8 +126,6 @@ def _forget_destroyed_groups_in_meshes() -> None:
     ``_pg_registry`` (torch >= 2.10; eager code resolves a mesh's groups by name, the registry is
     for torch.compile). Once the world group is destroyed every group in it is dead, so each mesh
     still in memory lets go of them. Where torch keeps them elsewhere, groups_released() says so."""
-    from torch.distributed.device_mesh import DeviceMesh
-
     for obj in gc.get_objects():
         if type(obj) is DeviceMesh:  # not isinstance: some torch classes hook it, slow over every object
             registry = getattr(obj, "_pg_registry", None)
@@ -151,7 +153,6 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 def expert_mesh(device_type: str, world_size: int, ep: int):
     """The 2-D mesh (edp, ep) for expert parallelism: ep consecutive ranks share the experts (the
     all-to-all stays inside a node when ep divides the GPUs per node), edp = world/ep copies of them."""
-    from torch.distributed.device_mesh import init_device_mesh
 
     if ep < 1 or world_size % ep:
         raise TrainerError(f"parallel.ep ({ep}) must divide the number of ranks ({world_size})")
@@ -164,11 +165,9 @@ def shard_model(model: nn.Module, mesh, param_dtype: torch.dtype | None, compile
     (embeddings, final norm, lm_head). Mixed precision computes in ``param_dtype`` and reduces
     gradients in fp32. With ``ep_mesh`` (expert_mesh's), the routed experts are split over its "ep"
     dimension (moe.expert_parallel) and FSDP-sharded over "edp" as their own unit."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
     if ep_mesh is not None:
-        from moe.expert_parallel import ExpertParallelExperts, apply_expert_parallel
 
         apply_expert_parallel(model, mesh=ep_mesh["ep"])
     for layer in model.model.layers:
@@ -194,10 +193,8 @@ def materialize(model: nn.Module, device: torch.device, get_value) -> None:
     only for its own rows, so each rank reads only the part of a checkpoint it holds (for stacked
     experts: only its experts) and memory peaks at one shard, never the model.
     """
-    from torch.distributed.tensor import DTensor, distribute_tensor
 
     model.to_empty(device=device)
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     for name, p in model.named_parameters():
         if isinstance(p, DTensor):  # a block of rows of dim 0 (FSDP2's Shard(0), under EP too): read only it

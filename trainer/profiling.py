@@ -30,6 +30,7 @@ import tempfile
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 RUNTIME_CATS = ("cuda_runtime", "cuda_driver")
@@ -103,8 +104,6 @@ class StepProfiler:
         self.summary: dict | None = None
 
     def __enter__(self):
-        from torch.profiler import ProfilerActivity, profile
-
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         _sync(self.device)
         self.prof = profile(activities=acts)

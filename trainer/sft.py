@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a file (torchrun trainer/sft.py): import
 
 import torch
 
+from data import SFTLoader
 from data.errors import exit_on_error
 from moe.heads import CHUNK_TOKENS, CrossEntropy
 from trainer import demo, parallel
@@ -29,6 +30,7 @@ from trainer.errors import finish_process
 from trainer.loop import MicroStep, StepContext, run
 from trainer.options import Options, parse_options
 from trainer.sources import sources_and_vocab
+from trainer.synthetic import SyntheticLoader
 
 
 class SFTTask:
@@ -53,14 +55,10 @@ class SFTTask:
 
     def build_loader(self, opts, info, accum, cfg):
         if opts.data.synthetic:
-            from trainer.synthetic import SyntheticLoader
-
             return SyntheticLoader(cfg.vocab_size, opts.data.seq_len, opts.data.micro_batch_size, accum,
                                    info.rank, info.world_size, opts.train.seed,
                                    docs_per_row=opts.data.synthetic_docs_per_row)
-        import data
-
-        return data.SFTLoader(self.dirs, opts.data.seq_len, opts.data.micro_batch_size, rank=info.rank,
+        return SFTLoader(self.dirs, opts.data.seq_len, opts.data.micro_batch_size, rank=info.rank,
                               world_size=info.world_size, seed=opts.train.seed, weights=self.weights)
 
     def before_training(self, ctx: StepContext) -> None:

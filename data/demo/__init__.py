@@ -18,6 +18,8 @@ import json
 import os
 import random
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 from ..dataset import read_manifest
 from ..files import FileLock, OwnedTempDir
 from ..formats import normalize_dpo, normalize_sft
@@ -61,8 +63,6 @@ def _record_texts(corpus):
 
 def train_tokenizer(corpus=None, seed=DEFAULT_SEED, vocab_size=VOCAB_SIZE):
     """A byte-level BPE `tokenizers.Tokenizer` trained on the rendered demo corpus."""
-    from tokenizers import Tokenizer, models, trainers, pre_tokenizers, decoders
-
     corpus = corpus or generate(seed)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
