@@ -43,30 +43,30 @@ class BadInputError(LingmoeError, ValueError):
     exit_code = EXIT_BAD_INPUT
 
 
-class MissingFileError(LingmoeError, FileNotFoundError):
+class _SystemLikeError(LingmoeError, OSError):
+    """Our error that is also the OSError the system would raise (so code catching FileNotFoundError
+    or OSError sees it), with our one-line message instead of "[Errno N] ..."."""
+
+    errno_code = 0
+
+    def __init__(self, message: str):
+        super().__init__(self.errno_code, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class MissingFileError(_SystemLikeError, FileNotFoundError):
     """A file or directory that was named but is not there; the message names it."""
 
-    exit_code = EXIT_MISSING
-
-    def __init__(self, message: str):
-        super().__init__(errno.ENOENT, message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
+    exit_code, errno_code = EXIT_MISSING, errno.ENOENT
 
 
-class OutputExistsError(LingmoeError, FileExistsError):
+class OutputExistsError(_SystemLikeError, FileExistsError):
     """An output that exists (or appeared while writing) and may not be replaced; left untouched."""
 
-    exit_code = EXIT_BAD_INPUT
-
-    def __init__(self, message: str):
-        super().__init__(errno.EEXIST, message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
+    exit_code, errno_code = EXIT_BAD_INPUT, errno.EEXIST
 
 
 class InUseError(LingmoeError):
@@ -75,17 +75,10 @@ class InUseError(LingmoeError):
     exit_code = EXIT_IN_USE
 
 
-class NoSpaceError(LingmoeError, OSError):
+class NoSpaceError(_SystemLikeError):
     """Not enough free space for a write; the message names the path and the sizes."""
 
-    exit_code = EXIT_NO_SPACE
-
-    def __init__(self, message: str):
-        super().__init__(errno.ENOSPC, message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
+    exit_code, errno_code = EXIT_NO_SPACE, errno.ENOSPC
 
 
 class DataError(BadInputError):
