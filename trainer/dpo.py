@@ -164,7 +164,8 @@ class DPOTask:
         content, or seed and config for a from-scratch init), how rows are cut, the template, the
         tokenizer and the compute dtype."""
         init = opts.model.init_from
-        return {"version": 2, "data_hash": self.loader.data_hash,
+        # version 3: the template of data.dataset.TEMPLATE_VERSION 2 (prompts wholly untrained)
+        return {"version": 3, "data_hash": self.loader.data_hash,
                 "weights": weights_fingerprint(init) if init else None,
                 "init_from": os.path.abspath(init) if init else None,
                 "seed": None if init else opts.train.seed, "cfg": cfg.to_dict(),
