@@ -44,7 +44,7 @@ ParamDtype = Literal["bf16", "fp16", "fp32"]
 Device = Literal["auto", "cuda", "cpu"]
 DPOLossType = Literal["sigmoid", "ipo", "hinge"]
 DPOReference = Literal["precomputed", "live"]
-DPONllAverage = Literal["sequence", "token"]
+DPONllAverage = Literal["sequence", "token", "trl"]
 DPO_LOSS_TYPES = get_args(DPOLossType)
 
 MAX_SEED = 2 ** 32 - 1  # numpy's and the synthetic rows' seed arithmetic stay in range below this
@@ -151,8 +151,11 @@ class DPOOptions:
     beta: float = opt(0.1, "DPO beta", gt=0)  # ipo divides by it; at 0 sigmoid and hinge have no gradient
     nll_coef: float = opt(0.0, "weight of an NLL term on the chosen answer (RPO / pref_ftx); 0 = off", ge=0)
     nll_average: DPONllAverage = opt("sequence", "the NLL term's mean: 'sequence' (each chosen answer's token mean, "
-                                                 "then over pairs: LLaMA-Factory's pref_ftx) or 'token' (over all "
-                                                 "chosen tokens of the step: TRL's sft loss)")
+                                                 "then over pairs: LLaMA-Factory's pref_ftx), 'token' (over all chosen "
+                                                 "tokens of the step, every micro-batch and rank together; TRL's sft "
+                                                 "loss only when a step is one micro-batch on one rank) or 'trl' (each "
+                                                 "micro-batch's token mean, averaged over micro-batches and ranks: "
+                                                 "TRL's sft loss and rpo_alpha term exactly)")
     reference: DPOReference = opt("precomputed", "'precomputed' (a first pass stores reference log-probs) or 'live' "
                                                  "(a frozen reference model stays resident)")
 
