@@ -5,7 +5,8 @@ so it is named once, here, below both:
 
     <output-dir>/checkpoints/step_00000100/
       .metadata, __*.distcp     model and optimizer (torch.distributed.checkpoint), sharded by rank
-      trainer.json              step, schedule position, consecutive bad steps (same on all ranks)
+      trainer.json              step, schedule position, consecutive bad steps (same on all ranks) and
+                                save_id, new at every save (what an export names, checkpoint_identity)
       rank_00000.pt ...         per-rank state: data loader position, RNG
       model_config.json         the model's BailingMoeConfig
       config.yaml               the resolved training configuration
@@ -69,6 +70,20 @@ def resolve_step_dir(path: str) -> str:
         raise CheckpointError(f"{path}: neither a checkpoint step directory (no {MODEL_CONFIG}) "
                               f"nor a directory holding complete step_* checkpoints")
     return latest
+
+
+def checkpoint_identity(step_dir: str) -> str:
+    """A name for this very save of ``step_dir``: its directory name and the save_id its trainer.json
+    records, so a step saved again (the same name, other weights) has another identity. Checkpoints
+    written before save_id existed fall back on COMPLETE's modification time."""
+    try:
+        with open(os.path.join(step_dir, TRAINER_STATE)) as f:
+            save_id = json.load(f).get("save_id")
+    except (OSError, ValueError, AttributeError):
+        save_id = None
+    if save_id is None:
+        save_id = f"mtime:{os.stat(os.path.join(step_dir, COMPLETE)).st_mtime_ns}"
+    return f"{os.path.basename(os.path.normpath(step_dir))}:{save_id}"
 
 
 def read_model_config(step_dir: str) -> BailingMoeConfig:

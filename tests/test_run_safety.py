@@ -141,6 +141,32 @@ def test_rerunning_a_finished_command_keeps_its_checkpoint_even_when_killed(tmp_
     assert _steps(out) == [1, 2] and meta.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.parametrize("lost", ["checkpoint", "complete_marker"])
+def test_the_export_follows_a_last_checkpoint_that_was_saved_again(tmp_path, lost):
+    # The last checkpoint is lost (or only its COMPLETE marker) and the steps after the one before are
+    # retrained with another lr: step 4 is saved anew, and the export must be that new step 4's, not
+    # the old export whose record names a checkpoint of the same name.
+    from checkpoints_convert.dcp_to_hf import dcp_to_hf
+
+    out = tmp_path / "run"
+    args = _args(out, "--train.steps", "4", "--checkpoint.every", "2", "--checkpoint.keep_last", "3")
+    run_inproc("sft", args)
+    old = exported(out)
+    step4 = out / "checkpoints" / "step_00000004"
+    if lost == "checkpoint":
+        shutil.rmtree(step4)
+    else:
+        (step4 / "COMPLETE").unlink()
+    run_inproc("sft", args + ["--optim.lr", "5e-3"])
+    assert _ckpts(out) == [2, 4] and _steps(out) == [1, 2, 3, 4]
+    dcp_to_hf(str(step4), str(tmp_path / "want" / "hf"))
+    new, want = exported(out), exported(tmp_path / "want")  # (exported reads DIR/hf)
+    assert len(want) > 10 and new.keys() == want.keys() and all(torch.equal(new[k], want[k]) for k in want)
+    assert not all(torch.equal(new[k], old[k]) for k in want)
+    run_inproc("sft", args + ["--optim.lr", "5e-3"])  # and a re-run rewrites nothing
+    assert exported(out).keys() == new.keys() and all(torch.equal(exported(out)[k], new[k]) for k in new)
+
+
 def test_metrics_hold_each_step_once_after_a_kill_before_the_first_checkpoint(tmp_path, monkeypatch):
     import trainer.checkpoint as ck
 

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import uuid
 import warnings
 
 import torch
@@ -106,8 +107,8 @@ class Checkpointer:
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp, no_dist=_single_process())
         torch.save(rank_state, os.path.join(tmp, rank_state_name(self.rank)))
         if self.rank == 0:
-            with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
-                json.dump(trainer_state, f, indent=2)
+            with open(os.path.join(tmp, TRAINER_STATE), "w") as f:  # save_id: checkpoint_identity's
+                json.dump({**trainer_state, "save_id": uuid.uuid4().hex}, f, indent=2)
             with open(os.path.join(tmp, MODEL_CONFIG), "w") as f:
                 json.dump(model_config, f, indent=2)
             with open(os.path.join(tmp, RUN_CONFIG), "w") as f:

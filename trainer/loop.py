@@ -37,7 +37,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from checkpoints_convert import CheckpointError, open_checkpoint
-from checkpoints_convert.dcp_layout import read_model_config
+from checkpoints_convert.dcp_layout import checkpoint_identity, read_model_config
 from checkpoints_convert.dcp_to_hf import dcp_to_hf
 from data.errors import NoSpaceError
 from data.files import require_space, writing
@@ -385,13 +385,11 @@ class Trainer:
 
     def _export_rank0(self, checkpoint: str, hf_dir: str) -> None:
         """Idempotent: an export already made from ``checkpoint`` is kept (its record, written after
-        the export is whole, names the checkpoint); a missing or other one is (re)written."""
+        the export is whole, names that very save: checkpoint_identity); a missing one, or one of an
+        earlier save of the same step, is (re)written."""
         record = os.path.join(self.opts.output_dir, rundir.HF_RECORD)
-        try:
-            with open(record) as f:
-                done = json.load(f).get("checkpoint") == os.path.basename(checkpoint)
-        except (OSError, ValueError):
-            done = False
+        identity = checkpoint_identity(checkpoint)
+        done = rundir.export_is_of(record, checkpoint, identity)
         if done and os.path.isdir(hf_dir):
             self.logger.info(f"Hugging Face export {hf_dir} of {checkpoint} is already there")
             return
@@ -409,7 +407,7 @@ class Trainer:
             raise NoSpaceError(f"{e}; the checkpoint {checkpoint} is whole: free space and run the same "
                                f"command again to finish the export") from None
         with open(record + ".tmp", "w") as f:
-            json.dump({"checkpoint": os.path.basename(checkpoint)}, f)
+            json.dump({"checkpoint": os.path.basename(checkpoint), "identity": identity}, f)
         os.replace(record + ".tmp", record)
         self.logger.info(f"exported Hugging Face checkpoint to {hf_dir}")
 

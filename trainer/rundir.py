@@ -250,6 +250,25 @@ def record_changes(output_dir: str, step: int, step_dir: str, changes: dict[str,
         f.write(json.dumps(rec) + "\n")
 
 
+def export_is_of(record: str, checkpoint: str, identity: str) -> bool:
+    """Whether the export record ``record`` (hf_export.json) names this very save of ``checkpoint``.
+    A record written before identities existed names only the step: it counts when the checkpoint's
+    COMPLETE is not newer than the record, i.e. the step was not saved again after that export."""
+    try:
+        with open(record) as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if not isinstance(rec, dict) or rec.get("checkpoint") != os.path.basename(checkpoint):
+        return False
+    if "identity" in rec:
+        return rec["identity"] == identity
+    try:
+        return os.stat(os.path.join(checkpoint, COMPLETE)).st_mtime_ns <= os.stat(record).st_mtime_ns
+    except OSError:
+        return False
+
+
 def complete(step_dir: str) -> bool:
     return os.path.exists(os.path.join(step_dir, COMPLETE))
 
