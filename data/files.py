@@ -152,10 +152,31 @@ def sweep_stale_temporaries(target: str | os.PathLike) -> list[str]:
                 owner = json.load(f)["owner"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if process_alive(owner) is False:
-            shutil.rmtree(path, ignore_errors=True)
+        if process_alive(owner) is False and remove_tree(path):
             removed.append(path)
     return removed
+
+
+def remove_tree(path: str | os.PathLike) -> bool:
+    """Remove a directory tree as far as possible; True only when it is gone."""
+    shutil.rmtree(path, ignore_errors=True)
+    return not os.path.lexists(path)
+
+
+def check_replaceable(target: str | os.PathLike) -> None:
+    """Refuse (OutputExistsError naming ``target``) an existing output that could not be swapped for a
+    new one: a directory in it where no file can be made or removed (read-only, immutable, another
+    user's) would stop the swap half-way, after the old output was moved. Checked by making and
+    removing a probe file in each, before anything is written."""
+    for root, dirs, _ in os.walk(os.fspath(target)):
+        probe = os.path.join(root, f".lingmoe-probe-{os.getpid()}")
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.remove(probe)
+        except OSError as e:
+            raise OutputExistsError(f"{os.path.abspath(os.fspath(target))} cannot be replaced: nothing can be written "
+                                    f"or removed in {root} ({e.strerror}); make it writable or move it away, then run "
+                                    f"again (it was left as it is)") from None
 
 
 class OwnedTempDir:
@@ -163,7 +184,9 @@ class OwnedTempDir:
     ``target``, on failure removed.
 
     - An existing ``target`` is refused (OutputExistsError, nothing touched) unless ``replace``;
-      with ``replace`` the old one is swapped out only once the new one is whole.
+      with ``replace`` the old one is swapped out only once the new one is whole, and one that could
+      not be swapped (check_replaceable) is refused before anything is written. If the swap still
+      fails, the old one is put back: ``target`` is never left missing.
     - Temporaries of killed earlier writers of the same target are removed on entry, then, with
       ``nbytes``, the free space is checked (the sweep may have freed it) before anything is made.
     - A failure for lack of space inside the block becomes NoSpaceError naming ``target``.
@@ -180,6 +203,8 @@ class OwnedTempDir:
     def __enter__(self) -> str:
         if os.path.exists(self.target) and not self.replace:
             raise OutputExistsError(f"{self.target}: output directory already exists (choose another or remove it)")
+        if os.path.isdir(self.target):
+            check_replaceable(self.target)
         parent = os.path.dirname(self.target)
         os.makedirs(parent, exist_ok=True)
         self.swept = sweep_stale_temporaries(self.target)  # first: a killed writer's leftovers may fill the disk
@@ -210,14 +235,26 @@ class OwnedTempDir:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 raise OutputExistsError(f"{self.target}: output directory appeared while writing; left untouched")
             # The old output goes aside under a temporary's name with our owner record, so a kill
-            # before it is removed leaves something the next writer sweeps, never an orphan.
+            # before it is removed leaves something the next writer sweeps, never an orphan. A step
+            # that fails puts it back, so the target is never missing.
             old = tempfile.mkdtemp(prefix=_tmp_prefix(self.target), dir=os.path.dirname(self.target))
             os.rmdir(old)
-            os.rename(self.target, old)
-            with open(os.path.join(old, OWNER_FILE), "w") as f:
-                json.dump({"owner": process_identity()}, f)
-            os.replace(self.tmp, self.target)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.rename(self.target, old)
+            except OSError as e:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise OutputExistsError(f"{self.target} cannot be replaced ({e.strerror}); it was left as it is") from None
+            try:
+                with open(os.path.join(old, OWNER_FILE), "w") as f:
+                    json.dump({"owner": process_identity()}, f)
+                os.replace(self.tmp, self.target)
+            except OSError as e:
+                os.rename(old, self.target)
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(self.target, OWNER_FILE))
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise OutputExistsError(f"{self.target} cannot be replaced ({e.strerror}); it was left as it is") from None
+            remove_tree(old)  # what cannot be removed keeps our owner record: a later writer sweeps it
         else:
             os.replace(self.tmp, self.target)
         # The owner record goes after the rename: a kill before it leaves a swept temporary, a kill

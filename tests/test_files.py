@@ -120,3 +120,22 @@ def test_a_kill_at_any_point_of_publishing_leaves_nothing_unswept(tmp_path, monk
     monkeypatch.setattr(files, "process_alive", lambda identity: False)  # their owner is gone now
     assert len(files.sweep_stale_temporaries(target)) == 2
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_a_failed_swap_puts_the_old_output_back(tmp_path, monkeypatch):
+    # The swap of a whole new output for the old one fails half-way (here: the final rename): the old
+    # output must be back at its name, nothing else left beside it, and the error must name it.
+    target = tmp_path / "hf"
+    target.mkdir()
+    (target / "old").write_text("1")
+    real = files.os.replace
+
+    def fails(src, dst, *a, **k):
+        if os.fspath(dst) == str(target):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(src, dst, *a, **k)
+    monkeypatch.setattr(files.os, "replace", fails)
+    with pytest.raises(files.OutputExistsError, match=f"{target} cannot be replaced"):
+        with files.OwnedTempDir(target, replace=True) as tmp:
+            open(os.path.join(tmp, "new"), "w").close()
+    assert sorted(os.listdir(tmp_path)) == ["hf"] and sorted(os.listdir(target)) == ["old"]

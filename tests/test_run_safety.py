@@ -17,8 +17,8 @@ import time
 import pytest
 import torch
 
-from data.errors import EXIT_IN_USE, EXIT_NO_SPACE, InUseError
-from tests.trainer_utils import ROOT, TINY, exported, metrics, refused, run_inproc
+from data.errors import EXIT_BAD_INPUT, EXIT_IN_USE, EXIT_NO_SPACE, InUseError
+from tests.trainer_utils import ROOT, TINY, exported, metrics, refused, run_inproc, unwritable
 from trainer.checkpoint import checkpoint_dirs
 
 BASE = TINY + ["--data.synthetic", "true", "--train.global_batch_size", "4", "--data.micro_batch_size", "2"]
@@ -231,6 +231,38 @@ def test_an_export_that_ran_out_of_space_is_finished_by_the_same_command(tmp_pat
     run_inproc("sft", args)
     assert (out / "hf").is_dir() and _ckpts(out) == [2] and _steps(out) == [1, 2]
     assert (out / "checkpoints" / "step_00000002" / ".metadata").stat().st_mtime_ns == mtime
+
+
+def test_an_export_that_cannot_be_replaced_is_refused_before_writing_and_kept(tmp_path, capsys):
+    # hf/ cannot be changed (read-only, immutable): the new export is refused, naming hf/, before it is
+    # written; the old one stays whole and nothing is left in hidden temporaries. Once hf/ can be
+    # changed again, the same command finishes the export.
+    out = tmp_path / "run"
+    run_inproc("sft", _args(out, "--train.steps", "2"))
+    before = exported(out)
+    args = _args(out, "--train.steps", "4")
+    with unwritable(out / "hf"):
+        with refused(capsys, rf"{out / 'hf'} cannot be replaced: .*make it writable or move it away",
+                     EXIT_BAD_INPUT):
+            run_inproc("sft", args)
+        assert not [n for n in os.listdir(out) if n.startswith(".hf.tmp")]
+        now = exported(out)
+        assert now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in now)
+    run_inproc("sft", args)
+    assert not [n for n in os.listdir(out) if n.startswith(".hf.tmp")]
+    assert not all(torch.equal(exported(out)[k], before[k]) for k in before)
+
+
+def test_only_temporaries_really_removed_are_reported(tmp_path):
+    from trainer.rundir import sweep_temporaries
+
+    stuck, gone = tmp_path / ".hf.tmp-stuck", tmp_path / ".hf.tmp-gone"
+    for d in (stuck, gone):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x")
+    with unwritable(stuck):
+        removed = sweep_temporaries(str(tmp_path))
+    assert removed == [str(gone)] and stuck.exists() and not gone.exists()
 
 
 def test_temporaries_of_killed_saves_and_exports_are_removed_by_the_next_run(tmp_path):

@@ -25,7 +25,7 @@ import yaml
 
 from checkpoints_convert.dcp_layout import COMPLETE, RUN_CONFIG, TRAINER_STATE, checkpoint_dirs
 from data.errors import BadInputError, InUseError, LingmoeError, MissingFileError, NoSpaceError, exit_code_of
-from data.files import OWNER_FILE, FileLock, process_alive, process_identity
+from data.files import OWNER_FILE, FileLock, process_alive, process_identity, remove_tree
 from trainer.errors import TrainerError
 
 LOCK_NAME = ".lock"
@@ -176,8 +176,7 @@ def sweep_temporaries(output_dir: str) -> list[str]:
     removed = []
     root = os.path.join(output_dir, "checkpoints")
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        if name.endswith(".tmp"):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        if name.endswith(".tmp") and remove_tree(os.path.join(root, name)):
             removed.append(os.path.join(root, name))
     for name in sorted(os.listdir(output_dir)):
         path = os.path.join(output_dir, name)
@@ -188,10 +187,13 @@ def sweep_temporaries(output_dir: str) -> list[str]:
                         continue
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # no owner recorded: the trainer's own export, and the lock says it is gone
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+            if remove_tree(path):  # only what is really gone is reported
+                removed.append(path)
         elif name == "metrics.jsonl.tmp":
-            os.remove(path)
+            try:
+                os.remove(path)
+            except OSError:
+                continue
             removed.append(path)
     return removed
 
