@@ -62,14 +62,27 @@ def require_space(path: str | os.PathLike, nbytes: int, what: str = "this write"
                            f"{free / GB:.2f} GB free")
 
 
-def is_no_space(exc: BaseException) -> bool:
+# torch's zip writer (torch.save, and DCP through it) reports a write the file system cut short only as
+# "[enforce fail at inline_container.cc:N] . unexpected pos A vs B" (torch 2.13, seen on a full tmpfs).
+# That is taken for lack of space when the file system then has less than this free.
+SHORT_WRITE_FREE = 256 * 2 ** 20
+
+
+def is_no_space(exc: BaseException, path: str | os.PathLike | None = None) -> bool:
     """True for a failed write for lack of space, whatever layer raised it (OSError, or torch's
-    C++ writers, which raise RuntimeError with the system's message or only 'file write failed')."""
+    C++ writers, which raise RuntimeError with the system's message, only 'file write failed', or a
+    short write of the zip writer: that one when ``path``'s file system is nearly full, or no path is
+    known)."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(exc)
-    return isinstance(exc, RuntimeError) and ("No space left on device" in text or "Disk quota exceeded" in text
-                                              or "file write failed" in text)
+    if not isinstance(exc, RuntimeError):
+        return False
+    if "No space left on device" in text or "Disk quota exceeded" in text or "file write failed" in text:
+        return True
+    if "inline_container" in text and "unexpected pos" in text:
+        return path is None or free_bytes(path) < SHORT_WRITE_FREE
+    return False
 
 
 @contextlib.contextmanager
@@ -80,7 +93,7 @@ def writing(path: str | os.PathLike):
     except NoSpaceError:
         raise
     except (OSError, RuntimeError) as e:
-        if is_no_space(e):
+        if is_no_space(e, path):
             raise _no_space_writing(path) from None
         raise
 
@@ -222,7 +235,8 @@ class OwnedTempDir:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
-            if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, NoSpaceError) and is_no_space(exc):
+            if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, NoSpaceError) \
+                    and is_no_space(exc, self.target):
                 raise _no_space_writing(self.target) from None
             return False
         with writing(self.target):

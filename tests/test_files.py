@@ -33,6 +33,21 @@ def test_writing_turns_lack_of_space_into_a_message_with_the_path(tmp_path, exc)
     assert str(e.value).startswith(f"No space left on device writing {tmp_path}/model.safetensors (")
 
 
+def test_torchs_short_write_on_a_full_disk_is_lack_of_space(tmp_path, monkeypatch):
+    # What torch 2.13's zip writer (torch.save, DCP's .distcp files) raised on a full 3 MB tmpfs: no
+    # system message at all. It is lack of space when the disk is then (nearly) full, else not ours to name.
+    short = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: usage(3 * 2**20, 3 * 2**20 - 4096, 4096))
+    with pytest.raises(files.NoSpaceError, match=f"No space left on device writing {tmp_path}/step.tmp"):
+        with files.writing(tmp_path / "step.tmp"):
+            raise short
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: usage(100 * 10**9, 10**9, 99 * 10**9))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        with files.writing(tmp_path / "step.tmp"):
+            raise short
+
+
 def test_writing_lets_other_errors_through(tmp_path):
     with pytest.raises(PermissionError):
         with files.writing(tmp_path):

@@ -77,7 +77,7 @@ class Checkpointer:
                     self._write(step, tmp, model, optimizer, trainer_state, rank_state, model_config, config_yaml)
                 except CheckpointException as e:  # DCP gathers every rank's write error into one of these
                     errors = [exc for exc, _ in e.failures.values()]
-                    no_space = next((exc for exc in errors if is_no_space(exc)), None)
+                    no_space = next((exc for exc in errors if is_no_space(exc, tmp)), None)
                     if no_space is not None:
                         raise no_space from None
                     raise
