@@ -142,6 +142,36 @@ def process_alive(identity: str) -> bool | None:
     return not start or _start_time(pid) in ("", start)
 
 
+def owned_temp_file(target: str | os.PathLike) -> str:
+    """A temporary name beside the file ``target`` (written, then renamed onto it) that carries its
+    owner, ``TARGET.tmp-PID-START-HOST``, so that sweep_stale_temp_files can tell a killed writer's
+    leftover from a live writer's file."""
+    host, _, rest = process_identity().partition(":")
+    pid, _, start = rest.partition(":")
+    return f"{os.fspath(target)}.tmp-{pid}-{start}-{host}"
+
+
+def sweep_stale_temp_files(directory: str | os.PathLike, prefix: str) -> list[str]:
+    """Remove the files ``PREFIX*.tmp-PID-START-HOST`` (owned_temp_file) in ``directory`` whose writer
+    is gone (this host's only: another host's cannot be checked). Returns them."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in sorted(names):
+        if not name.startswith(prefix) or ".tmp-" not in name:
+            continue
+        pid, start, host = (name.rpartition(".tmp-")[2].split("-", 2) + ["", ""])[:3]
+        if not pid.isdigit() or process_alive(f"{host}:{pid}:{start}") is not False:
+            continue
+        path = os.path.join(directory, name)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
 def _tmp_prefix(target: str) -> str:
     return "." + os.path.basename(target) + ".tmp-"
 

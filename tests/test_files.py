@@ -154,3 +154,18 @@ def test_a_failed_swap_puts_the_old_output_back(tmp_path, monkeypatch):
         with files.OwnedTempDir(target, replace=True) as tmp:
             open(os.path.join(tmp, "new"), "w").close()
     assert sorted(os.listdir(tmp_path)) == ["hf"] and sorted(os.listdir(target)) == ["old"]
+
+
+def test_temp_files_of_dead_writers_are_swept_live_ones_and_other_hosts_kept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    target = tmp_path / "ref_logps-a.safetensors"
+    mine = files.owned_temp_file(target)
+    host, _, rest = files.process_identity(dead.pid).partition(":")
+    pid, _, start = rest.partition(":")
+    gone = f"{target}.tmp-{pid}-{start}-{host}"
+    elsewhere = f"{target}.tmp-{pid}-{start}-another-host.example"
+    for p in (mine, gone, elsewhere, tmp_path / "other.tmp-1-2-x"):
+        open(p, "w").close()
+    assert files.sweep_stale_temp_files(tmp_path, "ref_logps-") == [gone]
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in (mine, elsewhere, "other.tmp-1-2-x"))

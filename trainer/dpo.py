@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 
 from data import DPOLoader
 from data.errors import exit_on_error
-from data.files import writing
+from data.files import owned_temp_file, sweep_stale_temp_files, writing
 from moe.heads import TokenLogps
 from trainer import demo, parallel
 from trainer.errors import TrainerError, finish_process
@@ -208,7 +208,7 @@ class DPOTask:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # each pair was computed by exactly one rank
             table = t.cpu()
         if info.is_main:
-            tmp = f"{path}.tmp-{os.getpid()}"
+            tmp = owned_temp_file(path)  # a killed writer's is swept by the next run (before_training)
             try:
                 with writing(path):
                     save_file({"logps": table.contiguous()}, tmp, metadata={"key": key})
@@ -231,6 +231,9 @@ class DPOTask:
         name = f"ref_logps-{self.loader.data_hash[:12]}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
         path = os.path.join(self.source, name) if os.access(self.source, os.W_OK) else \
             os.path.join(ctx.opts.output_dir, name)
+        if ctx.info.is_main:
+            for left in sweep_stale_temp_files(os.path.dirname(path), "ref_logps-"):
+                ctx.logger.info(f"removed {left} (left by a killed run)")
         self.ref = self._load_cached(path, key)
         if self.ref is not None:
             ctx.logger.info(f"reference log-probs: {path} (cached)")
