@@ -96,11 +96,20 @@ def _metadata(step_dir: str):
 
 
 def stored_dtypes(step_dir: str, cfg: BailingMoeConfig) -> dict[str, torch.dtype]:
+    """Each model tensor's stored dtype, after checking that the checkpoint holds every tensor
+    ``cfg`` (its model_config.json) implies, at that shape: a config that does not describe the
+    weights is named here, before anything is converted."""
     meta = _metadata(step_dir)
     out = {}
-    for n in adapter.native_shapes(cfg):
+    config, where = os.path.join(step_dir, MODEL_CONFIG), os.path.join(step_dir, dcp_read.METADATA_NAME)
+    for n, shape in adapter.native_shapes(cfg).items():
         if f"model.{n}" not in meta:
-            raise CheckpointError(f"{step_dir}: checkpoint has no tensor {n!r}")
+            raise CheckpointError(f"{step_dir}: checkpoint has no tensor {n!r}, which {config} implies; the config "
+                                  f"does not describe these weights")
+        stored = tuple(getattr(meta[f"model.{n}"], "size", ()))
+        if stored != tuple(shape):
+            raise CheckpointError(f"{config} implies {n} of shape {tuple(shape)}, but {where} stores "
+                                  f"{stored}: the config does not describe these weights")
         out[n] = meta[f"model.{n}"].properties.dtype
     unusable = [f"{n} ({dtype_name(d)})" for n, d in out.items() if d not in MODEL_DTYPES]
     if unusable:

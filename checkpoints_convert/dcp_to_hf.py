@@ -22,7 +22,7 @@ import sys
 import torch
 import yaml
 
-from checkpoints_convert import _cli, export_files
+from checkpoints_convert import _cli, dcp_read, export_files
 from checkpoints_convert.checkpoint import write_hf_from_native
 from checkpoints_convert.dcp_layout import (RUN_CONFIG, iter_native_tensors, read_model_config, resolve_step_dir,
                                             stored_dtypes)
@@ -61,12 +61,14 @@ def dcp_to_hf(ckpt: str, out: str, dtype: torch.dtype | str = "auto", shard_size
     source_hf = run["source_hf"] if source_hf == "auto" else source_hf
     tokenizer, source_hf = tokenizer or None, source_hf or None  # '' = none
     export_files.check_sources(source_hf, tokenizer)  # before any weight is written
+    dcp_read.check_storage(ckpt, dcp_read.read_metadata(ckpt))  # every data file there, and whole in size
+    source_dtypes = stored_dtypes(ckpt, cfg)  # and every tensor the config implies, at its shape
 
     def extra_files(tmp):
         export_files.write_export_files(tmp, model_dir=source_hf, tokenizer_dir=tokenizer,
                                         model_max_length=cfg.max_position_embeddings)
     write_hf_from_native(iter_native_tensors(ckpt, cfg), cfg, out, shard_size, dtype, overwrite,
-                         source_dtypes=stored_dtypes(ckpt, cfg), progress=progress, extra_files=extra_files)
+                         source_dtypes=source_dtypes, progress=progress, extra_files=extra_files)
     return ckpt
 
 

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from data.errors import EXIT_BAD_INPUT, EXIT_IN_USE, EXIT_NO_SPACE, InUseError
+from data.errors import EXIT_BAD_INPUT, EXIT_IN_USE, EXIT_NO_SPACE, InUseError, NoSpaceError
 from tests.trainer_utils import ROOT, TINY, exported, metrics, refused, run_inproc, unwritable
 from trainer.checkpoint import checkpoint_dirs
 
@@ -263,6 +263,34 @@ def test_only_temporaries_really_removed_are_reported(tmp_path):
     with unwritable(stuck):
         removed = sweep_temporaries(str(tmp_path))
     assert removed == [str(gone)] and stuck.exists() and not gone.exists()
+
+
+@pytest.mark.slow
+def test_a_metrics_file_that_is_not_a_regular_file_is_refused_at_once(tmp_path):
+    # metrics.jsonl a symlink to /dev/full: read back on resume, it never ends (a MemoryError after
+    # gigabytes). It must be refused, named, before anything is read or written. In a child process
+    # with its address space capped, so that a regression cannot take the machine's memory.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").symlink_to("/dev/full")
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30)); "
+            "from trainer.sft import main; main(sys.argv[1:])")
+    p = subprocess.run([sys.executable, "-c", code, *_args(out, "--train.steps", "1")], cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+    assert p.returncode == EXIT_BAD_INPUT, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == (f"error: {out / 'metrics.jsonl'} is not a regular file (a device, "
+                                                 f"pipe or socket): the trainer reads it back and appends to it; "
+                                                 f"remove it or choose another --output-dir")
+    assert sorted(os.listdir(out)) == ["metrics.jsonl"]
+
+
+def test_a_metrics_write_that_fails_names_the_file(tmp_path):
+    from trainer.metrics import RunLogger
+
+    (tmp_path / "metrics.jsonl").symlink_to("/dev/full")  # every write fails with ENOSPC
+    logger = RunLogger(True, str(tmp_path), resumed=False)
+    with pytest.raises(NoSpaceError, match=f"No space left on device writing {tmp_path / 'metrics.jsonl'}"):
+        logger.log(1, {"loss": 1.0})
 
 
 def test_temporaries_of_killed_saves_and_exports_are_removed_by_the_next_run(tmp_path):

@@ -308,6 +308,7 @@ class Trainer:
             notes.append(f"warning: {stale}")
         for path in rundir.sweep_temporaries(opts.output_dir):
             notes.append(f"removed {path} (left by a killed run)")
+        rundir.check_run_files(opts.output_dir)
         there = rundir.existing_run(opts.output_dir)
         if not opts.checkpoint.resume and there:
             if not opts.overwrite:

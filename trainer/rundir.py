@@ -152,6 +152,22 @@ def existing_run(output_dir: str) -> list[str]:
     return found
 
 
+# Files of a run the trainer reads back and appends to: each must be a regular file (a symlink to one
+# is fine). A device or pipe in their place (a symlink to /dev/full) would be read without end.
+RUN_FILES = ("metrics.jsonl", CHANGES_NAME, "config.yaml")
+
+
+def check_run_files(output_dir: str) -> None:
+    """Refuse, naming it, a run file (RUN_FILES) that exists but is not a regular file."""
+    for name in RUN_FILES:
+        path = os.path.join(output_dir, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            what = "a directory" if os.path.isdir(path) else "a broken link" if not os.path.exists(path) else \
+                "not a regular file (a device, pipe or socket)"
+            raise BadInputError(f"{path} is {what}: the trainer reads it back and appends to it; remove it or "
+                                f"choose another --output-dir")
+
+
 def move_aside(output_dir: str) -> str:
     """--overwrite: move the earlier run's files (RUN_STATE) into a sibling directory; returns it."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
