@@ -357,6 +357,26 @@ def test_sigterm_right_after_a_save_exits_0_without_saving_again(tmp_path):
     assert err.count(f"saved checkpoint {out / 'checkpoints' / f'step_{last:08d}'}") == 1
 
 
+def test_sigterm_during_a_periodic_save_exits_without_a_second_save(tmp_path, monkeypatch, capsys):
+    # SIGTERM arrives while step 2's periodic save is being written (a long save under torchrun's
+    # grace period): the run must stop at step 2, saved once, not train step 3 and save again.
+    import trainer.checkpoint as ck
+
+    real = ck.Checkpointer.save
+
+    def save_then_sigterm(self, step, *a, **k):
+        path = real(self, step, *a, **k)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler only sets its flag
+        return path
+    monkeypatch.setattr(ck.Checkpointer, "save", save_then_sigterm)
+    out = tmp_path / "run"
+    result = run_inproc("sft", _args(out, "--train.steps", "6", "--checkpoint.every", "2"))
+    assert result["stopped"] and result["step"] == 2
+    assert _ckpts(out) == [2] and _steps(out) == [1, 2]
+    assert "SIGTERM received: step 2 is already saved; exiting" in capsys.readouterr().err
+
+
 def _ppid(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat") as f:

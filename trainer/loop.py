@@ -517,6 +517,9 @@ class Trainer:
                                        f"gradient; stopping (the last good checkpoint is kept)")
                 if opts.checkpoint.every and step % opts.checkpoint.every == 0 and step < total:
                     self.save()
+                    # A SIGTERM that came during the save (a long one, under torchrun's grace period)
+                    # finds this step saved: exit now rather than train a step and save again.
+                    self.stop_requested = self.stop_requested or self._stop_requested_anywhere()
                 if self.stop_requested:
                     if self.saved_at == step:
                         self.logger.info(f"SIGTERM received: step {step} is already saved; exiting")
@@ -530,6 +533,11 @@ class Trainer:
             if opts.checkpoint.export_hf:
                 self.export(result["checkpoint"])
         return result
+
+    def _stop_requested_anywhere(self) -> bool:
+        """Whether any rank has received SIGTERM: one all-reduce, so every rank decides alike."""
+        flag = parallel.all_reduce_by_name({"stop": float(self.stop.requested)}, self.info.device)["stop"]
+        return flag.item() > 0
 
     def _profiler(self, step: int):
         """torch.profiler around optimizer step ``step`` when --train.profile_step names it."""
