@@ -339,7 +339,13 @@ class Trainer:
             tstate, rstate = self.checkpointer.load(self.resume_from, self.model, self.optimizer)
             self.state = TrainState(step=tstate["step"], bad_in_a_row=tstate["bad_in_a_row"])
             self._apply_schedule_options(done_steps=tstate["scheduler"]["last_epoch"])
-            self.loader.load_state_dict(rstate["loader"])
+            try:
+                self.loader.load_state_dict(rstate["loader"])
+            except (ValueError, KeyError, TypeError) as e:  # other data (re-prepared), or a state we do not know
+                raise TrainerError(f"{self.resume_from}: the data loader's position cannot be restored ({e}); the "
+                                   f"data differ from those the run was saved with: prepare them as they were, or "
+                                   f"start a new run (another --output-dir, or --checkpoint.resume false "
+                                   f"--overwrite)") from None
             torch.set_rng_state(rstate["rng"])
             self.saved_at = self.state.step  # that step's checkpoint exists: never rewrite it
             self.logger.info(f"resumed from {self.resume_from} at step {self.state.step}")
