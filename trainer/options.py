@@ -59,11 +59,14 @@ class ModelOptions:
         "auto", "routed-expert compute: 'auto' (triton on CUDA, torch on CPU), 'triton', 'torch' or 'loop'")
     overrides: dict[str, Any] = opt({}, "BailingMoeConfig fields to override, e.g. {num_hidden_layers: 2}")
     aux_loss_type: AuxLossType = opt("global", "load balancing: 'global' (expert counts summed over the "
-                                               "data-parallel ranks and the step's micro-batches so far, as "
-                                               "Megatron's global_aux_loss), 'micro' (per rank and micro-batch), "
-                                               "'sequence' (per row, DeepSeek-V3), or 'none'")
-    aux_loss_alpha: float = opt(1e-3, "load-balancing coefficient (perfect balance adds exactly alpha per MoE layer)",
-                                ge=0)
+                                               "data-parallel ranks and the step's micro-batches so far, carried as "
+                                               "Megatron's global_aux_loss carries them; the loss is N ranks x "
+                                               "Megatron's, see model.aux_loss_alpha), 'micro' (per rank and "
+                                               "micro-batch), 'sequence' (per row, DeepSeek-V3), or 'none'")
+    aux_loss_alpha: float = opt(1e-3, "load-balancing coefficient (perfect balance adds exactly alpha per MoE "
+                                      "layer). From a Megatron-Core global_aux_loss run on N data-parallel ranks, "
+                                      "use its moe_aux_loss_coeff / N: Megatron's global loss is 1/N of ours "
+                                      "(NVIDIA/Megatron-LM#3672)", ge=0)
     z_loss_coef: float = opt(0.0, "router z-loss coefficient (ST-MoE; ~1e-3 when used)", ge=0)
     activation_checkpointing: bool = opt(False, "recompute each decoder block in backward (routing replayed, not re-decided)")
     compile: bool = opt(False, "torch.compile each decoder block")
