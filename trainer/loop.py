@@ -59,11 +59,11 @@ DATASHEET_PEAK_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989
                          ("H200 NVL", 835.0), ("H200", 989.0), ("A100", 312.0))
 
 
-# What a checkpoint writes beyond the tensors' bytes. Measured on the 2-core CPU (torch 2.13, one rank):
-# the tiny and demo models' saves wrote 1.8-2.0 kB of zip container per tensor in __0_0.distcp and
-# 0.3 kB of .metadata per tensor (it grows with the names' length), plus 10 kB of rank state and
-# small files; 3 kB per tensor and 128 kB per rank bound both with room for longer names (the demo's
-# 18.19 MB save was 1.9% over its 17.84 MB of tensors; the check now asks for 18.45 MB).
+# What a checkpoint writes beyond the tensors' bytes (benchmarks/checkpoint_overhead.py, 2-core CPU,
+# torch 2.13, one rank): the tiny and demo models' saves wrote 1.8-2.0 kB of zip container per tensor
+# in __0_0.distcp and 0.3 kB of .metadata per tensor (it grows with the names' length), plus 10 kB of
+# rank state and small files; 3 kB per tensor and 128 kB per rank bound both with room for longer
+# names (the demo's 18.19 MB save was 1.9% over its 17.84 MB of tensors; the check asks 18.47 MB).
 DCP_BYTES_PER_TENSOR = 3072
 DCP_BYTES_PER_RANK = 128 * 1024
 
