@@ -270,7 +270,7 @@ def write_checkpoint(named_tensors: Iterable[tuple[str, torch.Tensor]], cfg: Bai
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, layout: str, shard_size: str | int = "5GB",
             dtype: torch.dtype | str | None = None, expect: str | None = None, progress: bool = False,
-            tokenizer: str | None = None, source_hf: str | None = None, eos_every_turn: bool = False) -> None:
+            tokenizer: str | None = None, source_hf: str | None = None) -> None:
     """Convert checkpoint ``src`` (validated first) into a new directory ``out`` in ``layout``.
 
     ``src``'s other files (tokenizer, model code, generation config, ...) travel unchanged;
@@ -290,7 +290,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, layout: str, shard_s
                          progress=progress,
                          extra_files=lambda tmp: export_files.write_export_files(
                              tmp, carry_from=os.fspath(src), model_dir=source_hf, tokenizer_dir=tokenizer,
-                             eos_every_turn=eos_every_turn, model_max_length=ckpt.cfg.max_position_embeddings,
+                             model_max_length=ckpt.cfg.max_position_embeddings,
                              hf=layout == "hf"))
 
 

@@ -5,7 +5,8 @@ so it is named once, here, below both:
 
     <output-dir>/checkpoints/step_00000100/
       .metadata, __*.distcp     model and optimizer (torch.distributed.checkpoint), sharded by rank
-      trainer.json              step, schedule position, consecutive bad steps (same on all ranks)
+      trainer.json              step, schedule position, consecutive bad steps (same on all ranks) and
+                                save_id, new at every save (what an export names, checkpoint_identity)
       rank_00000.pt ...         per-rank state: data loader position, RNG
       model_config.json         the model's BailingMoeConfig
       config.yaml               the resolved training configuration
@@ -71,6 +72,20 @@ def resolve_step_dir(path: str) -> str:
     return latest
 
 
+def checkpoint_identity(step_dir: str) -> str:
+    """A name for this very save of ``step_dir``: its directory name and the save_id its trainer.json
+    records, so a step saved again (the same name, other weights) has another identity. Checkpoints
+    written before save_id existed fall back on COMPLETE's modification time."""
+    try:
+        with open(os.path.join(step_dir, TRAINER_STATE)) as f:
+            save_id = json.load(f).get("save_id")
+    except (OSError, ValueError, AttributeError):
+        save_id = None
+    if save_id is None:
+        save_id = f"mtime:{os.stat(os.path.join(step_dir, COMPLETE)).st_mtime_ns}"
+    return f"{os.path.basename(os.path.normpath(step_dir))}:{save_id}"
+
+
 def read_model_config(step_dir: str) -> BailingMoeConfig:
     with open(os.path.join(step_dir, MODEL_CONFIG)) as f:
         return BailingMoeConfig.from_dict(json.load(f))
@@ -81,11 +96,20 @@ def _metadata(step_dir: str):
 
 
 def stored_dtypes(step_dir: str, cfg: BailingMoeConfig) -> dict[str, torch.dtype]:
+    """Each model tensor's stored dtype, after checking that the checkpoint holds every tensor
+    ``cfg`` (its model_config.json) implies, at that shape: a config that does not describe the
+    weights is named here, before anything is converted."""
     meta = _metadata(step_dir)
     out = {}
-    for n in adapter.native_shapes(cfg):
+    config, where = os.path.join(step_dir, MODEL_CONFIG), os.path.join(step_dir, dcp_read.METADATA_NAME)
+    for n, shape in adapter.native_shapes(cfg).items():
         if f"model.{n}" not in meta:
-            raise CheckpointError(f"{step_dir}: checkpoint has no tensor {n!r}")
+            raise CheckpointError(f"{step_dir}: checkpoint has no tensor {n!r}, which {config} implies; the config "
+                                  f"does not describe these weights")
+        stored = tuple(getattr(meta[f"model.{n}"], "size", ()))
+        if stored != tuple(shape):
+            raise CheckpointError(f"{config} implies {n} of shape {tuple(shape)}, but {where} stores "
+                                  f"{stored}: the config does not describe these weights")
         out[n] = meta[f"model.{n}"].properties.dtype
     unusable = [f"{n} ({dtype_name(d)})" for n, d in out.items() if d not in MODEL_DTYPES]
     if unusable:

@@ -96,6 +96,30 @@ def read_metadata(step_dir: str | os.PathLike) -> Metadata:
     return meta
 
 
+def check_storage(step_dir: str | os.PathLike, meta: Metadata) -> None:
+    """Every data file ``meta`` names is there and long enough for the bytes it places in it: a missing
+    or cut file is named here, not met as a bare FileNotFoundError or zip error half-way through a read."""
+    step_dir = os.fspath(step_dir)
+    need: dict[str, int] = {}
+    where = os.path.join(step_dir, METADATA_NAME)
+    for info in meta.storage_data.values():
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0 and length >= 0):
+            raise CheckpointError(f"{where}: refused, a storage entry of {info.relative_path!r} has offset "
+                                  f"{offset!r} and length {length!r}")
+        need[info.relative_path] = max(need.get(info.relative_path, 0), offset + length)
+    for name, end in sorted(need.items()):
+        path = os.path.join(step_dir, name)
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError:
+            raise MissingCheckpointError(f"{path}: no such file, though {where} names it: the checkpoint is "
+                                         f"incomplete (copy it again, or use an earlier step)") from None
+        if size < end:
+            raise CheckpointError(f"{path}: {size} bytes, but {where} places data up to byte {end}: the file is "
+                                  f"truncated (copy it again, or use an earlier step)")
+
+
 class RestrictedReader(FileSystemReader):
     """torch's FileSystemReader with ``.metadata`` read by ``read_metadata`` (no arbitrary pickle)."""
 
@@ -132,8 +156,9 @@ def load(state_dict: dict, step_dir: str | os.PathLike, no_dist: bool = False) -
     """``dcp.load(state_dict, ...)`` from ``step_dir`` through the restricted reader and planner.
 
     The metadata is read (and refused if need be) up front on every rank, so a refusal is our
-    CheckpointError rather than one wrapped in DCP's CheckpointException."""
-    read_metadata(step_dir)
+    CheckpointError rather than one wrapped in DCP's CheckpointException. So are missing or truncated
+    data files (check_storage); a data file that is whole in size but unreadable is named too."""
+    check_storage(step_dir, read_metadata(step_dir))
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message=".*assuming the intent is to", category=UserWarning)
@@ -143,7 +168,9 @@ def load(state_dict: dict, step_dir: str | os.PathLike, no_dist: bool = False) -
         for exc, _ in e.failures.values():
             if isinstance(exc, CheckpointError):
                 raise exc from None
-        raise
+        first = next(iter(e.failures.values()))[0]
+        raise CheckpointError(f"{os.fspath(step_dir)}: a data file could not be read ({type(first).__name__}: "
+                              f"{str(first).splitlines()[0] if str(first) else ''}); the checkpoint is damaged") from None
 
 
 def load_plain(path: str | os.PathLike) -> object:

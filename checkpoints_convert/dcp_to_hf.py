@@ -10,8 +10,8 @@ never holds more than a layer plus the output shard being filled.
 Beside the weights go the run's tokenizer with the chat template it trained with, a
 generation_config.json and, when the run started from an HF directory, that directory's model code
 (see checkpoints_convert/export_files.py). Which tokenizer and source the run used is read from
-the step's config.yaml (data.tokenizer, model.init_from, data.eos_every_turn; relative paths
-resolve from the current directory); --tokenizer, --source-hf and --eos-every-turn override it.
+the step's config.yaml (data.tokenizer, model.init_from; relative paths resolve from the current
+directory); --tokenizer and --source-hf override it.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import sys
 import torch
 import yaml
 
-from checkpoints_convert import _cli, export_files
+from checkpoints_convert import _cli, dcp_read, export_files
 from checkpoints_convert.checkpoint import write_hf_from_native
 from checkpoints_convert.dcp_layout import (RUN_CONFIG, iter_native_tensors, read_model_config, resolve_step_dir,
                                             stored_dtypes)
@@ -31,11 +31,11 @@ from data.errors import run_cli
 
 
 def run_sources(step_dir: str) -> dict:
-    """{tokenizer, source_hf, eos_every_turn} of the run that wrote ``step_dir``, from its config.yaml
+    """{tokenizer, source_hf} of the run that wrote ``step_dir``, from its config.yaml
     (export_files.export_sources; nothing when the step has no config.yaml)."""
     path = os.path.join(step_dir, RUN_CONFIG)
     if not os.path.isfile(path):
-        return {"tokenizer": None, "source_hf": None, "eos_every_turn": False}
+        return {"tokenizer": None, "source_hf": None}
     try:
         with open(path) as f:
             run = yaml.safe_load(f) or {}
@@ -46,10 +46,10 @@ def run_sources(step_dir: str) -> dict:
 
 def dcp_to_hf(ckpt: str, out: str, dtype: torch.dtype | str = "auto", shard_size: str = "5GB",
               overwrite: bool = False, progress: bool = False, tokenizer: str | None = "auto",
-              source_hf: str | None = "auto", eos_every_turn: bool | None = None) -> str:
+              source_hf: str | None = "auto") -> str:
     """dtype: "auto" = the model config's torch_dtype (bf16 for Ling-Lite, not the fp32 master
     weights), "keep" = as stored, or a dtype / its name. tokenizer / source_hf: "auto" = as the
-    run's config.yaml says, None = none; eos_every_turn None = as the run trained."""
+    run's config.yaml says, None = none."""
     ckpt = resolve_step_dir(ckpt)
     cfg = read_model_config(ckpt)
     if dtype == "auto":
@@ -59,16 +59,16 @@ def dcp_to_hf(ckpt: str, out: str, dtype: torch.dtype | str = "auto", shard_size
     run = run_sources(ckpt)
     tokenizer = run["tokenizer"] if tokenizer == "auto" else tokenizer
     source_hf = run["source_hf"] if source_hf == "auto" else source_hf
-    eos_every_turn = run["eos_every_turn"] if eos_every_turn is None else eos_every_turn
     tokenizer, source_hf = tokenizer or None, source_hf or None  # '' = none
     export_files.check_sources(source_hf, tokenizer)  # before any weight is written
+    dcp_read.check_storage(ckpt, dcp_read.read_metadata(ckpt))  # every data file there, and whole in size
+    source_dtypes = stored_dtypes(ckpt, cfg)  # and every tensor the config implies, at its shape
 
     def extra_files(tmp):
         export_files.write_export_files(tmp, model_dir=source_hf, tokenizer_dir=tokenizer,
-                                        eos_every_turn=eos_every_turn,
                                         model_max_length=cfg.max_position_embeddings)
     write_hf_from_native(iter_native_tensors(ckpt, cfg), cfg, out, shard_size, dtype, overwrite,
-                         source_dtypes=stored_dtypes(ckpt, cfg), progress=progress, extra_files=extra_files)
+                         source_dtypes=source_dtypes, progress=progress, extra_files=extra_files)
     return ckpt
 
 
@@ -86,12 +86,9 @@ def main(argv=None) -> int:
     p.add_argument("--source-hf", metavar="DIR", default="auto",
                    help="the HF directory the run started from, whose model code and generation config travel "
                         "(default: model.init_from of the step's config.yaml; '' = none)")
-    p.add_argument("--eos-every-turn", action=argparse.BooleanOptionalAction, default=None,
-                   help="the chat template writes <|endoftext|> after every assistant turn (default: as the run "
-                        "trained, data.eos_every_turn)")
     a = p.parse_args(argv)
     src = dcp_to_hf(a.ckpt, a.out, a.dtype, a.shard_size, progress=not a.quiet, tokenizer=a.tokenizer,
-                    source_hf=a.source_hf, eos_every_turn=a.eos_every_turn)
+                    source_hf=a.source_hf)
     print(f"exported {src} -> {a.out}")
     return 0
 

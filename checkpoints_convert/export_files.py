@@ -93,7 +93,7 @@ def _as_token(value):
     return value.get("content") if isinstance(value, dict) else value
 
 
-def _tokenizer_side(out_dir: str, tokenizer_dir: str, model_max_length: int | None, eos_every_turn: bool):
+def _tokenizer_side(out_dir: str, tokenizer_dir: str, model_max_length: int | None):
     """Copy the vocabulary, write tokenizer_config.json / special_tokens_map.json; the loaded tokenizer."""
     try:
         tok = load_tokenizer(tokenizer_dir)
@@ -108,7 +108,7 @@ def _tokenizer_side(out_dir: str, tokenizer_dir: str, model_max_length: int | No
     tcfg = _read_json(cfg_src) if os.path.isfile(cfg_src) else {"tokenizer_class": "PreTrainedTokenizerFast"}
     # The tokens the run used (load_tokenizer's reading), spelled as strings.
     tcfg.update(eos_token=tok.eos_token, pad_token=tok.pad_token, bos_token=tok.bos_token,
-                chat_template=chat_template(eos_every_turn))
+                chat_template=chat_template())
     if "model_max_length" not in tcfg and model_max_length:
         tcfg["model_max_length"] = model_max_length
     _write_json_or_copy(os.path.join(out_dir, TOKENIZER_CONFIG), tcfg, cfg_src)
@@ -172,15 +172,15 @@ def drop_dangling_auto_map(out_dir: str) -> list[str]:
 
 def export_sources(run_config: dict) -> dict:
     """What goes beside the weights of a trained run's export, from its resolved options (the
-    config.yaml every checkpoint holds): {tokenizer, source_hf, eos_every_turn}. The tokenizer is
-    the one it trained with (data.run_tokenizer_dir's rule; none for synthetic token rows), the
-    source the directory it started from (model.init_from), and the template option it trained
-    with. The one rule for the trainer's export and dcp_to_hf's."""
+    config.yaml every checkpoint holds): {tokenizer, source_hf}. The tokenizer is the one it trained
+    with (data.run_tokenizer_dir's rule; none for synthetic token rows), the source the directory it
+    started from (model.init_from). The one rule for the trainer's export and dcp_to_hf's. (The chat
+    template is the same whatever data.eos_every_turn was: that option changes labels, not text.)"""
     data, model = run_config.get("data") or {}, run_config.get("model") or {}
     init_from = model.get("init_from") or None
     synthetic = bool(data.get("synthetic"))  # random token rows: no tokenizer was trained with
     tokenizer = None if synthetic else run_tokenizer_dir(data.get("tokenizer") or "", init_from or "")
-    return {"tokenizer": tokenizer, "source_hf": init_from, "eos_every_turn": bool(data.get("eos_every_turn"))}
+    return {"tokenizer": tokenizer, "source_hf": init_from}
 
 
 def check_sources(model_dir: str | None, tokenizer_dir: str | None) -> None:
@@ -194,8 +194,7 @@ def check_sources(model_dir: str | None, tokenizer_dir: str | None) -> None:
 
 
 def write_export_files(out_dir: str, *, carry_from: str | None = None, model_dir: str | None = None,
-                       tokenizer_dir: str | None = None, eos_every_turn: bool = False,
-                       model_max_length: int | None = None, hf: bool = True) -> list[str]:
+                       tokenizer_dir: str | None = None, model_max_length: int | None = None, hf: bool = True) -> list[str]:
     """Write the files beside the weights in ``out_dir`` (see the module docstring); their names.
 
     ``hf`` False (a native output) carries files but leaves config.json alone."""
@@ -206,7 +205,7 @@ def write_export_files(out_dir: str, *, carry_from: str | None = None, model_dir
     if model_dir is not None:
         written += _copy(model_dir, model_files(model_dir), out_dir)
     if tokenizer_dir is not None:
-        tok = _tokenizer_side(out_dir, tokenizer_dir, model_max_length, eos_every_turn)
+        tok = _tokenizer_side(out_dir, tokenizer_dir, model_max_length)
         gen_src = None
         for d in (model_dir, carry_from):
             if d is not None and os.path.isfile(os.path.join(d, GENERATION_CONFIG)):

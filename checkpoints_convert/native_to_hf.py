@@ -1,5 +1,5 @@
 """python -m checkpoints_convert.native_to_hf --native DIR --out DIR [--shard-size 5GB] [--dtype keep|bf16|fp32|fp16]
-    [--tokenizer DIR [--eos-every-turn]] [--source-hf DIR]"""
+    [--tokenizer DIR] [--source-hf DIR]"""
 from __future__ import annotations
 
 import argparse
@@ -29,8 +29,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--source-hf", metavar="DIR",
                    help="the HF directory the model was trained from: its model code (*.py), license and "
                         "generation_config.json fields travel")
-    p.add_argument("--eos-every-turn", action="store_true",
-                   help="with --tokenizer: the model was trained with data.eos_every_turn")
     _cli.add_common(p)
     return p
 
@@ -38,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     convert(args.native, args.out, "hf", args.shard_size, args.dtype, expect="native", progress=not args.quiet,
-            tokenizer=args.tokenizer, source_hf=args.source_hf, eos_every_turn=args.eos_every_turn)
+            tokenizer=args.tokenizer, source_hf=args.source_hf)
     return 0
 
 

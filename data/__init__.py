@@ -6,7 +6,7 @@ from .errors import DataError
 from .tokenizer import Tokenizer, load_tokenizer, run_tokenizer_dir
 from .template import (render_chat, encode_chat, encode_prompt, chat_segments, validate_messages, IGNORE_INDEX,
                        SPECIAL_TOKENS, EOS_TOKEN)
-from .formats import read_jsonl, normalize_sft, normalize_dpo, encode_dpo_pair
+from .formats import read_jsonl, normalize_sft, normalize_dpo, encode_dpo_pair, dpo_conversations
 from .format_check import format_check
 from .packing import pack_documents, best_fit_decreasing, BATCH_KEYS
 from .dataset import PreparedSFT, PreparedDPO, open_prepared

@@ -12,8 +12,18 @@ from .errors import DataError
 from .template import IGNORE_INDEX
 
 FORMAT_NAME = "lingmoe-prepared"
-FORMAT_VERSION = 1
+# 2: mask.bin may hold MASK_EOS (a label that is the EOS id, not the token). Version 1 masks are read
+# too (0/1 only); a version 1 reader refuses version 2 instead of misreading its masks.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
+MASK_TOKEN, MASK_EOS = 1, 2
+# The template's encoding, manifest "template.version" (absent = 1). 2: no EOS in the input between
+# turns (eos_every_turn trains it as the label of the next turn's <role>, as LLaMA-Factory does) and
+# DPO prompts untrained, earlier answers included. Version 1 data made with eos_every_turn, or DPO
+# pairs, were encoded differently and are refused (_check_encoding); version 1 SFT data made
+# without eos_every_turn is the same as version 2's and stays usable.
+TEMPLATE_VERSION = 2
 
 
 def read_manifest(directory):
@@ -23,9 +33,25 @@ def read_manifest(directory):
                         file=directory)
     with open(path, encoding="utf-8") as f:
         m = json.load(f)
-    if m.get("format") != FORMAT_NAME or m.get("version") != FORMAT_VERSION:
+    if m.get("format") != FORMAT_NAME or m.get("version") not in READABLE_VERSIONS:
         raise DataError(f"unsupported prepared format {m.get('format')!r} v{m.get('version')}", file=path)
+    _check_encoding(m, path)
     return m
+
+
+def _check_encoding(manifest, path):
+    """Refuse data the template encoded differently from today's (see TEMPLATE_VERSION)."""
+    template = manifest.get("template") or {}
+    if template.get("version", 1) >= TEMPLATE_VERSION:
+        return
+    if manifest.get("kind") == "dpo":
+        why = "its DPO pairs trained the earlier answers held in a prompt"
+    elif template.get("eos_every_turn"):
+        why = "with eos_every_turn it wrote <|endoftext|> into the input between turns"
+    else:
+        return
+    raise DataError(f"prepared by an older lingmoe whose encoding differs ({why}); prepare it again "
+                    f"with python -m data.prepare", file=path)
 
 
 class _Prepared:
@@ -85,8 +111,8 @@ class _Prepared:
         off = self._array(prefix + "offsets")
         a, b = int(off[i]), int(off[i + 1])
         ids = np.asarray(self._array(prefix + "tokens")[a:b], dtype=np.int64)
-        mask = np.asarray(self._array(prefix + "mask")[a:b], dtype=bool)
-        labels = np.where(mask, ids, IGNORE_INDEX)
+        mask = np.asarray(self._array(prefix + "mask")[a:b])
+        labels = np.where(mask == MASK_TOKEN, ids, np.where(mask == MASK_EOS, self.eos_id, IGNORE_INDEX))
         return ids, labels
 
     def _lengths(self, prefix):

@@ -62,14 +62,27 @@ def require_space(path: str | os.PathLike, nbytes: int, what: str = "this write"
                            f"{free / GB:.2f} GB free")
 
 
-def is_no_space(exc: BaseException) -> bool:
+# torch's zip writer (torch.save, and DCP through it) reports a write the file system cut short only as
+# "[enforce fail at inline_container.cc:N] . unexpected pos A vs B" (torch 2.13, seen on a full tmpfs).
+# That is taken for lack of space when the file system then has less than this free.
+SHORT_WRITE_FREE = 256 * 2 ** 20
+
+
+def is_no_space(exc: BaseException, path: str | os.PathLike | None = None) -> bool:
     """True for a failed write for lack of space, whatever layer raised it (OSError, or torch's
-    C++ writers, which raise RuntimeError with the system's message or only 'file write failed')."""
+    C++ writers, which raise RuntimeError with the system's message, only 'file write failed', or a
+    short write of the zip writer: that one when ``path``'s file system is nearly full, or no path is
+    known)."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(exc)
-    return isinstance(exc, RuntimeError) and ("No space left on device" in text or "Disk quota exceeded" in text
-                                              or "file write failed" in text)
+    if not isinstance(exc, RuntimeError):
+        return False
+    if "No space left on device" in text or "Disk quota exceeded" in text or "file write failed" in text:
+        return True
+    if "inline_container" in text and "unexpected pos" in text:
+        return path is None or free_bytes(path) < SHORT_WRITE_FREE
+    return False
 
 
 @contextlib.contextmanager
@@ -80,7 +93,7 @@ def writing(path: str | os.PathLike):
     except NoSpaceError:
         raise
     except (OSError, RuntimeError) as e:
-        if is_no_space(e):
+        if is_no_space(e, path):
             raise _no_space_writing(path) from None
         raise
 
@@ -129,6 +142,36 @@ def process_alive(identity: str) -> bool | None:
     return not start or _start_time(pid) in ("", start)
 
 
+def owned_temp_file(target: str | os.PathLike) -> str:
+    """A temporary name beside the file ``target`` (written, then renamed onto it) that carries its
+    owner, ``TARGET.tmp-PID-START-HOST``, so that sweep_stale_temp_files can tell a killed writer's
+    leftover from a live writer's file."""
+    host, _, rest = process_identity().partition(":")
+    pid, _, start = rest.partition(":")
+    return f"{os.fspath(target)}.tmp-{pid}-{start}-{host}"
+
+
+def sweep_stale_temp_files(directory: str | os.PathLike, prefix: str) -> list[str]:
+    """Remove the files ``PREFIX*.tmp-PID-START-HOST`` (owned_temp_file) in ``directory`` whose writer
+    is gone (this host's only: another host's cannot be checked). Returns them."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in sorted(names):
+        if not name.startswith(prefix) or ".tmp-" not in name:
+            continue
+        pid, start, host = (name.rpartition(".tmp-")[2].split("-", 2) + ["", ""])[:3]
+        if not pid.isdigit() or process_alive(f"{host}:{pid}:{start}") is not False:
+            continue
+        path = os.path.join(directory, name)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
 def _tmp_prefix(target: str) -> str:
     return "." + os.path.basename(target) + ".tmp-"
 
@@ -152,10 +195,31 @@ def sweep_stale_temporaries(target: str | os.PathLike) -> list[str]:
                 owner = json.load(f)["owner"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if process_alive(owner) is False:
-            shutil.rmtree(path, ignore_errors=True)
+        if process_alive(owner) is False and remove_tree(path):
             removed.append(path)
     return removed
+
+
+def remove_tree(path: str | os.PathLike) -> bool:
+    """Remove a directory tree as far as possible; True only when it is gone."""
+    shutil.rmtree(path, ignore_errors=True)
+    return not os.path.lexists(path)
+
+
+def check_replaceable(target: str | os.PathLike) -> None:
+    """Refuse (OutputExistsError naming ``target``) an existing output that could not be swapped for a
+    new one: a directory in it where no file can be made or removed (read-only, immutable, another
+    user's) would stop the swap half-way, after the old output was moved. Checked by making and
+    removing a probe file in each, before anything is written."""
+    for root, dirs, _ in os.walk(os.fspath(target)):
+        probe = os.path.join(root, f".lingmoe-probe-{os.getpid()}")
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.remove(probe)
+        except OSError as e:
+            raise OutputExistsError(f"{os.path.abspath(os.fspath(target))} cannot be replaced: nothing can be written "
+                                    f"or removed in {root} ({e.strerror}); make it writable or move it away, then run "
+                                    f"again (it was left as it is)") from None
 
 
 class OwnedTempDir:
@@ -163,7 +227,9 @@ class OwnedTempDir:
     ``target``, on failure removed.
 
     - An existing ``target`` is refused (OutputExistsError, nothing touched) unless ``replace``;
-      with ``replace`` the old one is swapped out only once the new one is whole.
+      with ``replace`` the old one is swapped out only once the new one is whole, and one that could
+      not be swapped (check_replaceable) is refused before anything is written. If the swap still
+      fails, the old one is put back: ``target`` is never left missing.
     - Temporaries of killed earlier writers of the same target are removed on entry, then, with
       ``nbytes``, the free space is checked (the sweep may have freed it) before anything is made.
     - A failure for lack of space inside the block becomes NoSpaceError naming ``target``.
@@ -180,6 +246,8 @@ class OwnedTempDir:
     def __enter__(self) -> str:
         if os.path.exists(self.target) and not self.replace:
             raise OutputExistsError(f"{self.target}: output directory already exists (choose another or remove it)")
+        if os.path.isdir(self.target):
+            check_replaceable(self.target)
         parent = os.path.dirname(self.target)
         os.makedirs(parent, exist_ok=True)
         self.swept = sweep_stale_temporaries(self.target)  # first: a killed writer's leftovers may fill the disk
@@ -197,7 +265,8 @@ class OwnedTempDir:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
-            if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, NoSpaceError) and is_no_space(exc):
+            if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, NoSpaceError) \
+                    and is_no_space(exc, self.target):
                 raise _no_space_writing(self.target) from None
             return False
         with writing(self.target):
@@ -210,14 +279,26 @@ class OwnedTempDir:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 raise OutputExistsError(f"{self.target}: output directory appeared while writing; left untouched")
             # The old output goes aside under a temporary's name with our owner record, so a kill
-            # before it is removed leaves something the next writer sweeps, never an orphan.
+            # before it is removed leaves something the next writer sweeps, never an orphan. A step
+            # that fails puts it back, so the target is never missing.
             old = tempfile.mkdtemp(prefix=_tmp_prefix(self.target), dir=os.path.dirname(self.target))
             os.rmdir(old)
-            os.rename(self.target, old)
-            with open(os.path.join(old, OWNER_FILE), "w") as f:
-                json.dump({"owner": process_identity()}, f)
-            os.replace(self.tmp, self.target)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.rename(self.target, old)
+            except OSError as e:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise OutputExistsError(f"{self.target} cannot be replaced ({e.strerror}); it was left as it is") from None
+            try:
+                with open(os.path.join(old, OWNER_FILE), "w") as f:
+                    json.dump({"owner": process_identity()}, f)
+                os.replace(self.tmp, self.target)
+            except OSError as e:
+                os.rename(old, self.target)
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(self.target, OWNER_FILE))
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise OutputExistsError(f"{self.target} cannot be replaced ({e.strerror}); it was left as it is") from None
+            remove_tree(old)  # what cannot be removed keeps our owner record: a later writer sweeps it
         else:
             os.replace(self.tmp, self.target)
         # The owner record goes after the rename: a kill before it leaves a swept temporary, a kill

@@ -163,18 +163,21 @@ def normalize_dpo(obj):
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "domain": domain, "tags": tags}
 
 
-def encode_dpo_pair(tokenizer, example, eos_every_turn=False):
+def dpo_conversations(ex):
+    """The chosen and rejected conversations of a normalised pair: the prompt, then the answer."""
+    return [ex["prompt"] + [{"role": "assistant", "content": ex[side]}] for side in ("chosen", "rejected")]
+
+
+def encode_dpo_pair(tokenizer, example):
     """Encode {"prompt", "chosen", "rejected"} (strings or message lists; see normalize_dpo).
 
-    Returns {"chosen": (ids, labels), "rejected": (ids, labels)}; each side is the prompt
-    (labels -100) followed by the answer and EOS (trained).
+    Returns {"chosen": (ids, labels), "rejected": (ids, labels)}; each side is the prompt (labels
+    -100, earlier answers in it included) followed by the answer and EOS (trained), as LLaMA-Factory
+    encodes pairs. data.eos_every_turn does not apply: nothing of the prompt is trained.
     """
     ex = normalize_dpo(example)
-    out = {}
-    for side in ("chosen", "rejected"):
-        msgs = ex["prompt"] + [{"role": "assistant", "content": ex[side]}]
-        out[side] = encode_chat(tokenizer, msgs, eos_every_turn=eos_every_turn)
-    return out
+    return {side: encode_chat(tokenizer, msgs, train_history=False)
+            for side, msgs in zip(("chosen", "rejected"), dpo_conversations(ex))}
 
 
 def read_jsonl(path, kind="sft", skip_bad=False, bad=None):

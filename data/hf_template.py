@@ -9,8 +9,9 @@ tokenizer's ``chat_template``. The one written into our exports renders exactly 
   ``add_generation_prompt`` changes nothing (as in training, where a prompt is the conversation up
   to that marker);
 * assistant content, then its tool calls as ``<tool_call>{"name": ..., "arguments": ...}</tool_call>``;
-* ``<|endoftext|>`` after the last message when it is an assistant turn, or after every assistant
-  turn with ``eos_every_turn``.
+* ``<|endoftext|>`` after the last message when it is an assistant turn, never between turns: the
+  text training saw, with or without data.eos_every_turn (which moves labels, not text), and what a
+  serving stack feeds back as history after stripping the EOS it stopped on.
 
 Tool call arguments given as an object render as ``json.dumps`` writes them (transformers' own
 ``tojson`` filter is json.dumps with ensure_ascii=False). A string of arguments (OpenAI's form) is
@@ -53,9 +54,8 @@ def _literal(text: str) -> str:
     return "'" + text + "'"
 
 
-def chat_template(eos_every_turn: bool = False) -> str:
-    """The Jinja2 chat template rendering what data.template.render_chat(..., eos_every_turn) renders."""
-    eos_after = "true" if eos_every_turn else "loop.last"
+def chat_template() -> str:
+    """The Jinja2 chat template rendering what data.template.render_chat renders."""
     call = ("{{- " + _literal(TOOL_OPEN + '{"name": ') + " ~ (fn['name'] | tojson) ~ "
             + _literal(', "arguments": ') + " ~ (args if args is string else (args | tojson)) ~ "
             + _literal("}" + TOOL_CLOSE) + " -}}")
@@ -78,7 +78,7 @@ def chat_template(eos_every_turn: bool = False) -> str:
         call,
         "{%- endfor -%}",
         "{%- endif -%}",
-        "{%- if " + eos_after + " -%}{{- " + _literal(EOS_TOKEN) + " -}}{%- endif -%}",
+        "{%- if loop.last -%}{{- " + _literal(EOS_TOKEN) + " -}}{%- endif -%}",
         "{%- else -%}",
         "{{- raise_exception('unknown role ' ~ message['role'] ~ ' (expected system, user, assistant or tool)') -}}",
         "{%- endif -%}",

@@ -2,7 +2,9 @@
 
 Reads JSONL (SFT or DPO, detected from the first record) or a prepared directory. Trained text
 is wrapped in [[ ]] (or shown green on a terminal); with a tokenizer the marks come from the
-actual label mask, so this is a direct check of what the loss is computed on.
+actual label mask, so this is a direct check of what the loss is computed on. A trained label that
+is not the token at its position (the EOS of a non-final answer with eos_every_turn, labelled on the
+next turn's <role>) is shown as ``[[(<|endoftext|>)]]`` before that token: a target, not input.
 """
 import argparse
 import os
@@ -11,10 +13,10 @@ import sys
 import numpy as np
 
 from .dataset import open_prepared
-from .errors import run_cli
-from .formats import read_jsonl, detect_kind
+from .errors import DataError, MissingFileError, run_cli
+from .formats import dpo_conversations, read_jsonl, detect_kind
 from .format_check import format_check
-from .template import chat_segments, encode_chat, IGNORE_INDEX
+from .template import EOS_TOKEN, chat_segments, encode_chat, IGNORE_INDEX
 from .tokenizer import load_tokenizer
 
 _GREEN, _RESET = "\033[32m", "\033[0m"
@@ -26,15 +28,22 @@ def _mark(text, trained, color):
     return f"{_GREEN}{text}{_RESET}" if color else f"[[{text}]]"
 
 
+def _label_only(text, color):
+    """A target that is not in the input (the EOS label on the <role> after an answer)."""
+    return _mark(f"({text})", True, color)
+
+
 def mark_segments(segments, color=False):
     """Template segments joined, with adjacent trained segments marked as one span."""
     out, run, run_trained = [], [], None
-    for text, trained in segments:
-        if run and trained != run_trained:
+    for seg in segments:
+        if run and (seg.trained != run_trained or seg.eos_label):
             out.append(_mark("".join(run), run_trained, color))
             run = []
-        run.append(text)
-        run_trained = trained
+        if seg.eos_label:
+            out.append(_label_only(EOS_TOKEN, color))
+        run.append(seg.text)
+        run_trained = seg.trained
     if run:
         out.append(_mark("".join(run), run_trained, color))
     return "".join(out)
@@ -44,10 +53,13 @@ def mark_tokens(tokenizer, ids, labels, color=False):
     """Decode ids, grouping runs of trained / untrained tokens and marking the trained runs."""
     out, run, run_trained = [], [], None
     for tok, lab in zip(ids, labels):
-        t = lab != IGNORE_INDEX
-        if run and t != run_trained:
+        label_only = lab != IGNORE_INDEX and lab != tok
+        t = lab != IGNORE_INDEX and not label_only
+        if run and (t != run_trained or label_only):
             out.append(_mark(tokenizer.decode(run), run_trained, color))
             run = []
+        if label_only:
+            out.append(_label_only(tokenizer.decode([int(lab)]), color))
         run.append(int(tok))
         run_trained = t
     if run:
@@ -58,11 +70,13 @@ def mark_tokens(tokenizer, ids, labels, color=False):
 def _conversations(rec, kind):
     if kind == "sft":
         return [("", rec["messages"])]
-    return [(side, rec["prompt"] + [{"role": "assistant", "content": rec[side]}]) for side in ("chosen", "rejected")]
+    return list(zip(("chosen", "rejected"), dpo_conversations(rec)))
 
 
-def inspect_jsonl(path, n, tokenizer=None, color=False, out=None, skip_bad=False):
+def inspect_jsonl(path, n, tokenizer=None, color=False, out=None, skip_bad=False, eos_every_turn=False):
     out = out or sys.stdout
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{path}: no such file")
     kind = detect_kind(path)
     bad = []
     shown = 0
@@ -72,13 +86,15 @@ def inspect_jsonl(path, n, tokenizer=None, color=False, out=None, skip_bad=False
             break
         meta = f"domain={rec['domain']} tags={','.join(rec['tags'])}" if rec["domain"] or rec["tags"] else ""
         print(f"=== {path}:{lineno} ({kind}) {meta}", file=out)
+        # What data.prepare trains: every answer of an SFT conversation, only the final one of a DPO side.
+        how = {"eos_every_turn": eos_every_turn and kind == "sft", "train_history": kind == "sft"}
         for side, msgs in _conversations(rec, kind):
             if side:
                 print(f"--- {side}", file=out)
             if tokenizer is None:
-                print(mark_segments(chat_segments(msgs), color), file=out)
+                print(mark_segments(chat_segments(msgs, **how), color), file=out)
             else:
-                ids, labels = encode_chat(tokenizer, msgs)
+                ids, labels = encode_chat(tokenizer, msgs, **how)
                 trained = sum(1 for x in labels if x != IGNORE_INDEX)
                 totals["tokens"] += len(ids)
                 totals["trained"] += trained
@@ -94,6 +110,8 @@ def inspect_jsonl(path, n, tokenizer=None, color=False, out=None, skip_bad=False
               f"({100.0 * totals['trained'] / max(1, totals['tokens']):.1f}%)", file=out)
     if bad:
         print(f"skipped {len(bad)} bad records (first: {bad[0][0]}:{bad[0][1]}: {bad[0][2]})", file=out)
+    if not shown and not bad:
+        raise DataError("no records (the file is empty or holds only blank lines)", file=path)
 
 
 def inspect_prepared(directory, n, tokenizer, color=False, out=None):
@@ -124,6 +142,8 @@ def build_parser():
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="colour trained text instead of brackets (default auto: only on a terminal)")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of stopping")
+    p.add_argument("--eos-every-turn", action="store_true",
+                   help="JSONL SFT: show the encoding of data.eos_every_turn true (every answer's end trained)")
     return p
 
 
@@ -137,7 +157,7 @@ def main(argv=None):
             p.error("a prepared directory needs --tokenizer to decode")
         inspect_prepared(args.file, args.n, tok, color)
     else:
-        inspect_jsonl(args.file, args.n, tok, color, skip_bad=args.skip_bad)
+        inspect_jsonl(args.file, args.n, tok, color, skip_bad=args.skip_bad, eos_every_turn=args.eos_every_turn)
     return 0
 
 

@@ -4,6 +4,13 @@ SFTLoader packs documents (best-fit decreasing within a window of drawn samples)
 ``seq_len`` and yields the batch contract of data/packing.py. DPOLoader yields padded preference
 pairs. Both are deterministic functions of (data, seed, rank, world_size, settings), and
 ``state_dict()`` captures the exact position so a restored loader yields the same next batch.
+
+Rows (and pairs) are dealt independently of the world size: every rank walks the same global
+stream, packs the same global windows into the same global sequence of rows, and rank r of W takes
+rows r, r + W, r + 2W, ... So with the same global batch (W x micro-batch x accumulation rows), the
+step's rows are the same set for any number of ranks: one process and two ranks train on the same
+rows. (Loader states of version 1 dealt samples to ranks before packing, each rank packing its own
+windows; a run saved that way with several ranks resumes that way, exactly.)
 """
 import hashlib
 import json
@@ -18,7 +25,8 @@ from .mixture import SampleStream
 from .packing import best_fit_decreasing, build_rows, fit_document
 from .template import IGNORE_INDEX
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: rows dealt after global packing; 1: samples dealt before per-rank packing
+_ROW_ORDER_TAG = 0x726F7773
 
 
 def _as_sources(sources, weights, cls):
@@ -65,8 +73,8 @@ def _combined_hash(datasets, weights):
 
 def _check_state(state, kind, what, config):
     """A saved loader state must come from the same kind of loader and the same settings and data."""
-    if state.get("version") != _STATE_VERSION or state.get("kind") != kind:
-        raise ValueError(f"not {what} state of this version")
+    if state.get("version") not in (1, _STATE_VERSION) or state.get("kind") != kind:
+        raise ValueError(f"not {what} state of a known version")
     diff = {k: (state["config"].get(k), v) for k, v in config.items() if state["config"].get(k) != v}
     if diff:
         raise ValueError(f"loader state was saved with different settings/data: {diff}")
@@ -83,10 +91,11 @@ class SFTLoader:
     Args:
         sources: a prepared directory, a list of them, or {name: directory} (datasets work too).
         seq_len: tokens per row (S); micro_batch_size: rows per batch (B).
-        rank, world_size: this rank's share of the global sample stream.
+        rank, world_size: this rank's share of the global rows (rows r, r + W, ... of every window).
         seed: fixes mixture draws, per-source epoch orders and row order.
         weights: per-sample mixture weights (list, or {name: weight}); default equal.
-        window: samples per packing window (per rank); larger packs tighter.
+        window: samples of the global stream per packing window (the same for any world size);
+            larger packs tighter.
         overlong: "truncate" or "drop" documents longer than seq_len (both counted).
         pad_id: padding token; default the prepared data's pad id.
 
@@ -109,7 +118,9 @@ class SFTLoader:
         self._lengths = [d.lengths() for d in self.datasets]
         self._stream = SampleStream([len(d) for d in self.datasets], self.weights, self.seed)
         self._window_no = 0
-        self._rows = []  # pending rows, each a list of [source, index]
+        self._rows = []  # this rank's pending rows, each a list of [source, index]
+        self._next_row = 0  # the global number of the next row packed (rows are dealt by it)
+        self._per_rank = False  # state version 1's dealing (samples to ranks, then per-rank windows)
         self.counters = self._zero_counters()
         self.last_refs = []
         self._drops_in_a_row = 0
@@ -121,22 +132,24 @@ class SFTLoader:
     def __iter__(self):
         return self
 
-    def _next_own(self):
+    def _next_sample(self):
+        """(global draw number, source, index): every draw, or (version 1 dealing) only this rank's."""
         while True:
             g, s, idx = self._stream.next()
-            if g % self.world_size == self.rank:
-                return s, idx
+            if not self._per_rank or g % self.world_size == self.rank:
+                return g, s, idx
 
     def _fill_window(self):
         refs, lens = [], []
         while len(refs) < self.window:
-            s, idx = self._next_own()
+            g, s, idx = self._next_sample()
             n = int(self._lengths[s][idx])
             if n > self.seq_len:
                 ids, labels = self.datasets[s][idx]
                 _, _, status = fit_document(ids, labels, self.seq_len, self.overlong)
                 if status == "dropped":
-                    self.counters["dropped"] += 1
+                    if self._per_rank or g % self.world_size == self.rank:  # counted once over the ranks
+                        self.counters["dropped"] += 1
                     self._drops_in_a_row += 1
                     if self._drops_in_a_row > sum(len(d) for d in self.datasets):
                         raise DataError(f"every document is dropped at seq_len {self.seq_len}; nothing to train on")
@@ -146,9 +159,16 @@ class SFTLoader:
             refs.append([s, idx])
             lens.append(n)
         bins = best_fit_decreasing(lens, self.seq_len)
-        # Best-fit emits the long-document rows first; shuffle so batches do not trend in length.
-        order = np.random.default_rng([self.seed, 0x726F7773, self.rank, self._window_no]).permutation(len(bins))
-        self._rows.extend([refs[i] for i in bins[b]] for b in order)
+        # Best-fit emits the long-document rows first; shuffle so batches do not trend in length. (The
+        # 0 stood for the rank in version 1, where each rank shuffled its own window: one process
+        # packs and orders exactly as it did then.)
+        who = self.rank if self._per_rank else 0
+        order = np.random.default_rng([self.seed, _ROW_ORDER_TAG, who, self._window_no]).permutation(len(bins))
+        for b in order:
+            row = [refs[i] for i in bins[b]]
+            if self._per_rank or self._next_row % self.world_size == self.rank:
+                self._rows.append(row)
+            self._next_row += 1
         self._window_no += 1
 
     def __next__(self):
@@ -186,17 +206,24 @@ class SFTLoader:
 
     def state_dict(self):
         """Plain-Python (JSON-serializable) state; restoring it yields the same next batch."""
-        return {"version": _STATE_VERSION, "kind": "sft", "config": self._config(),
-                "stream": self._stream.state_dict(), "window_no": self._window_no,
-                "rows": [[list(r) for r in row] for row in self._rows],
-                "counters": json.loads(json.dumps(self.counters))}
+        state = {"version": 1 if self._per_rank else _STATE_VERSION, "kind": "sft", "config": self._config(),
+                 "stream": self._stream.state_dict(), "window_no": self._window_no,
+                 "rows": [[list(r) for r in row] for row in self._rows],
+                 "counters": json.loads(json.dumps(self.counters))}
+        if not self._per_rank:
+            state["next_row"] = self._next_row
+        return state
 
     def load_state_dict(self, state):
+        """Restore a state_dict; one of version 1 saved with several ranks goes on with that version's
+        dealing (with one rank the two dealings are the same)."""
         _check_state(state, "sft", "an SFTLoader", self._config())
         self._stream.load_state_dict(state["stream"])
         self._window_no = int(state["window_no"])
         self._rows = [[[int(s), int(i)] for s, i in row] for row in state["rows"]]
         self.counters = json.loads(json.dumps(state["counters"]))
+        self._per_rank = state["version"] == 1 and self.world_size > 1
+        self._next_row = int(state.get("next_row", 0))
 
 
 def collate_dpo(pairs, pad_id, seq_len=None):
@@ -230,8 +257,9 @@ class DPOLoader:
 
     With an integer ``seq_len`` every batch is padded to it and longer sides are truncated (or
     the pair dropped, ``overlong="drop"``), counted in ``counters``; with ``seq_len=None``
-    batches pad to their longest sequence (fewer wasted tokens, shapes vary). The global order is epoch after epoch of permutation(seed, epoch); rank r
-    takes positions r, r + W, ...
+    batches pad to their longest sequence (fewer wasted tokens, shapes vary). The global order is
+    epoch after epoch of permutation(seed, epoch); of the pairs kept in it (not dropped), rank r takes
+    the r-th, (r + W)-th, ..., so any number of ranks shares out the same pairs.
     """
 
     def __init__(self, source, seq_len, micro_batch_size, rank=0, world_size=1, seed=0,
@@ -244,7 +272,11 @@ class DPOLoader:
         self.overlong = overlong
         self.pad_id = self.dataset.pad_id if pad_id is None else int(pad_id)
         self.data_hash = self.dataset.data_hash
-        self._g = rank  # next global position this rank takes
+        self._p = 0  # next global position of the order to look at
+        self._k = 0  # pairs kept (not dropped) before it: the kept pair number k goes to rank k % W
+        self._per_rank = False  # state version 1's dealing: positions r, r + W, ..., drops skipped per rank
+        self._drops_in_a_row = 0
+        self._lengths = self.dataset.lengths()
         self._perm = (None, None)
         self.counters = {"samples": 0, "batches": 0, "truncated": 0, "dropped": 0, "epoch": 0}
 
@@ -271,19 +303,38 @@ class DPOLoader:
             out[side] = (ids, labels)
         return out, status
 
-    def __next__(self):
-        pairs, index = [], []
-        while len(pairs) < self.micro_batch_size:
-            idx, epoch = self._index_at(self._g)
-            self._g += self.world_size
-            self.counters["epoch"] = epoch
-            pair, status = self._fit(self.dataset[idx])
+    def _next_pair(self):
+        """(index, fitted pair, status) of this rank's next pair, walking the global order."""
+        while True:
+            p = self._p
+            idx, self.counters["epoch"] = self._index_at(p)
+            self._p += self.world_size if self._per_rank else 1
+            if not self._per_rank and self.seq_len is not None and self._lengths[idx] <= self.seq_len:
+                pair, status = None, "ok"  # fits: no need to read it unless it is this rank's
+            else:
+                pair, status = self._fit(self.dataset[idx])
             if status == "dropped":
-                self.counters["dropped"] += 1
-                if self.counters["dropped"] > len(self.dataset):
+                if self._per_rank or p % self.world_size == self.rank:  # counted once over the ranks
+                    self.counters["dropped"] += 1
+                self._drops_in_a_row += 1
+                if self._drops_in_a_row > len(self.dataset):
                     raise DataError("every pair is too long for seq_len; nothing to train on",
                                     file=self.dataset.directory)
                 continue
+            self._drops_in_a_row = 0
+            if not self._per_rank:
+                mine = self._k % self.world_size == self.rank
+                self._k += 1
+                if not mine:
+                    continue
+            if pair is None:
+                pair, status = self._fit(self.dataset[idx])
+            return idx, pair, status
+
+    def __next__(self):
+        pairs, index = [], []
+        while len(pairs) < self.micro_batch_size:
+            idx, pair, status = self._next_pair()
             if status == "truncated":
                 self.counters["truncated"] += 1
             pairs.append(pair)
@@ -300,12 +351,23 @@ class DPOLoader:
                 "overlong": self.overlong}
 
     def state_dict(self):
-        return {"version": _STATE_VERSION, "kind": "dpo", "config": self._config(), "g": self._g,
-                "counters": dict(self.counters)}
+        if self._per_rank:
+            return {"version": 1, "kind": "dpo", "config": self._config(), "g": self._p,
+                    "counters": dict(self.counters)}
+        return {"version": _STATE_VERSION, "kind": "dpo", "config": self._config(), "p": self._p, "k": self._k,
+                "drops_in_a_row": self._drops_in_a_row, "counters": dict(self.counters)}
 
     def load_state_dict(self, state):
+        """Restore a state_dict; version 1 with several ranks goes on with that version's dealing
+        (with one rank, position g of version 1 is position g of this one)."""
         _check_state(state, "dpo", "a DPOLoader", self._config())
-        self._g = int(state["g"])
+        if state["version"] == 1:
+            self._per_rank = self.world_size > 1
+            self._p, self._k, self._drops_in_a_row = int(state["g"]), 0, 0
+        else:
+            self._per_rank = False
+            self._p, self._k = int(state["p"]), int(state["k"])
+            self._drops_in_a_row = int(state["drops_in_a_row"])
         self.counters = dict(state["counters"])
 
     def iter_all(self, batch_size=None):

@@ -4,7 +4,8 @@ Layout of a prepared directory (all arrays are raw little-endian files read with
 dtype and length are in manifest.json):
 
     SFT  tokens.bin  int32  all samples' token ids, concatenated
-         mask.bin    uint8  1 where the token is trained (its label is the token itself), else 0
+         mask.bin    uint8  1 where the token is trained (its label is the token itself), 2 where its label
+                            is the EOS id instead (the <role> after an answer, data.eos_every_turn), else 0
          offsets.bin int64  num_samples + 1 start offsets into tokens/mask
          domain.bin  int16  domain id per sample (names in manifest "domains")
     DPO  chosen_{tokens,mask,offsets}.bin and rejected_{...}.bin as above, plus domain.bin
@@ -22,12 +23,12 @@ import numpy as np
 
 from .errors import BadInputError, DataError, MissingFileError, run_cli
 from .files import OwnedTempDir, require_space
-from .formats import normalize_dpo, normalize_sft, read_jsonl
+from .dataset import FORMAT_NAME, FORMAT_VERSION, MANIFEST, MASK_EOS, MASK_TOKEN, TEMPLATE_VERSION
+from .formats import dpo_conversations, normalize_dpo, normalize_sft, read_jsonl
 from .packing import fit_document
-from .template import chat_segments, EOS_TOKEN, IGNORE_INDEX
+from .template import chat_segments, EOS_TOKEN, IGNORE_INDEX, segment_labels
 from .tokenizer import load_tokenizer
 
-from .dataset import FORMAT_NAME, FORMAT_VERSION, MANIFEST
 _CHUNK = 256  # records per encode_batch call; amortizes the Rust call overhead
 
 
@@ -55,7 +56,8 @@ class _ArrayWriter:
 class _Sequences:
     """tokens/mask/offsets triple for one stream of sequences (SFT, or one DPO side)."""
 
-    def __init__(self, directory, prefix):
+    def __init__(self, directory, prefix, eos_id):
+        self.eos_id = eos_id
         self.tokens = _ArrayWriter(directory, prefix + "tokens", np.int32)
         self.mask = _ArrayWriter(directory, prefix + "mask", np.uint8)
         self.offsets = _ArrayWriter(directory, prefix + "offsets", np.int64)
@@ -64,33 +66,28 @@ class _Sequences:
         self.trained = 0
 
     def add(self, ids, labels):
-        labels = np.asarray(labels, dtype=np.int64)
-        mask = (labels != IGNORE_INDEX).astype(np.uint8)
+        ids, labels = np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+        trained = labels != IGNORE_INDEX
+        other = trained & (labels != ids)
+        if np.any(labels[other] != self.eos_id):  # the template labels a token only with itself or EOS
+            raise ValueError("a label that is neither its token nor the EOS id cannot be stored")
+        mask = np.where(other, MASK_EOS, np.where(trained, MASK_TOKEN, 0)).astype(np.uint8)
         self.tokens.write(ids)
         self.mask.write(mask)
         self.total += len(ids)
-        self.trained += int(mask.sum())
+        self.trained += int(trained.sum())
         self.offsets.write([self.total])
 
     def close(self):
         return [self.tokens.close(), self.mask.close(), self.offsets.close()]
 
 
-def _encode_many(tokenizer, conversations, eos_every_turn=False):
+def _encode_many(tokenizer, conversations, eos_every_turn=False, train_history=True):
     """encode_chat over many conversations with one batched tokenizer call."""
-    seg_lists = [chat_segments(msgs, eos_every_turn=eos_every_turn) for msgs in conversations]
-    flat = [t for segs in seg_lists for t, _ in segs]
-    pieces = tokenizer.encode_batch(flat)
-    out, k = [], 0
-    for segs in seg_lists:
-        ids, labels = [], []
-        for _, trained in segs:
-            p = pieces[k]
-            k += 1
-            ids.extend(p)
-            labels.extend(p if trained else [IGNORE_INDEX] * len(p))
-        out.append((ids, labels))
-    return out
+    seg_lists = [chat_segments(msgs, eos_every_turn=eos_every_turn, train_history=train_history)
+                 for msgs in conversations]
+    pieces = iter(tokenizer.encode_batch([seg.text for segs in seg_lists for seg in segs]))
+    return [segment_labels(segs, [next(pieces) for _ in segs], tokenizer.eos_id) for segs in seg_lists]
 
 
 def _count_lines(path):
@@ -142,8 +139,8 @@ def estimate_bytes(files, tokenizer, kind, eos_every_turn=False):
         if kind == "sft":
             convs = [r["messages"] for r in recs]
         else:
-            convs = [r["prompt"] + [{"role": "assistant", "content": r[s]}] for r in recs for s in ("chosen", "rejected")]
-        need = sum(len(ids) for ids, _ in _encode_many(tokenizer, convs, eos_every_turn)) * _TOKEN_BYTES
+            convs = [c for r in recs for c in dpo_conversations(r)]
+        need = sum(len(ids) for ids, _ in _encode_many(tokenizer, convs, eos_every_turn, kind == "sft")) * _TOKEN_BYTES
         need += len(convs) * _SAMPLE_BYTES
         total += int(need * size / nbytes) + 1
     return total + 64 * 1024  # manifest, offsets' leading zeros
@@ -153,8 +150,9 @@ def prepare(files, tokenizer, out_dir, kind="sft", skip_bad=False, max_len=None,
             default_domain=None, progress=False, eos_every_turn=False):
     """Tokenize ``files`` into ``out_dir``; returns the manifest dict.
 
-    ``eos_every_turn``: the template writes and trains EOS after every assistant turn (LLaMA-Factory's
-    bailing template), not only after the last; recorded in the manifest as template.eos_every_turn.
+    ``eos_every_turn`` (SFT): the end of every answer is trained, as LLaMA-Factory's bailing template
+    encodes multi-turn data (data/template.py), not only the last; recorded in the manifest as
+    template.eos_every_turn. DPO pairs train only the final answer either way.
 
     ``tokenizer`` is a Tokenizer or a tokenizer directory. Raises DataError on the first bad
     record unless ``skip_bad``; either way nothing is left at ``out_dir`` unless it all worked.
@@ -189,7 +187,7 @@ def _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, defa
     from tqdm import tqdm
 
     sides = [""] if kind == "sft" else ["chosen_", "rejected_"]
-    seqs = {s: _Sequences(tmp, s) for s in sides}
+    seqs = {s: _Sequences(tmp, s, tokenizer.eos_id) for s in sides}
     domain_w = _ArrayWriter(tmp, "domain", np.int16)
     domains, domain_counts, tag_counts = [], {}, {}
     bad, sources = [], []
@@ -199,12 +197,8 @@ def _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, defa
         nonlocal n_samples
         if not chunk:
             return
-        if kind == "sft":
-            convs = [[r["messages"]] for r in chunk]
-        else:
-            convs = [[r["prompt"] + [{"role": "assistant", "content": r[s]}] for s in ("chosen", "rejected")]
-                     for r in chunk]
-        flat = _encode_many(tokenizer, [c for group in convs for c in group], eos_every_turn)
+        convs = [[r["messages"]] for r in chunk] if kind == "sft" else [dpo_conversations(r) for r in chunk]
+        flat = _encode_many(tokenizer, [c for group in convs for c in group], eos_every_turn, kind == "sft")
         per = len(sides)
         for i, rec in enumerate(chunk):
             encoded = flat[i * per:(i + 1) * per]
@@ -273,7 +267,8 @@ def _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, defa
         "domains": domains, "domain_counts": domain_counts, "tag_counts": tag_counts,
         "tokenizer": {"fingerprint": tokenizer.fingerprint(), "vocab_size": tokenizer.vocab_size,
                       "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id},
-        "template": {"eos_every_turn": bool(eos_every_turn)},
+        "template": {"eos_every_turn": bool(eos_every_turn) if kind == "sft" else False,
+                     "version": TEMPLATE_VERSION},
         "max_len": max_len, "overlong": overlong if max_len is not None else None,
         "truncated": stats["truncated"], "dropped_long": stats["dropped_long"],
         "num_skipped": len(bad),
@@ -320,8 +315,9 @@ def build_parser():
     p.add_argument("--domain", default=None,
                    help="domain name for records without a 'domain' field (default 'default')")
     p.add_argument("--eos-every-turn", action="store_true",
-                   help="write and train <|endoftext|> after every assistant turn, as LLaMA-Factory's bailing "
-                        "template does (default: once, after the last assistant turn)")
+                   help="SFT: train the end of every assistant turn (the label <|endoftext|> on the next turn's "
+                        "<role>, no EOS in the input), exactly as LLaMA-Factory's bailing template encodes "
+                        "multi-turn data (default: only the final answer's EOS)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 
 from .errors import run_cli
-from .formats import read_jsonl, detect_kind
+from .formats import detect_kind, dpo_conversations, read_jsonl
 from .template import encode_chat, IGNORE_INDEX
 from .tokenizer import DEMO_TOKENIZER_DIR, load_tokenizer
 
@@ -36,10 +36,9 @@ def collect(files, tokenizer, skip_bad=False):
             st["domains"][d] = st["domains"].get(d, 0) + 1
             for t in rec["tags"]:
                 st["tags"][t] = st["tags"].get(t, 0) + 1
-            convs = [rec["messages"]] if kind == "sft" else \
-                [rec["prompt"] + [{"role": "assistant", "content": rec[s]}] for s in ("chosen", "rejected")]
+            convs = [rec["messages"]] if kind == "sft" else dpo_conversations(rec)
             for msgs in convs:
-                ids, labels = encode_chat(tokenizer, msgs)
+                ids, labels = encode_chat(tokenizer, msgs, train_history=kind == "sft")
                 st["lengths"].append(len(ids))
                 st["tokens"] += len(ids)
                 st["trained"] += sum(1 for x in labels if x != IGNORE_INDEX)

@@ -8,13 +8,21 @@ Rendered form, turn by turn::
     assistant  {content}
     (end)      <|endoftext|>   -- once, right after the last assistant turn
 
-Labels are -100 everywhere except assistant content and the final EOS. An assistant turn that
-is followed by another turn ends where the next ``<role>`` begins; that ``<role>`` token is part of
-the following turn's prefix and is not trained.
+The text is the same whatever is trained: ``<|endoftext|>`` appears once, at the end of a conversation
+that ends with an answer, never between turns. Labels are -100 everywhere except assistant content
+and the final EOS. An assistant turn that is followed by another turn ends where the next ``<role>``
+begins; that ``<role>`` token is part of the following turn's prefix.
 
-``eos_every_turn=True`` writes and trains ``<|endoftext|>`` after EVERY assistant turn instead, as
-LLaMA-Factory's "bailing" template does (efficient_eos): that is the fine-tuning Ling's own README
-recommends (LLaMA-Factory). The default keeps one EOS after the last answer.
+``eos_every_turn=True`` also trains the end of every earlier answer, exactly as LLaMA-Factory 0.9.5's
+"bailing" template (efficient_eos) encodes multi-turn data, the fine-tuning Ling's own README
+recommends: the first token of the turn after an answer (its ``<role>``) carries the label
+``<|endoftext|>`` while its input stays ``<role>``, so after the model's shift the answer's last token
+is trained to predict EOS, and the input never holds an EOS between turns (what a serving stack feeds
+back as history: it strips the EOS it stopped on). The default trains only the final EOS.
+
+``train_history=False`` (DPO: the prompt holds the conversation so far) trains only the final answer
+and its EOS; earlier answers are context, labelled -100 with no EOS label after them, as
+LLaMA-Factory encodes preference pairs.
 
 We tokenize each segment separately and concatenate the ids; the concatenation is exactly what
 we train on. That is what makes label boundaries exact. With the bailing markers every segment
@@ -23,6 +31,7 @@ such tokenizers this equals tokenizing the rendered string in one go; a test che
 shipped demo tokenizer.
 """
 import json
+from typing import NamedTuple
 
 from .errors import DataError
 
@@ -102,58 +111,82 @@ def validate_messages(messages, require_final_assistant=True):
         raise DataError("conversation has only a system message")
 
 
-def chat_segments(messages, add_eos=True, eos_every_turn=False):
-    """The rendered conversation as (text, trained) segments, in order."""
+class Segment(NamedTuple):
+    """One piece of the rendered conversation: its text, whether its tokens are trained (label = the
+    token), and whether its first token carries the EOS label of the answer just before it."""
+    text: str
+    trained: bool
+    eos_label: bool = False
+
+
+def chat_segments(messages, add_eos=True, eos_every_turn=False, train_history=True):
+    """The rendered conversation as Segments, in order (see the module docstring for the options)."""
     segs = []
-    last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    last = len(messages) - 1
     for i, m in enumerate(messages):
         role = m["role"]
+        # The turn after a trained answer carries that answer's EOS label on its <role> (eos_every_turn).
+        after_answer = eos_every_turn and i > 0 and messages[i - 1]["role"] == "assistant" and segs[-1].trained
         if role == "system":
-            segs.append((SYSTEM_PREFIX + m["content"], False))
+            segs.append(Segment(SYSTEM_PREFIX + m["content"], False))
         elif role == "user":
-            segs.append((USER_PREFIX + m["content"] + ASSISTANT_PREFIX, False))
+            segs.append(Segment(USER_PREFIX + m["content"] + ASSISTANT_PREFIX, False, after_answer))
         elif role == "tool":
-            segs.append((TOOL_PREFIX + m["content"] + ASSISTANT_PREFIX, False))
+            segs.append(Segment(TOOL_PREFIX + m["content"] + ASSISTANT_PREFIX, False, after_answer))
         else:
-            segs.append((_assistant_text(m), True))
-            if add_eos and (eos_every_turn or (i == last_assistant and i == len(messages) - 1)):
-                segs.append((EOS_TOKEN, True))
+            segs.append(Segment(_assistant_text(m), train_history or i == last))
+            if add_eos and i == last:
+                segs.append(Segment(EOS_TOKEN, True))
     return segs
 
 
-def render_chat(messages, add_eos=True, eos_every_turn=False):
-    """The conversation as the exact string the model sees."""
+def render_chat(messages, add_eos=True):
+    """The conversation as the exact string the model sees (whatever its labels are)."""
     # A conversation ending with a user/tool turn renders as a generation prompt.
     ends_with_answer = isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
         and messages[-1].get("role") == "assistant"
     validate_messages(messages, require_final_assistant=bool(ends_with_answer))
-    return "".join(text for text, _ in chat_segments(messages, add_eos=add_eos, eos_every_turn=eos_every_turn))
+    return "".join(seg.text for seg in chat_segments(messages, add_eos=add_eos))
 
 
-def _encode_segments(tokenizer, segs):
-    texts = [t for t, _ in segs]
-    pieces = tokenizer.encode_batch(texts) if hasattr(tokenizer, "encode_batch") else [tokenizer.encode(t) for t in texts]
+def segment_labels(segs, pieces, eos_id):
+    """(input_ids, labels) from Segments and their token ids (one list per segment)."""
     input_ids, labels = [], []
-    for (_, trained), ids in zip(segs, pieces):
+    for seg, ids in zip(segs, pieces):
         input_ids.extend(ids)
-        labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
+        if seg.trained:
+            labels.extend(ids)
+        else:
+            labels.extend([IGNORE_INDEX] * len(ids))
+            if seg.eos_label and ids:
+                labels[len(labels) - len(ids)] = eos_id
     return input_ids, labels
 
 
-def encode_chat(tokenizer, messages, eos_every_turn=False):
-    """(input_ids, labels) for one SFT conversation; labels are unshifted (the model shifts)."""
-    validate_messages(messages)
+def _encode_segments(tokenizer, segs):
+    texts = [seg.text for seg in segs]
+    pieces = tokenizer.encode_batch(texts) if hasattr(tokenizer, "encode_batch") else [tokenizer.encode(t) for t in texts]
+    return segment_labels(segs, pieces, tokenizer.eos_id)
+
+
+def _check_eos(tokenizer):
     eos = getattr(tokenizer, "eos_id", None)
     if eos is None or tokenizer.token_to_id(EOS_TOKEN) != eos:
         # The template writes the EOS as text; it must map to the tokenizer's eos id, or the
         # model would be trained to stop on a token the generator never watches for.
         raise DataError(f"tokenizer eos id {eos} is not the id of {EOS_TOKEN!r}")
-    return _encode_segments(tokenizer, chat_segments(messages, eos_every_turn=eos_every_turn))
 
 
-def encode_prompt(tokenizer, messages, eos_every_turn=False):
+def encode_chat(tokenizer, messages, eos_every_turn=False, train_history=True):
+    """(input_ids, labels) for one SFT conversation; labels are unshifted (the model shifts)."""
+    validate_messages(messages)
+    _check_eos(tokenizer)
+    return _encode_segments(tokenizer, chat_segments(messages, eos_every_turn=eos_every_turn,
+                                                     train_history=train_history))
+
+
+def encode_prompt(tokenizer, messages):
     """Token ids of a generation prompt (ends with ``<role>ASSISTANT</role>``), nothing trained."""
     validate_messages(messages, require_final_assistant=False)
-    ids, _ = _encode_segments(tokenizer, chat_segments(messages, eos_every_turn=eos_every_turn))
+    ids, _ = _encode_segments(tokenizer, chat_segments(messages))
     return ids
-

@@ -87,7 +87,7 @@ def _load(step_dir):
 def test_plain_checkpoint_loads_exactly(saved, tmp_path):
     (tstate, rstate), model, opt = _load(_copy(saved, tmp_path))
     _, model0, opt0, rank_state0 = saved
-    assert tstate == {"step": 1, "bad_in_a_row": 0}
+    assert {k: v for k, v in tstate.items() if k != "save_id"} == {"step": 1, "bad_in_a_row": 0}
     assert rstate["loader"] == rank_state0["loader"] and torch.equal(rstate["rng"], rank_state0["rng"])
     sd, sd0 = model.state_dict(), model0.state_dict()
     assert all(torch.equal(sd[k], sd0[k]) for k in sd0)
@@ -144,6 +144,44 @@ def test_dcp_storage_entry_outside_the_directory_is_refused(saved, tmp_path):
     (d / ".metadata").write_bytes(pickle.dumps(meta))
     with pytest.raises(CheckpointError, match=r"names data file '\.\./elsewhere\.distcp'"):
         _load(d)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_missing_or_truncated_data_file_is_named_by_the_export_and_the_resume(saved, tmp_path, damage, capsys):
+    from checkpoints_convert.dcp_to_hf import main as dcp_to_hf_main
+    from data.errors import EXIT_BAD_INPUT, EXIT_MISSING, run_cli
+
+    d = _copy(saved, tmp_path)
+    data = d / "__0_0.distcp"
+    size = data.stat().st_size
+    if damage == "missing":
+        data.unlink()
+        want, code = rf"{data}: no such file, though {d / '.metadata'} names it: the checkpoint is incomplete", \
+            EXIT_MISSING
+    else:
+        os.truncate(data, size // 2)
+        want, code = rf"{data}: {size // 2} bytes, but {d / '.metadata'} places data up to byte {size}: the file " \
+                     rf"is truncated", EXIT_BAD_INPUT
+    capsys.readouterr()
+    assert run_cli(dcp_to_hf_main, [str(d), str(tmp_path / "hf")]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(rf"error: {want}", err[0]), err
+    assert not (tmp_path / "hf").exists()
+    with pytest.raises(CheckpointError, match=want):
+        _load(d)
+
+
+def test_a_model_config_that_does_not_describe_the_weights_is_named(saved, tmp_path):
+    from checkpoints_convert.dcp_to_hf import dcp_to_hf
+
+    d = _copy(saved, tmp_path)
+    cfg = json.loads((d / "model_config.json").read_text())
+    cfg["num_experts"] = 8
+    (d / "model_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=rf"{d / 'model_config.json'} implies model\.layers\.\d\.mlp\.gate\.weight of "
+                                              rf"shape \(8, 16\), but {d / '.metadata'} stores \(4, 16\)"):
+        dcp_to_hf(str(d), str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

@@ -8,7 +8,7 @@ from data import format_check, encode_chat, load_tokenizer, DataError
 from data.demo import generate, ensure_demo_data, TOKENIZER_DIR
 from data.formats import normalize_sft, normalize_dpo
 from data import inspect as inspect_mod, stats as stats_mod
-from data.errors import EXIT_BAD_INPUT, run_cli
+from data.errors import EXIT_BAD_INPUT, EXIT_MISSING, run_cli
 try:
     from data_helpers import write_jsonl
 except ImportError:  # tests/ imported as a package
@@ -137,6 +137,32 @@ def test_inspect_marks_trained_spans(tmp_path, capsys):
     tok = load_tokenizer(TOKENIZER_DIR)
     n_trained = len(tok.encode("revir")) + 1
     assert "[[revir<|endoftext|>]]" in out and f"trained={n_trained}" in out
+
+
+def test_inspect_shows_a_label_only_eos_and_dpo_prompts_untrained(tmp_path, capsys):
+    two = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+    f = write_jsonl(tmp_path / "a.jsonl", [two])
+    for tok in ([], ["--tokenizer", TOKENIZER_DIR]):
+        assert inspect_mod.main([f, "--color", "never", "--eos-every-turn", *tok]) == 0
+        out = capsys.readouterr().out
+        # the first answer's EOS is a target on the next <role>, not a token of the input
+        assert "<role>ASSISTANT</role>[[b]][[(<|endoftext|>)]]<role>HUMAN</role>c<role>ASSISTANT</role>" \
+               "[[d<|endoftext|>]]" in out, out
+    pair = {"prompt": two["messages"][:3], "chosen": "d", "rejected": "e"}
+    f = write_jsonl(tmp_path / "p.jsonl", [pair])
+    assert inspect_mod.main([f, "--color", "never", "--tokenizer", TOKENIZER_DIR]) == 0
+    out = capsys.readouterr().out
+    assert "<role>ASSISTANT</role>b<role>HUMAN</role>c<role>ASSISTANT</role>[[d<|endoftext|>]]" in out
+
+
+def test_inspect_of_an_empty_or_missing_file_says_so(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    assert run_cli(inspect_mod.main, [str(empty)]) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err.strip() == f"error: {empty}: no records (the file is empty or holds only blank lines)"
+    assert run_cli(inspect_mod.main, [str(tmp_path / "nope.jsonl")]) == EXIT_MISSING
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nope.jsonl'}: no such file"
 
 
 def test_stats_counts(tmp_path, capsys):

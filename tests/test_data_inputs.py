@@ -124,3 +124,15 @@ def test_mixture_weights_are_refused_before_any_tokenizing(tmp_path, weights, ne
                           "--output-dir", str(tmp_path / "run")], capsys)
     assert msg.startswith("error: ") and needle in msg and "\n" not in msg
     assert not (tmp_path / "cache").exists() or not os.listdir(tmp_path / "cache")  # nothing tokenized
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", "..", "."])
+def test_a_source_name_that_is_not_a_plain_file_name_is_refused(tmp_path, name, capsys):
+    # The name names the cache entry (data.cache_dir/NAME-KEY): "../../escape" would put the prepared
+    # data and its lock outside the cache and the output directory.
+    (tmp_path / "work" / "cache").mkdir(parents=True)
+    a = write_jsonl(tmp_path / "work" / "a.jsonl", [GOOD])
+    msg = _trainer_error(["--data.sources", f"[{{path: {a}, name: '{name}'}}]", "--data.cache_dir",
+                          str(tmp_path / "work" / "cache"), "--output-dir", str(tmp_path / "work" / "run")], capsys)
+    assert msg.startswith(f"error: data.sources[0]: name '{name}' must be a plain file name") and "\n" not in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"] and not os.listdir(tmp_path / "work" / "cache")

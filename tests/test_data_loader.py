@@ -82,24 +82,98 @@ def test_state_from_other_settings_rejected(demo):
         b.load_state_dict(a.state_dict())
 
 
-def test_ranks_disjoint_and_covering(demo):
-    world, window = 3, 40
-    stream = SampleStream([2000, 2000], [WEIGHTS["general"], WEIGHTS["reasoning"]], seed=11)
-    names = ["general", "reasoning"]
-    expected = [(names[s], i) for _, s, i in (stream.next() for _ in range(world * window))]
-    seen = []
-    for rank in range(world):
-        l = SFTLoader(_sources(demo), seq_len=128, micro_batch_size=1, rank=rank, world_size=world, seed=11,
-                      weights=WEIGHTS, window=window)
-        refs = []
-        while l.counters["samples"] < window:  # B=1 empties a window before the next is drawn
-            next(l)
-            refs += [r for row in l.last_refs for r in row]
-        assert l.counters["samples"] == window
-        seen.append(set(refs))
-        assert set(refs) == set(expected[rank::world])
-    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
-    assert seen[0] | seen[1] | seen[2] == set(expected)
+def _step_rows(loader, batches):
+    """The rows (as tuples of sample references) of ``batches`` micro-batches."""
+    rows = []
+    for _ in range(batches):
+        next(loader)
+        rows += [tuple(map(tuple, row)) for row in loader.last_refs]
+    return rows
+
+
+@pytest.mark.parametrize("world, micro_batch, accum", [(2, 3, 1), (3, 1, 2), (6, 1, 1)])
+def test_a_steps_rows_do_not_depend_on_the_number_of_ranks(demo, world, micro_batch, accum):
+    # One process with 6 rows a step, and W ranks x B rows x A micro-batches = 6: every step trains on
+    # the same 6 rows, the ranks' rows disjoint. (Tight windows and truncation, so packing matters.)
+    kw = dict(seq_len=96, seed=3, weights=WEIGHTS, window=20)
+    one = SFTLoader(_sources(demo), micro_batch_size=6, **kw)
+    ranks = [SFTLoader(_sources(demo), micro_batch_size=micro_batch, rank=r, world_size=world, **kw)
+             for r in range(world)]
+    for step in range(6):
+        want = _step_rows(one, 1)
+        got = [_step_rows(l, accum) for l in ranks]
+        assert sorted(r for rows in got for r in rows) == sorted(want), step
+    assert sum(l.counters["samples"] for l in ranks) == one.counters["samples"]
+    assert sum(l.counters["truncated"] for l in ranks) == one.counters["truncated"] > 0
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_dpo_pairs_of_a_step_do_not_depend_on_the_number_of_ranks_with_drops(demo, world):
+    # Pairs longer than 64 tokens (about two thirds) are dropped: ranks must still share out the same kept pairs.
+    one = DPOLoader(demo["dpo"], seq_len=64, micro_batch_size=4, seed=5, overlong="drop")
+    ranks = [DPOLoader(demo["dpo"], seq_len=64, micro_batch_size=4 // world, rank=r, world_size=world, seed=5,
+                       overlong="drop") for r in range(world)]
+    for step in range(40):
+        want = next(one)["index"].tolist()
+        got = [i for l in ranks for i in next(l)["index"].tolist()]
+        assert sorted(got) == sorted(want), step
+    assert one.counters["dropped"] > 0
+    assert sum(l.counters["dropped"] for l in ranks) in (one.counters["dropped"], one.counters["dropped"] - 1,
+                                                         one.counters["dropped"] + 1)
+
+
+def _v1_fixture(tmp_path):
+    """The version-1 fixture (tests/fixtures/loader_v1) and the same records prepared today."""
+    import pathlib
+    import sys
+
+    from data import prepare_data
+
+    here = pathlib.Path(__file__).parent / "fixtures" / "loader_v1"
+    sys.path.insert(0, str(here))
+    try:
+        from make_loader_v1_fixture import records
+    finally:
+        sys.path.remove(str(here))
+    fixture = json.loads((here / "loader_v1.json").read_text())
+    dirs = {}
+    for name, rows in records().items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        dirs[name] = str(tmp_path / name)
+        m = prepare_data([str(path)], ensure_demo_data.__globals__["TOKENIZER_DIR"], dirs[name],
+                         kind="dpo" if name == "dpo" else "sft")
+        assert {k: v["sha256"] for k, v in m["arrays"].items()} == fixture["arrays"][name]  # the same bytes
+    return fixture, dirs
+
+
+def _with_data_hash(state, loader):
+    # The same arrays, but today's data_hash also covers the prepared format's version (2 now).
+    return dict(state, config=dict(state["config"], data_hash=loader.data_hash))
+
+
+def test_a_version_1_loader_state_resumes_exactly_and_one_process_deals_as_before(tmp_path):
+    # A run saved by lingmoe d7f86e2 (samples dealt to ranks before packing) resumes with the very
+    # batches that version would have given; one process packs and deals exactly as it did.
+    fixture, dirs = _v1_fixture(tmp_path)
+    sft = {"general": dirs["general"], "reasoning": dirs["reasoning"]}
+    for case in fixture["sft"]:
+        if case["world_size"] == 1:
+            fresh = SFTLoader(sft, **case["kwargs"])
+            assert [(next(fresh), fresh.last_refs)[1] for _ in range(4)] == \
+                [[[tuple(r) for r in row] for row in b] for b in case["first"]]
+        loader = SFTLoader(sft, **case["kwargs"])
+        loader.load_state_dict(_with_data_hash(case["state"], loader))
+        got = [[[list(r) for r in row] for row in (next(loader), loader.last_refs)[1]] for _ in range(4)]
+        assert got == case["after"], case["world_size"]
+        assert loader.state_dict()["version"] == (1 if case["world_size"] > 1 else 2)
+    for case in fixture["dpo"]:
+        if case["world_size"] == 1:
+            fresh = DPOLoader(dirs["dpo"], **case["kwargs"])
+            assert [next(fresh)["index"].tolist() for _ in range(5)] == case["first"]
+        loader = DPOLoader(dirs["dpo"], **case["kwargs"])
+        loader.load_state_dict(_with_data_hash(case["state"], loader))
+        assert [next(loader)["index"].tolist() for _ in range(5)] == case["after"], case["world_size"]
 
 
 def test_mixture_ratio_within_sampling_error(demo):

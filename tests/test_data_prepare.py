@@ -156,11 +156,12 @@ def test_eos_every_turn_is_prepared_recorded_and_checked_by_the_trainer(tmp_path
                               {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}
     f = write_jsonl(tmp_path / "a.jsonl", [two_turns])
     m = prepare([f], tiny_tokenizer(), tmp_path / "every", eos_every_turn=True)
-    assert m["template"] == {"eos_every_turn": True}
+    assert m["template"] == {"eos_every_turn": True, "version": 2}
     ids, labels = PreparedSFT(tmp_path / "every")[0]
     assert (ids.tolist(), labels.tolist()) == encode_chat(tiny_tokenizer(), two_turns["messages"], eos_every_turn=True)
-    assert labels.tolist().count(0) == 2  # both answers' EOS trained
-    assert prepare([f], tiny_tokenizer(), tmp_path / "last")["template"] == {"eos_every_turn": False}
+    assert labels.tolist().count(0) == 2 and ids.tolist().count(0) == 1  # both answers' EOS trained, one in the input
+    assert labels.tolist()[8] == 0 and ids.tolist()[8] == 1  # the first answer's: a label on the next <role>
+    assert prepare([f], tiny_tokenizer(), tmp_path / "last")["template"] == {"eos_every_turn": False, "version": 2}
     assert PreparedSFT(tmp_path / "last")[0][1].tolist().count(0) == 1
     # A prepared directory made the other way is refused by the trainer, naming the fix.
     from trainer.errors import TrainerError
@@ -169,3 +170,24 @@ def test_eos_every_turn_is_prepared_recorded_and_checked_by_the_trainer(tmp_path
     _check_template(str(tmp_path / "every"), True)
     with pytest.raises(TrainerError, match="prepared with eos_every_turn true.*data.eos_every_turn false"):
         _check_template(str(tmp_path / "every"), False)
+
+
+@pytest.mark.parametrize("kind, eos_every_turn, refused", [("sft", True, True), ("dpo", False, True),
+                                                           ("sft", False, False)])
+def test_data_prepared_with_the_old_encoding_is_refused_where_it_differs(tmp_path, kind, eos_every_turn, refused):
+    # Before template version 2, eos_every_turn wrote EOS into the input and DPO trained the prompt's
+    # earlier answers: such directories must not be trained on silently. The default SFT encoding did
+    # not change, so its old directories stay usable.
+    rec = GOOD if kind == "sft" else {"prompt": "hi", "chosen": "hello", "rejected": "ok"}
+    f = write_jsonl(tmp_path / "a.jsonl", [rec])
+    prepare([f], tiny_tokenizer(), tmp_path / "old", kind=kind, eos_every_turn=eos_every_turn)
+    path = tmp_path / "old" / "manifest.json"
+    m = json.loads(path.read_text())
+    m["version"], m["template"] = 1, {"eos_every_turn": eos_every_turn}  # as the older lingmoe wrote it
+    path.write_text(json.dumps(m))
+    cls = PreparedSFT if kind == "sft" else PreparedDPO
+    if refused:
+        with pytest.raises(DataError, match="prepared by an older lingmoe whose encoding differs.*prepare it again"):
+            cls(tmp_path / "old")
+    else:
+        assert len(cls(tmp_path / "old")) == 1

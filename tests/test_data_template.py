@@ -42,17 +42,37 @@ def test_two_user_turns_one_eos_at_end():
 
 
 def test_eos_after_every_assistant_turn_as_llama_factory_bailing():
-    # LLaMA-Factory's bailing template (efficient_eos): every assistant answer ends with a trained EOS.
+    # LLaMA-Factory's bailing template (efficient_eos): every answer's end is trained, but the input
+    # holds no EOS between turns: the label of the next turn's <role> (position 8) is EOS (id 0), so
+    # after the shift "ok" predicts EOS. The text is the default's.
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
             {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
-    assert render_chat(msgs, eos_every_turn=True) == ("<role>HUMAN</role>hi<role>ASSISTANT</role>ok<|endoftext|>"
-                                                      "<role>HUMAN</role>x<role>ASSISTANT</role>y<|endoftext|>")
     ids, labels = encode_chat(tiny_tokenizer(), msgs, eos_every_turn=True)
-    assert ids == [1, 4, 2, 7, 1, 5, 2, 11, 0, 1, 4, 2, 18, 1, 5, 2, 19, 0]
-    assert labels == [M] * 7 + [11, 0] + [M] * 7 + [19, 0]
-    # A generation prompt after such a history renders the earlier answer's EOS too, untrained.
-    assert encode_prompt(tiny_tokenizer(), msgs[:3], eos_every_turn=True) == [1, 4, 2, 7, 1, 5, 2, 11, 0, 1, 4, 2, 18,
-                                                                             1, 5, 2]
+    assert ids == [1, 4, 2, 7, 1, 5, 2, 11, 1, 4, 2, 18, 1, 5, 2, 19, 0] == encode_chat(tiny_tokenizer(), msgs)[0]
+    assert labels == [M] * 7 + [11, 0] + [M] * 6 + [19, 0]
+    # A generation prompt after such a history is the history as trained: no EOS in it.
+    assert encode_prompt(tiny_tokenizer(), msgs[:3]) == [1, 4, 2, 7, 1, 5, 2, 11, 1, 4, 2, 18, 1, 5, 2]
+
+
+def test_eos_every_turn_labels_the_tool_turn_after_a_call_and_nothing_between_two_answers():
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
+            {"role": "assistant", "content": "x"}, {"role": "tool", "content": "sum"},
+            {"role": "assistant", "content": "y"}]
+    ids, labels = encode_chat(tiny_tokenizer(), msgs, eos_every_turn=True)
+    assert ids == [1, 4, 2, 7, 1, 5, 2, 11, 18, 1, 6, 2, 12, 1, 5, 2, 19, 0]
+    # "ok" runs straight into "x" (trained as itself); the OBSERVATION turn's <role> carries the EOS label.
+    assert labels == [M] * 7 + [11, 18, 0] + [M] * 6 + [19, 0]
+
+
+def test_dpo_prompt_history_is_not_trained():
+    # Only the final answer and its EOS: the earlier answer "ok" in the prompt is context, with no EOS
+    # label after it (LLaMA-Factory's pairwise encoding; tests/test_llamafactory_parity.py checks its own).
+    tok = tiny_tokenizer()
+    pair = {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
+                       {"role": "user", "content": "x"}], "chosen": "y", "rejected": "hello"}
+    enc = encode_dpo_pair(tok, pair)
+    assert enc["chosen"] == ([1, 4, 2, 7, 1, 5, 2, 11, 1, 4, 2, 18, 1, 5, 2, 19, 0], [M] * 15 + [19, 0])
+    assert enc["rejected"] == ([1, 4, 2, 7, 1, 5, 2, 11, 1, 4, 2, 18, 1, 5, 2, 8, 0], [M] * 15 + [8, 0])
 
 
 def test_tool_calls_field_rendered_inside_assistant_turn():

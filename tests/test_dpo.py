@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.trainer_utils import TINY, exported, metrics, run_inproc, run_torchrun
-from trainer.dpo import chosen_nll_sum, dpo_loss
+from trainer.dpo import NLL_DIVISOR, chosen_nll_sum, dpo_loss
 
 N_PAIRS = 64  # of the demo's 1000: the reference pass and the runs stay short
 
@@ -54,6 +54,18 @@ def test_nll_term_per_sequence_or_per_token_by_hand():
     lp, n = _t(-4.0, -9.0), _t(2.0, 3.0)
     assert chosen_nll_sum(lp, n, "sequence").item() / 2 == pytest.approx(2.5)
     assert chosen_nll_sum(lp, n, "token").item() / 5 == pytest.approx(2.6)
+
+
+def test_nll_term_trl_is_the_mean_of_micro_batch_token_means_by_hand():
+    # Two micro-batches of a step: 12 chosen tokens with NLL 24 (2.0 a token), and 25 with NLL 75 (3.0).
+    # TRL's "sft" term averages the micro-batches' means: (2.0 + 3.0) / 2 = 2.5. Over all 37 tokens
+    # ('token') it is 99 / 37 = 2.6757, 7% more; by answer ('sequence', one answer each) 2.5 as well.
+    mbs = [(_t(-24.0), _t(12.0)), (_t(-75.0), _t(25.0))]
+    for average, divisor, want in (("trl", NLL_DIVISOR["trl"], 2.5), ("token", "chosen_tokens", 99 / 37),
+                                   ("sequence", "pairs", 2.5)):
+        totals = {"micro_batches": 2, "chosen_tokens": 37, "pairs": 2}
+        step = sum(chosen_nll_sum(lp, n, average).item() for lp, n in mbs) / totals[divisor]
+        assert NLL_DIVISOR[average] == divisor and step == pytest.approx(want, rel=1e-12), average
 
 
 @pytest.mark.parametrize("reference", ["precomputed", "live"])
@@ -135,12 +147,13 @@ def _sequence_logp(model, ids, labels):
     return logp[:-1].gather(-1, target.clamp_min(0)[:, None])[:, 0][trained].sum()
 
 
-@pytest.mark.parametrize("nll_average", ["sequence", "token"])
+@pytest.mark.parametrize("nll_average", ["sequence", "token", "trl"])
 def test_first_update_equals_adamw_on_the_hand_computed_dpo_gradient(tmp_path, demo_pairs, nll_average):
     # One step, policy = reference: the trainer's weights after it must be AdamW's first step,
     #   theta1 = theta0 * (1 - lr * wd) - lr * g / (|g| + eps)     (wd on matrices only),
     # with g the gradient of  mean_pairs[-log sigmoid(beta * ((lp_w - ref_w) - (lp_l - ref_l)))] + NLL term,
-    # computed here on the unpadded sequences of the step's pairs by a plain model and autograd.
+    # computed here on the unpadded sequences of the step's pairs by a plain model and autograd. The step
+    # is two micro-batches of 2 pairs: 'trl' averages their two token means.
     import data
     from checkpoints_convert.dcp_layout import iter_native_tensors, latest_checkpoint, read_model_config
     from moe import BailingMoeForCausalLM
@@ -150,7 +163,7 @@ def test_first_update_equals_adamw_on_the_hand_computed_dpo_gradient(tmp_path, d
     # whose gradient is ~1e-8 turns summation-order noise into a visible difference.
     lr, wd, eps, beta, seed = 1e-3, 0.1, 1e-4, 0.1, 1234
     run_inproc("dpo", TINY + ["--data.sources", f"[{demo_pairs}]", "--train.steps", "1", "--data.seq_len", "128",
-                              "--train.global_batch_size", "4", "--data.micro_batch_size", "4",
+                              "--train.global_batch_size", "4", "--data.micro_batch_size", "2",
                               "--dpo.reference", "live", "--dpo.nll_average", nll_average, "--dpo.nll_coef", "1.0",
                               "--model.aux_loss_type", "none", "--optim.lr", str(lr), "--optim.weight_decay", str(wd),
                               "--optim.eps", str(eps), "--optim.warmup_steps", "0", "--optim.grad_clip", "0",
@@ -177,7 +190,12 @@ def test_first_update_equals_adamw_on_the_hand_computed_dpo_gradient(tmp_path, d
     lw, ll = torch.stack(lp["chosen"]), torch.stack(lp["rejected"])
     dpo = -torch.nn.functional.logsigmoid(beta * ((lw - lw.detach()) - (ll - ll.detach()))).mean()
     n = torch.tensor(n_tok, dtype=lw.dtype)
-    nll = (-lw / n).mean() if nll_average == "sequence" else -lw.sum() / n.sum()
+    if nll_average == "sequence":
+        nll = (-lw / n).mean()
+    elif nll_average == "token":
+        nll = -lw.sum() / n.sum()
+    else:  # the micro-batches' token means, averaged: pairs 0-1 and 2-3 (the loader's order on one rank)
+        nll = (-lw[:2].sum() / n[:2].sum() - lw[2:].sum() / n[2:].sum()) / 2
     (dpo + nll).backward()
     moved = 0
     for name, p in model.named_parameters():

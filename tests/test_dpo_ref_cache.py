@@ -3,8 +3,10 @@ data.seq_len or rewriting the weights at the same init_from path computes it aga
 loss is ln 2 again, as policy == reference), and loading it never unpickles anything."""
 import math
 import os
+import pathlib
 import pickle
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -78,3 +80,38 @@ def test_a_cache_file_is_never_unpickled(tmp_path, demo_pairs, monkeypatch):  # 
     assert abs(_first_loss(tmp_path, "b", demo_pairs, "--data.seq_len", "64") - math.log(2)) < 1e-5
     assert not marker.exists()  # recomputed over, nothing run
     assert load_file(cache)["logps"].shape[1] == 2
+
+
+@pytest.mark.slow
+def test_a_killed_writers_reference_temporary_is_removed_by_the_next_run(tmp_path, demo_pairs):  # noqa: F811
+    # Rank 0 killed (SIGKILL: no handler runs) between writing the table and renaming it into place:
+    # the next run removes that temporary; another live writer's is left alone.
+    import signal
+    import subprocess
+    import sys
+
+    from data.files import owned_temp_file
+    from tests.trainer_utils import ROOT, on_cpu
+
+    args = on_cpu(TINY + ["--data.sources", f"[{demo_pairs}]", "--train.steps", "1", "--data.seq_len", "64",
+                          "--checkpoint.export_hf", "false", "--data.cache_dir", str(tmp_path / "cache")])
+    script = f"""
+import os, signal, sys
+real = os.replace
+def killed(src, dst, *a, **k):
+    if str(dst).endswith(".safetensors"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst, *a, **k)
+os.replace = killed
+from trainer.dpo import main
+main({args + ["--output-dir", str(tmp_path / "killed")]!r})
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    (left,) = [p for p in _caches(tmp_path) if ".tmp-" in p.name]
+    live = pathlib.Path(owned_temp_file(left.parent / "ref_logps-other-key.safetensors"))  # this process: alive
+    live.write_bytes(b"x")
+    assert abs(_first_loss(tmp_path, "again", demo_pairs, "--data.seq_len", "64") - math.log(2)) < 1e-5
+    assert [p for p in _caches(tmp_path) if ".tmp-" in p.name] == [live]
+    assert len([p for p in _caches(tmp_path) if p.name.endswith(".safetensors")]) == 1

@@ -14,6 +14,7 @@ import shutil
 import jinja2  # a torch dependency, and in the [dev] extra
 import jinja2.ext
 import pytest
+import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from data.hf_template import SAMPLE_CONVERSATIONS, chat_template
@@ -48,12 +49,11 @@ EXTRA = [
 ]
 
 
-@pytest.mark.parametrize("eos_every_turn", [False, True])
 @pytest.mark.parametrize("add_generation_prompt", [False, True])
 @pytest.mark.parametrize("conv", SAMPLE_CONVERSATIONS + EXTRA, ids=lambda c: f"{len(c)}msgs-{c[-1]['role']}")
-def test_chat_template_renders_what_training_renders(conv, add_generation_prompt, eos_every_turn):
-    got = transformers_render(chat_template(eos_every_turn), conv, add_generation_prompt)
-    assert got == render_chat(conv, eos_every_turn=eos_every_turn)
+def test_chat_template_renders_what_training_renders(conv, add_generation_prompt):
+    got = transformers_render(chat_template(), conv, add_generation_prompt)
+    assert got == render_chat(conv)
 
 
 def test_chat_template_against_a_hand_written_string():
@@ -61,11 +61,10 @@ def test_chat_template_against_a_hand_written_string():
             {"role": "assistant", "content": "A", "tool_calls": [{"name": "t", "arguments": {"k": 1}}]},
             {"role": "tool", "content": "O"}, {"role": "assistant", "content": "B"}]
     body = ('<role>SYSTEM</role>S<role>HUMAN</role>U<role>ASSISTANT</role>A<tool_call>{"name": "t", "arguments": '
-            '{"k": 1}}</tool_call>{eos}<role>OBSERVATION</role>O<role>ASSISTANT</role>B<|endoftext|>')
-    assert transformers_render(chat_template(False), conv, True) == body.replace("{eos}", "")
-    assert transformers_render(chat_template(True), conv, True) == body.replace("{eos}", "<|endoftext|>")
+            '{"k": 1}}</tool_call><role>OBSERVATION</role>O<role>ASSISTANT</role>B<|endoftext|>')
+    assert transformers_render(chat_template(), conv, True) == body
     prompt = conv[:2]
-    assert transformers_render(chat_template(False), prompt, True) == "<role>SYSTEM</role>S<role>HUMAN</role>U<role>ASSISTANT</role>"
+    assert transformers_render(chat_template(), prompt, True) == "<role>SYSTEM</role>S<role>HUMAN</role>U<role>ASSISTANT</role>"
     with pytest.raises(jinja2.exceptions.TemplateError, match="system message may only come first"):
         transformers_render(chat_template(), [{"role": "user", "content": "u"}, {"role": "system", "content": "s"}], True)
 
@@ -140,7 +139,7 @@ def test_demo_export_serves_as_it_is(demo_run):
     gen = json.loads((hf / "generation_config.json").read_text())
     assert gen["eos_token_id"] == eos_id == load_tokenizer(hf).eos_id and gen["do_sample"] is False
     tcfg = json.loads((hf / "tokenizer_config.json").read_text())
-    assert tcfg["chat_template"] == chat_template(False) and tcfg["eos_token"] == "<|endoftext|>"
+    assert tcfg["chat_template"] == chat_template() and tcfg["eos_token"] == "<|endoftext|>"
     assert (hf / "tokenizer.json").read_bytes() == (DEMO_TOK / "tokenizer.json").read_bytes()
     assert "auto_map" not in json.loads((hf / "config.json").read_text())
     model = load_hf(hf)
@@ -169,11 +168,34 @@ def test_serving_check_names_what_is_missing_or_wrong(demo_run, tmp_path):
 def test_dcp_to_hf_reads_the_run_and_takes_overrides(demo_run, tmp_path):
     from checkpoints_convert.dcp_to_hf import dcp_to_hf
 
-    dcp_to_hf(str(demo_run / "checkpoints"), str(tmp_path / "every"), eos_every_turn=True)
-    tcfg = json.loads((tmp_path / "every" / "tokenizer_config.json").read_text())
-    assert tcfg["chat_template"] == chat_template(True)
+    dcp_to_hf(str(demo_run / "checkpoints"), str(tmp_path / "run"))
+    tcfg = json.loads((tmp_path / "run" / "tokenizer_config.json").read_text())
+    assert tcfg["chat_template"] == chat_template()
     dcp_to_hf(str(demo_run / "checkpoints"), str(tmp_path / "bare"), tokenizer=None)
     assert not (tmp_path / "bare" / "tokenizer.json").exists()
+
+
+def test_an_eos_every_turn_runs_template_renders_the_input_it_trained_on(demo_run, tmp_path):
+    # data.eos_every_turn trains LLaMA-Factory's encoding, whose input holds no EOS between turns: the
+    # export of such a run must render exactly that input (the decoded ids of LLaMA-Factory's own
+    # encoding in the fixture), so that a served conversation's history looks as training's did.
+    from checkpoints_convert.dcp_to_hf import dcp_to_hf
+
+    step = tmp_path / "step"
+    shutil.copytree(sorted((demo_run / "checkpoints").iterdir())[-1], step)
+    run = yaml.safe_load((step / "config.yaml").read_text())
+    run["data"]["eos_every_turn"] = True
+    (step / "config.yaml").write_text(yaml.safe_dump(run))
+    dcp_to_hf(str(step), str(tmp_path / "hf"))
+    template = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"]
+    fixture = pathlib.Path(__file__).parent / "fixtures" / "llamafactory_bailing" / "llamafactory_bailing.json"
+    cases = [c for c in json.loads(fixture.read_text())["cases"] if c["kind"] == "sft" and not c["mask_history"]
+             and all(m["role"] in ("system", "user", "assistant") and not m.get("tool_calls")
+                     for m in c["messages_openai"])]
+    assert len(cases) == 4
+    for case in cases:
+        got = transformers_render(template, case["messages_openai"], False)
+        assert got == case["encoding"]["decoded_input_ids"], case["name"]
 
 
 def test_export_of_a_model_trained_from_an_hf_dir_carries_its_code(demo_run, tmp_path):

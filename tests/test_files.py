@@ -33,6 +33,21 @@ def test_writing_turns_lack_of_space_into_a_message_with_the_path(tmp_path, exc)
     assert str(e.value).startswith(f"No space left on device writing {tmp_path}/model.safetensors (")
 
 
+def test_torchs_short_write_on_a_full_disk_is_lack_of_space(tmp_path, monkeypatch):
+    # What torch 2.13's zip writer (torch.save, DCP's .distcp files) raised on a full 3 MB tmpfs: no
+    # system message at all. It is lack of space when the disk is then (nearly) full, else not ours to name.
+    short = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: usage(3 * 2**20, 3 * 2**20 - 4096, 4096))
+    with pytest.raises(files.NoSpaceError, match=f"No space left on device writing {tmp_path}/step.tmp"):
+        with files.writing(tmp_path / "step.tmp"):
+            raise short
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: usage(100 * 10**9, 10**9, 99 * 10**9))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        with files.writing(tmp_path / "step.tmp"):
+            raise short
+
+
 def test_writing_lets_other_errors_through(tmp_path):
     with pytest.raises(PermissionError):
         with files.writing(tmp_path):
@@ -120,3 +135,37 @@ def test_a_kill_at_any_point_of_publishing_leaves_nothing_unswept(tmp_path, monk
     monkeypatch.setattr(files, "process_alive", lambda identity: False)  # their owner is gone now
     assert len(files.sweep_stale_temporaries(target)) == 2
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_a_failed_swap_puts_the_old_output_back(tmp_path, monkeypatch):
+    # The swap of a whole new output for the old one fails half-way (here: the final rename): the old
+    # output must be back at its name, nothing else left beside it, and the error must name it.
+    target = tmp_path / "hf"
+    target.mkdir()
+    (target / "old").write_text("1")
+    real = files.os.replace
+
+    def fails(src, dst, *a, **k):
+        if os.fspath(dst) == str(target):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(src, dst, *a, **k)
+    monkeypatch.setattr(files.os, "replace", fails)
+    with pytest.raises(files.OutputExistsError, match=f"{target} cannot be replaced"):
+        with files.OwnedTempDir(target, replace=True) as tmp:
+            open(os.path.join(tmp, "new"), "w").close()
+    assert sorted(os.listdir(tmp_path)) == ["hf"] and sorted(os.listdir(target)) == ["old"]
+
+
+def test_temp_files_of_dead_writers_are_swept_live_ones_and_other_hosts_kept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    target = tmp_path / "ref_logps-a.safetensors"
+    mine = files.owned_temp_file(target)
+    host, _, rest = files.process_identity(dead.pid).partition(":")
+    pid, _, start = rest.partition(":")
+    gone = f"{target}.tmp-{pid}-{start}-{host}"
+    elsewhere = f"{target}.tmp-{pid}-{start}-another-host.example"
+    for p in (mine, gone, elsewhere, tmp_path / "other.tmp-1-2-x"):
+        open(p, "w").close()
+    assert files.sweep_stale_temp_files(tmp_path, "ref_logps-") == [gone]
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in (mine, elsewhere, "other.tmp-1-2-x"))

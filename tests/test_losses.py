@@ -102,6 +102,28 @@ _GLOBAL_CASE = {0: [((0.75, 0.25), 0), ((0.6, 0.4), 0)], 1: [((0.5, 0.5), 1), ((
 _GLOBAL_WANT = {0: [1.0, 1.1], 1: [1.0, 0.7]}
 
 
+def test_global_balance_is_n_times_megatrons_global_aux_loss_by_hand():
+    # Megatron-Core 0.16.1's global_aux_loss (router.py _apply_global_aux_loss, moe_utils.py
+    # switch_load_balancing_loss_func), written out: at micro-batch m of a step, with c the expert
+    # counts summed over the N data-parallel ranks and micro-batches 1..m, and T the micro-batch's
+    # local tokens,  L = coeff * E * sum_i (sum_x p_i(x)) * (c_i / m) / (K * (N * T)^2).
+    # On the case above (N = 2, T = 2, E = 2, K = 1, coeff 1) ours is N x that at every micro-batch:
+    # a coefficient from a Megatron run acts N times stronger here (docs/training.md).
+    from moe.losses import CarriedCounts
+
+    N, T, E, K = 2, 2, 2, 1
+    carried = CarriedCounts(lambda c: c)  # the ranks' sum, formed here by hand
+    for m in range(2):
+        both = sum(torch.bincount(torch.tensor([_GLOBAL_CASE[r][m][1]] * T), minlength=E) for r in (0, 1))
+        c = carried(both).double()
+        for r in (0, 1):
+            p = torch.tensor([_GLOBAL_CASE[r][m][0]] * T, dtype=torch.float64)
+            ours = load_balancing_loss(p.sum(0), T, c, 1.0).item()
+            megatron = (E * (p.sum(0) * c / (m + 1)).sum() / (K * (N * T) ** 2)).item()
+            assert ours == pytest.approx(_GLOBAL_WANT[r][m], rel=1e-12)
+            assert ours == pytest.approx(N * megatron, rel=1e-12), (r, m, ours, megatron)
+
+
 def _global_balance_rank(rank, port, out):
     import torch.distributed as dist
 

@@ -60,6 +60,28 @@ def refused(capsys, match: str, code: int | None = None):
     result.code, result.message = e.value.code, errors[0]
 
 
+@contextlib.contextmanager
+def unwritable(path):
+    """``path`` (a directory) made so that nothing in it can be created, removed or renamed: read-only
+    for an ordinary user; for root, whom permissions do not stop, immutable (chattr +i; the test is
+    skipped where the file system or the container does not allow that)."""
+    path = str(path)
+    if os.geteuid() != 0:
+        mode = os.stat(path).st_mode
+        os.chmod(path, 0o555)
+        try:
+            yield
+        finally:
+            os.chmod(path, mode)
+        return
+    if subprocess.run(["chattr", "+i", path], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here (needed to make a directory unwritable for root)")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", path], check=True)
+
+
 def run_torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 240, check: bool = True):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

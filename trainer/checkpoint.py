@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import uuid
 import warnings
 
 import torch
@@ -76,7 +77,7 @@ class Checkpointer:
                     self._write(step, tmp, model, optimizer, trainer_state, rank_state, model_config, config_yaml)
                 except CheckpointException as e:  # DCP gathers every rank's write error into one of these
                     errors = [exc for exc, _ in e.failures.values()]
-                    no_space = next((exc for exc in errors if is_no_space(exc)), None)
+                    no_space = next((exc for exc in errors if is_no_space(exc, tmp)), None)
                     if no_space is not None:
                         raise no_space from None
                     raise
@@ -106,8 +107,8 @@ class Checkpointer:
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp, no_dist=_single_process())
         torch.save(rank_state, os.path.join(tmp, rank_state_name(self.rank)))
         if self.rank == 0:
-            with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
-                json.dump(trainer_state, f, indent=2)
+            with open(os.path.join(tmp, TRAINER_STATE), "w") as f:  # save_id: checkpoint_identity's
+                json.dump({**trainer_state, "save_id": uuid.uuid4().hex}, f, indent=2)
             with open(os.path.join(tmp, MODEL_CONFIG), "w") as f:
                 json.dump(model_config, f, indent=2)
             with open(os.path.join(tmp, RUN_CONFIG), "w") as f:

@@ -21,9 +21,10 @@ Losses (margin d = beta * ((lp_w - ref_w) - (lp_l - ref_l))):
   hinge    relu(1 - d)
 plus dpo.nll_coef x an NLL term on the chosen answers, and the policy's load-balancing loss. The NLL
 term (dpo.nll_average) is 'sequence': each chosen answer's mean token NLL, averaged over pairs
-(LLaMA-Factory's pref_ftx, which Ling's recipes use), or 'token': the mean over all chosen tokens of
-the step (TRL's "sft" loss). Logged as TRL users expect: loss (the total) = loss/dpo + nll_coef x
-loss/nll + loss/aux.
+(LLaMA-Factory's pref_ftx, which Ling's recipes use), 'token': the mean over all chosen tokens of
+the step, or 'trl': each micro-batch's token mean, averaged over micro-batches and ranks (TRL's "sft"
+loss; 'token' equals it only when a step is one micro-batch on one rank). Logged as TRL users
+expect: loss (the total) = loss/dpo + nll_coef x loss/nll + loss/aux.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from safetensors.torch import save_file
 
 from data import DPOLoader
 from data.errors import exit_on_error
-from data.files import writing
+from data.files import owned_temp_file, sweep_stale_temp_files, writing
 from moe.heads import TokenLogps
 from trainer import demo, parallel
 from trainer.errors import TrainerError, finish_process
@@ -68,11 +69,19 @@ def dpo_loss(pol_w, pol_l, ref_w, ref_l, len_w, len_l, beta: float, loss_type: s
 
 
 def chosen_nll_sum(logp_chosen: torch.Tensor, len_chosen: torch.Tensor, average: str) -> torch.Tensor:
-    """These pairs' share of the NLL term on chosen answers, a sum to be divided by the step's pairs
-    ('sequence': each answer's mean token NLL) or by its chosen tokens ('token': every token's NLL)."""
+    """A micro-batch's NLL on its chosen answers, as the step's term sums it: each answer's mean token
+    NLL ('sequence', summed over pairs), every token's NLL ('token', summed), or the micro-batch's own
+    token mean ('trl')."""
     if average == "sequence":
         return (-logp_chosen / len_chosen.clamp_min(1)).sum()
+    if average == "trl":
+        return -logp_chosen.sum() / len_chosen.sum().clamp_min(1)
     return -logp_chosen.sum()
+
+
+# What chosen_nll_sum's sums are divided by over the step (the task's count() keys): the pairs, the
+# chosen tokens, or the micro-batches of every rank (TRL: loss / accumulation, averaged over ranks).
+NLL_DIVISOR = {"sequence": "pairs", "token": "chosen_tokens", "trl": "micro_batches"}
 
 
 def _real_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -164,7 +173,8 @@ class DPOTask:
         content, or seed and config for a from-scratch init), how rows are cut, the template, the
         tokenizer and the compute dtype."""
         init = opts.model.init_from
-        return {"version": 2, "data_hash": self.loader.data_hash,
+        # version 3: the template of data.dataset.TEMPLATE_VERSION 2 (prompts wholly untrained)
+        return {"version": 3, "data_hash": self.loader.data_hash,
                 "weights": weights_fingerprint(init) if init else None,
                 "init_from": os.path.abspath(init) if init else None,
                 "seed": None if init else opts.train.seed, "cfg": cfg.to_dict(),
@@ -198,7 +208,7 @@ class DPOTask:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # each pair was computed by exactly one rank
             table = t.cpu()
         if info.is_main:
-            tmp = f"{path}.tmp-{os.getpid()}"
+            tmp = owned_temp_file(path)  # a killed writer's is swept by the next run (before_training)
             try:
                 with writing(path):
                     save_file({"logps": table.contiguous()}, tmp, metadata={"key": key})
@@ -221,6 +231,9 @@ class DPOTask:
         name = f"ref_logps-{self.loader.data_hash[:12]}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
         path = os.path.join(self.source, name) if os.access(self.source, os.W_OK) else \
             os.path.join(ctx.opts.output_dir, name)
+        if ctx.info.is_main:
+            for left in sweep_stale_temp_files(os.path.dirname(path), "ref_logps-"):
+                ctx.logger.info(f"removed {left} (left by a killed run)")
         self.ref = self._load_cached(path, key)
         if self.ref is not None:
             ctx.logger.info(f"reference log-probs: {path} (cached)")
@@ -250,7 +263,7 @@ class DPOTask:
     @staticmethod
     def count(batch) -> dict[str, torch.Tensor]:
         return {"pairs": torch.tensor(batch["index"].shape[0]),
-                "chosen_tokens": (batch["chosen_labels"][:, 1:] != -100).sum()}
+                "chosen_tokens": (batch["chosen_labels"][:, 1:] != -100).sum(), "micro_batches": torch.tensor(1)}
 
     def micro_step(self, ctx: StepContext, b) -> MicroStep:
         o = ctx.opts.dpo
@@ -262,7 +275,7 @@ class DPOTask:
             rw, rl, _, _, _ = sequence_logps(self.ref, b, self.pad_id, grad=False)
         losses, rew_w, rew_l = dpo_loss(pw, pl, rw, rl, nw, nl, o.beta, o.loss_type)
         nll = chosen_nll_sum(pw, nw, o.nll_average)
-        nll_over = ctx.totals["pairs" if o.nll_average == "sequence" else "chosen_tokens"]
+        nll_over = ctx.totals[NLL_DIVISOR[o.nll_average]]
         aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=pw.device)
         W, pairs = ctx.info.world_size, ctx.totals["pairs"]
         loss = losses.sum() * W / pairs.to(pw.dtype) + aux / ctx.accum
@@ -281,8 +294,7 @@ class DPOTask:
     def metrics(self, sums, totals, aux_loss) -> dict:
         o = self.options
         out = {k: v / max(totals["pairs"], 1) for k, v in sums.items()}
-        if o.nll_average == "token":
-            out["loss/nll"] = sums["loss/nll"] / max(totals["chosen_tokens"], 1)
+        out["loss/nll"] = sums["loss/nll"] / max(totals[NLL_DIVISOR[o.nll_average]], 1)
         out["loss/aux"] = aux_loss
         out["loss"] = out["loss/dpo"] + o.nll_coef * out["loss/nll"] + aux_loss
         return out

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from checkpoints_convert import CheckpointError, open_checkpoint
-from checkpoints_convert.dcp_layout import read_model_config
+from checkpoints_convert.dcp_layout import checkpoint_identity, read_model_config
 from checkpoints_convert.dcp_to_hf import dcp_to_hf
 from data.errors import NoSpaceError
 from data.files import require_space, writing
@@ -57,6 +57,15 @@ from trainer.profiling import StepProfiler
 # most specific first: torch.cuda.get_device_name gives e.g. "NVIDIA H100 80GB HBM3" for the SXM part.
 DATASHEET_PEAK_TFLOPS = (("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),
                          ("H200 NVL", 835.0), ("H200", 989.0), ("A100", 312.0))
+
+
+# What a checkpoint writes beyond the tensors' bytes (benchmarks/checkpoint_overhead.py, 2-core CPU,
+# torch 2.13, one rank): the tiny and demo models' saves wrote 1.8-2.0 kB of zip container per tensor
+# in __0_0.distcp and 0.3 kB of .metadata per tensor (it grows with the names' length), plus 10 kB of
+# rank state and small files; 3 kB per tensor and 128 kB per rank bound both with room for longer
+# names (the demo's 18.19 MB save was 1.9% over its 17.84 MB of tensors; the check asks 18.47 MB).
+DCP_BYTES_PER_TENSOR = 3072
+DCP_BYTES_PER_RANK = 128 * 1024
 
 
 @dataclasses.dataclass
@@ -299,6 +308,7 @@ class Trainer:
             notes.append(f"warning: {stale}")
         for path in rundir.sweep_temporaries(opts.output_dir):
             notes.append(f"removed {path} (left by a killed run)")
+        rundir.check_run_files(opts.output_dir)
         there = rundir.existing_run(opts.output_dir)
         if not opts.checkpoint.resume and there:
             if not opts.overwrite:
@@ -329,7 +339,13 @@ class Trainer:
             tstate, rstate = self.checkpointer.load(self.resume_from, self.model, self.optimizer)
             self.state = TrainState(step=tstate["step"], bad_in_a_row=tstate["bad_in_a_row"])
             self._apply_schedule_options(done_steps=tstate["scheduler"]["last_epoch"])
-            self.loader.load_state_dict(rstate["loader"])
+            try:
+                self.loader.load_state_dict(rstate["loader"])
+            except (ValueError, KeyError, TypeError) as e:  # other data (re-prepared), or a state we do not know
+                raise TrainerError(f"{self.resume_from}: the data loader's position cannot be restored ({e}); the "
+                                   f"data differ from those the run was saved with: prepare them as they were, or "
+                                   f"start a new run (another --output-dir, or --checkpoint.resume false "
+                                   f"--overwrite)") from None
             torch.set_rng_state(rstate["rng"])
             self.saved_at = self.state.step  # that step's checkpoint exists: never rewrite it
             self.logger.info(f"resumed from {self.resume_from} at step {self.state.step}")
@@ -353,12 +369,14 @@ class Trainer:
         self.scheduler = self._schedule(done_steps)
 
     def _state_bytes(self) -> int:
-        """Bytes a checkpoint writes: this rank's parameter and optimizer-state shards, summed over ranks."""
+        """Bytes a checkpoint writes, summed over ranks: each rank's parameter and optimizer-state shards,
+        and DCP's container and metadata around them (DCP_BYTES_PER_TENSOR, DCP_BYTES_PER_RANK)."""
         def local(t):
             t = getattr(t, "_local_tensor", t)
             return t.numel() * t.element_size()
-        n = sum(local(p) for p in self.model.parameters())
-        n += sum(local(v) for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v))
+        tensors = list(self.model.parameters())
+        tensors += [v for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+        n = sum(local(t) for t in tensors) + DCP_BYTES_PER_TENSOR * len(tensors) + DCP_BYTES_PER_RANK
         if dist.is_initialized() and self.info.world_size > 1:
             t = torch.tensor([float(n)], device=self.info.device)
             dist.all_reduce(t)
@@ -385,13 +403,11 @@ class Trainer:
 
     def _export_rank0(self, checkpoint: str, hf_dir: str) -> None:
         """Idempotent: an export already made from ``checkpoint`` is kept (its record, written after
-        the export is whole, names the checkpoint); a missing or other one is (re)written."""
+        the export is whole, names that very save: checkpoint_identity); a missing one, or one of an
+        earlier save of the same step, is (re)written."""
         record = os.path.join(self.opts.output_dir, rundir.HF_RECORD)
-        try:
-            with open(record) as f:
-                done = json.load(f).get("checkpoint") == os.path.basename(checkpoint)
-        except (OSError, ValueError):
-            done = False
+        identity = checkpoint_identity(checkpoint)
+        done = rundir.export_is_of(record, checkpoint, identity)
         if done and os.path.isdir(hf_dir):
             self.logger.info(f"Hugging Face export {hf_dir} of {checkpoint} is already there")
             return
@@ -409,7 +425,7 @@ class Trainer:
             raise NoSpaceError(f"{e}; the checkpoint {checkpoint} is whole: free space and run the same "
                                f"command again to finish the export") from None
         with open(record + ".tmp", "w") as f:
-            json.dump({"checkpoint": os.path.basename(checkpoint)}, f)
+            json.dump({"checkpoint": os.path.basename(checkpoint), "identity": identity}, f)
         os.replace(record + ".tmp", record)
         self.logger.info(f"exported Hugging Face checkpoint to {hf_dir}")
 
@@ -507,6 +523,9 @@ class Trainer:
                                        f"gradient; stopping (the last good checkpoint is kept)")
                 if opts.checkpoint.every and step % opts.checkpoint.every == 0 and step < total:
                     self.save()
+                    # A SIGTERM that came during the save (a long one, under torchrun's grace period)
+                    # finds this step saved: exit now rather than train a step and save again.
+                    self.stop_requested = self.stop_requested or self._stop_requested_anywhere()
                 if self.stop_requested:
                     if self.saved_at == step:
                         self.logger.info(f"SIGTERM received: step {step} is already saved; exiting")
@@ -520,6 +539,11 @@ class Trainer:
             if opts.checkpoint.export_hf:
                 self.export(result["checkpoint"])
         return result
+
+    def _stop_requested_anywhere(self) -> bool:
+        """Whether any rank has received SIGTERM: one all-reduce, so every rank decides alike."""
+        flag = parallel.all_reduce_by_name({"stop": float(self.stop.requested)}, self.info.device)["stop"]
+        return flag.item() > 0
 
     def _profiler(self, step: int):
         """torch.profiler around optimizer step ``step`` when --train.profile_step names it."""

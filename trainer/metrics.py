@@ -9,6 +9,8 @@ import time
 
 from tqdm import tqdm
 
+from data.errors import NoSpaceError
+from data.files import writing
 from trainer.errors import TrainerError
 
 
@@ -71,8 +73,13 @@ class RunLogger:
             if isinstance(v, float) and not math.isfinite(v):
                 v = str(v)  # JSON has no NaN/inf
             rec[k] = v
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        try:
+            with writing(self.path), open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as e:  # NoSpaceError (named by writing()) passes as it is
+            if isinstance(e, NoSpaceError):
+                raise
+            raise TrainerError(f"{self.path}: step {step}'s metrics could not be written ({e.strerror or e})") from None
         self.wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=step)
 
     def close(self) -> None:

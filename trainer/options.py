@@ -44,7 +44,7 @@ ParamDtype = Literal["bf16", "fp16", "fp32"]
 Device = Literal["auto", "cuda", "cpu"]
 DPOLossType = Literal["sigmoid", "ipo", "hinge"]
 DPOReference = Literal["precomputed", "live"]
-DPONllAverage = Literal["sequence", "token"]
+DPONllAverage = Literal["sequence", "token", "trl"]
 DPO_LOSS_TYPES = get_args(DPOLossType)
 
 MAX_SEED = 2 ** 32 - 1  # numpy's and the synthetic rows' seed arithmetic stay in range below this
@@ -59,11 +59,14 @@ class ModelOptions:
         "auto", "routed-expert compute: 'auto' (triton on CUDA, torch on CPU), 'triton', 'torch' or 'loop'")
     overrides: dict[str, Any] = opt({}, "BailingMoeConfig fields to override, e.g. {num_hidden_layers: 2}")
     aux_loss_type: AuxLossType = opt("global", "load balancing: 'global' (expert counts summed over the "
-                                               "data-parallel ranks and the step's micro-batches so far, as "
-                                               "Megatron's global_aux_loss), 'micro' (per rank and micro-batch), "
-                                               "'sequence' (per row, DeepSeek-V3), or 'none'")
-    aux_loss_alpha: float = opt(1e-3, "load-balancing coefficient (perfect balance adds exactly alpha per MoE layer)",
-                                ge=0)
+                                               "data-parallel ranks and the step's micro-batches so far, carried as "
+                                               "Megatron's global_aux_loss carries them; the loss is N ranks x "
+                                               "Megatron's, see model.aux_loss_alpha), 'micro' (per rank and "
+                                               "micro-batch), 'sequence' (per row, DeepSeek-V3), or 'none'")
+    aux_loss_alpha: float = opt(1e-3, "load-balancing coefficient (perfect balance adds exactly alpha per MoE "
+                                      "layer). From a Megatron-Core global_aux_loss run on N data-parallel ranks, "
+                                      "use its moe_aux_loss_coeff / N: Megatron's global loss is 1/N of ours "
+                                      "(NVIDIA/Megatron-LM#3672)", ge=0)
     z_loss_coef: float = opt(0.0, "router z-loss coefficient (ST-MoE; ~1e-3 when used)", ge=0)
     activation_checkpointing: bool = opt(False, "recompute each decoder block in backward (routing replayed, not re-decided)")
     compile: bool = opt(False, "torch.compile each decoder block")
@@ -151,8 +154,11 @@ class DPOOptions:
     beta: float = opt(0.1, "DPO beta", gt=0)  # ipo divides by it; at 0 sigmoid and hinge have no gradient
     nll_coef: float = opt(0.0, "weight of an NLL term on the chosen answer (RPO / pref_ftx); 0 = off", ge=0)
     nll_average: DPONllAverage = opt("sequence", "the NLL term's mean: 'sequence' (each chosen answer's token mean, "
-                                                 "then over pairs: LLaMA-Factory's pref_ftx) or 'token' (over all "
-                                                 "chosen tokens of the step: TRL's sft loss)")
+                                                 "then over pairs: LLaMA-Factory's pref_ftx), 'token' (over all chosen "
+                                                 "tokens of the step, every micro-batch and rank together; TRL's sft "
+                                                 "loss only when a step is one micro-batch on one rank) or 'trl' (each "
+                                                 "micro-batch's token mean, averaged over micro-batches and ranks: "
+                                                 "TRL's sft loss and rpo_alpha term exactly)")
     reference: DPOReference = opt("precomputed", "'precomputed' (a first pass stores reference log-probs) or 'live' "
                                                  "(a frozen reference model stays resident)")
 

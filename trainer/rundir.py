@@ -25,7 +25,7 @@ import yaml
 
 from checkpoints_convert.dcp_layout import COMPLETE, RUN_CONFIG, TRAINER_STATE, checkpoint_dirs
 from data.errors import BadInputError, InUseError, LingmoeError, MissingFileError, NoSpaceError, exit_code_of
-from data.files import OWNER_FILE, FileLock, process_alive, process_identity
+from data.files import OWNER_FILE, FileLock, process_alive, process_identity, remove_tree
 from trainer.errors import TrainerError
 
 LOCK_NAME = ".lock"
@@ -152,6 +152,22 @@ def existing_run(output_dir: str) -> list[str]:
     return found
 
 
+# Files of a run the trainer reads back and appends to: each must be a regular file (a symlink to one
+# is fine). A device or pipe in their place (a symlink to /dev/full) would be read without end.
+RUN_FILES = ("metrics.jsonl", CHANGES_NAME, "config.yaml")
+
+
+def check_run_files(output_dir: str) -> None:
+    """Refuse, naming it, a run file (RUN_FILES) that exists but is not a regular file."""
+    for name in RUN_FILES:
+        path = os.path.join(output_dir, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            what = "a directory" if os.path.isdir(path) else "a broken link" if not os.path.exists(path) else \
+                "not a regular file (a device, pipe or socket)"
+            raise BadInputError(f"{path} is {what}: the trainer reads it back and appends to it; remove it or "
+                                f"choose another --output-dir")
+
+
 def move_aside(output_dir: str) -> str:
     """--overwrite: move the earlier run's files (RUN_STATE) into a sibling directory; returns it."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -176,8 +192,7 @@ def sweep_temporaries(output_dir: str) -> list[str]:
     removed = []
     root = os.path.join(output_dir, "checkpoints")
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        if name.endswith(".tmp"):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        if name.endswith(".tmp") and remove_tree(os.path.join(root, name)):
             removed.append(os.path.join(root, name))
     for name in sorted(os.listdir(output_dir)):
         path = os.path.join(output_dir, name)
@@ -188,10 +203,13 @@ def sweep_temporaries(output_dir: str) -> list[str]:
                         continue
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # no owner recorded: the trainer's own export, and the lock says it is gone
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+            if remove_tree(path):  # only what is really gone is reported
+                removed.append(path)
         elif name == "metrics.jsonl.tmp":
-            os.remove(path)
+            try:
+                os.remove(path)
+            except OSError:
+                continue
             removed.append(path)
     return removed
 
@@ -248,6 +266,25 @@ def record_changes(output_dir: str, step: int, step_dir: str, changes: dict[str,
            "changes": {k: {"old": o, "new": n} for k, (o, n) in changes.items()}}
     with open(os.path.join(output_dir, CHANGES_NAME), "a") as f:
         f.write(json.dumps(rec) + "\n")
+
+
+def export_is_of(record: str, checkpoint: str, identity: str) -> bool:
+    """Whether the export record ``record`` (hf_export.json) names this very save of ``checkpoint``.
+    A record written before identities existed names only the step: it counts when the checkpoint's
+    COMPLETE is not newer than the record, i.e. the step was not saved again after that export."""
+    try:
+        with open(record) as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if not isinstance(rec, dict) or rec.get("checkpoint") != os.path.basename(checkpoint):
+        return False
+    if "identity" in rec:
+        return rec["identity"] == identity
+    try:
+        return os.stat(os.path.join(checkpoint, COMPLETE)).st_mtime_ns <= os.stat(record).st_mtime_ns
+    except OSError:
+        return False
 
 
 def complete(step_dir: str) -> bool:

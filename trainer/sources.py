@@ -17,7 +17,8 @@ import os
 import torch.distributed as dist
 
 import data
-from data.errors import MissingFileError
+from data.dataset import read_manifest
+from data.errors import BadInputError, MissingFileError
 from data.files import FileLock
 from data.prepare import summary
 from data.tokenizer import run_tokenizer_dir  # the one rule: the export (export_files.export_sources) applies it too
@@ -48,8 +49,13 @@ def cache_dir(opts) -> str:
 def _fingerprint(path: str, tokenizer_dir: str, kind: str, eos_every_turn: bool = False) -> str:
     st = os.stat(path)
     key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{kind}|"
-    if eos_every_turn:  # (the default's key is the one caches were made with before the option existed)
-        key += "eos_every_turn|"
+    # The encodings that changed with template version 2 (data.dataset.TEMPLATE_VERSION) get a key of
+    # their own, so a cache made the old way is never picked up; SFT without eos_every_turn encodes as
+    # it always did and keeps the key its caches were made with.
+    if kind == "sft" and eos_every_turn:
+        key += "eos_every_turn|template-v2|"
+    elif kind == "dpo":
+        key += "template-v2|"
     h = hashlib.sha256(key.encode())
     tok_file = tokenizer_dir if os.path.isfile(tokenizer_dir) else os.path.join(tokenizer_dir, "tokenizer.json")
     with open(tok_file, "rb") as f:
@@ -85,6 +91,7 @@ def prepared_sources(opts, rank: int, kind: str, default=None) -> tuple[dict[str
             raise TrainerError(f"data.sources[{i}] must be a path or {{path: ..., weight: ...}}, got {src!r}")
         path = src["path"]
         name = src.get("name") or os.path.splitext(os.path.basename(path.rstrip("/")))[0]
+        _check_name(name, i)
         if name in dirs:
             name = f"{name}_{i}"
         if not os.path.exists(path):
@@ -151,11 +158,24 @@ def _weight(value, i: int, name: str) -> float:
     return w
 
 
+def _check_name(name, i: int) -> None:
+    """A source's name names its cache entry (data.cache_dir/NAME-KEY): one plain path component, or
+    the prepared data and its lock could be written anywhere (``../../x``)."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or os.sep in name
+            or (os.altsep and os.altsep in name) or "\0" in name):
+        raise BadInputError(f"data.sources[{i}]: name {name!r} must be a plain file name (no path separators, "
+                            f"not '.' or '..'): it names the source's cache entry in data.cache_dir")
+
+
 def _check_template(prepared: str, eos_every_turn: bool) -> None:
-    """A prepared directory was encoded with one template choice; it must be the run's."""
-    with open(os.path.join(prepared, "manifest.json")) as f:
-        made = json.load(f).get("template", {}).get("eos_every_turn", False)
-    if made != eos_every_turn:
+    """A prepared directory was encoded with one template choice; it must be the run's (the encoding's
+    version is data.dataset.read_manifest's to check). DPO pairs encode the same either way."""
+    try:
+        manifest = read_manifest(prepared)
+    except data.DataError as e:
+        raise TrainerError(str(e)) from None
+    made = manifest.get("template", {}).get("eos_every_turn", False)
+    if manifest["kind"] == "sft" and made != eos_every_turn:
         raise TrainerError(f"{prepared} was prepared with eos_every_turn {str(made).lower()}, but this run has "
                            f"data.eos_every_turn {str(eos_every_turn).lower()}: prepare it again (python -m "
                            f"data.prepare{' --eos-every-turn' if eos_every_turn else ''}) or change the option")

@@ -22,13 +22,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ..dataset import read_manifest
 from ..files import FileLock, OwnedTempDir
-from ..formats import normalize_dpo, normalize_sft
+from ..formats import dpo_conversations, normalize_dpo, normalize_sft
 from ..prepare import prepare
 from ..template import EOS_TOKEN, SPECIAL_TOKENS, render_chat
 from ..tokenizer import DEMO_TOKENIZER_DIR, load_tokenizer
 from .samples import dpo_pair, general_sample, reasoning_sample, tool_sample
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: prepared with the template encoding of data.dataset.TEMPLATE_VERSION 2
 DEFAULT_SEED = 1234
 SIZES = {"general": 1500, "tool": 500, "reasoning": 2000, "dpo": 1000}
 MIXTURE = {"sft_general": 340, "sft_reasoning": 550}  # the stage-2 SFT general : reasoning ratio
@@ -56,9 +56,8 @@ def _record_texts(corpus):
     for rec in corpus["sft_general"] + corpus["sft_reasoning"]:
         yield render_chat(normalize_sft(rec)["messages"])
     for rec in corpus["dpo"]:
-        ex = normalize_dpo(rec)
-        for side in ("chosen", "rejected"):
-            yield render_chat(ex["prompt"] + [{"role": "assistant", "content": ex[side]}])
+        for msgs in dpo_conversations(normalize_dpo(rec)):
+            yield render_chat(msgs)
 
 
 def train_tokenizer(corpus=None, seed=DEFAULT_SEED, vocab_size=VOCAB_SIZE):
