@@ -26,6 +26,7 @@ from checkpoints_convert import adapter, export_files
 from checkpoints_convert.io import (MODEL_ST_DTYPES, CheckpointError, MissingCheckpointError, SafetensorsReader,
                                     ShardWriter, cast, dtype_name, nbytes_of, parse_dtype, parse_size)
 from data.files import OwnedTempDir
+from data.template import resolve_template
 from moe.config import BailingMoeConfig, ConfigError
 from moe.model import BailingMoeForCausalLM
 
@@ -288,12 +289,14 @@ def write_checkpoint(named_tensors: Iterable[tuple[str, torch.Tensor]], cfg: Bai
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, layout: str, shard_size: str | int = "5GB",
             dtype: torch.dtype | str | None = None, expect: str | None = None, progress: bool = False,
-            tokenizer: str | None = None, source_hf: str | None = None, eos_every_turn: bool = False) -> None:
+            tokenizer: str | None = None, source_hf: str | None = None, eos_every_turn: bool = False,
+            template: str = "auto") -> None:
     """Convert checkpoint ``src`` (validated first) into a new directory ``out`` in ``layout``.
 
     ``src``'s other files (tokenizer, model code, generation config, ...) travel unchanged;
     ``tokenizer`` (the tokenizer a run trained with) and ``source_hf`` (the HF directory the model
-    came from) add what export_files.write_export_files writes for them."""
+    came from) add what export_files.write_export_files writes for them, with chat ``template``
+    ("auto": bailing_v2 for a Ling 2.0 model, else bailing)."""
     dtype = parse_dtype(dtype)
     parse_size(shard_size)
     if os.path.exists(out):
@@ -310,7 +313,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, layout: str, shard_s
                          extra_files=lambda tmp: export_files.write_export_files(
                              tmp, carry_from=os.fspath(src), model_dir=source_hf, tokenizer_dir=tokenizer,
                              eos_every_turn=eos_every_turn, model_max_length=ckpt.cfg.max_position_embeddings,
-                             hf=layout == "hf"))
+                             hf=layout == "hf", template=resolve_template(template, ckpt.cfg.family)))
 
 
 # ---------------------------------------------------------------------------------------------- models

@@ -8,6 +8,7 @@ import sys
 from checkpoints_convert import _cli
 from checkpoints_convert.checkpoint import convert
 from data.errors import run_cli
+from data.template import TEMPLATES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,6 +32,9 @@ def parser() -> argparse.ArgumentParser:
                         "generation_config.json fields travel")
     p.add_argument("--eos-every-turn", action="store_true",
                    help="with --tokenizer: the model was trained with data.eos_every_turn")
+    p.add_argument("--template", choices=("auto", *TEMPLATES), default="auto",
+                   help="with --tokenizer: the chat template written (default auto: bailing_v2 for a Ling 2.0 "
+                        "model, bailing otherwise)")
     _cli.add_common(p)
     return p
 
@@ -38,7 +42,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     convert(args.native, args.out, "hf", args.shard_size, args.dtype, expect="native", progress=not args.quiet,
-            tokenizer=args.tokenizer, source_hf=args.source_hf, eos_every_turn=args.eos_every_turn)
+            tokenizer=args.tokenizer, source_hf=args.source_hf, eos_every_turn=args.eos_every_turn,
+            template=args.template)
     return 0
 
 

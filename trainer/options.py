@@ -93,6 +93,9 @@ class DataOptions:
     eos_every_turn: bool = opt(False, "train <|endoftext|> after every assistant turn of multi-turn data, as "
                                       "LLaMA-Factory's bailing template (Ling's recommended fine-tuning) does; "
                                       "false = only after the last one")
+    template: Literal["auto", "bailing", "bailing_v2"] = opt(
+        "auto", "chat template: 'bailing' (Ling, Ling-Lite), 'bailing_v2' (Ling 2.0: every turn closed by "
+                "<|role_end|>, a system block first, records may carry 'tools'), or 'auto' (the model family's)")
     synthetic: bool = opt(False, "random token rows instead of real data (benchmarks and tests)")
     synthetic_docs_per_row: Literal[1, 2] = opt(2, "documents packed in each synthetic row (1 or 2); 1 = one "
                                                    "causal sequence per row, which takes SDPA's plain causal kernel")
@@ -275,6 +278,9 @@ def _check_combinations(opts: Options, origin: Callable[[str], str]) -> None:
         if key not in known:
             raise OptionsError(f"{origin('model.overrides')}: model.overrides: unknown model config field {key!r}; "
                                f"valid fields: {sorted(known)}")
+    if opts.data.template == "bailing_v2" and opts.data.eos_every_turn:
+        raise OptionsError(f"{origin('data.eos_every_turn')}: data.eos_every_turn is a choice of the bailing template: "
+                           f"bailing_v2 ends every turn with <|role_end|> already")
     if not isinstance(opts.output_dir, str) or not opts.output_dir:
         raise OptionsError(f"{origin('output_dir')}: output_dir must be a directory name, got {opts.output_dir!r}")
 
