@@ -111,7 +111,8 @@ def check_serving(path: str, out=None) -> int:
         if kind != "hf":
             line("BAD", "weights", f"a {kind} checkpoint; serving stacks read the HF layout (native_to_hf)")
         elif not_fp32:
-            line("BAD", "weights", f"expert biases not in fp32 (bf16 rounds away balancing steps): {', '.join(not_fp32)}")
+            line("BAD", "weights", f"expert biases not in fp32 (bf16 rounds away balancing steps): "
+                                   f"{', '.join(not_fp32)}")
         else:
             line("ok", "weights", f"all {n} tensors (counted by native name) present, shapes as config.json implies")
     except CheckpointError as e:

@@ -136,7 +136,8 @@ def chat_segments(messages, add_eos=True, eos_every_turn=False, template="bailin
     if template == "bailing_v2":
         return template_v2.chat_segments(messages, tools)
     if tools:
-        raise DataError("'tools' are rendered by the bailing_v2 template only (the bailing template has no tools block)")
+        raise DataError("'tools' are rendered by the bailing_v2 template only "
+                        "(the bailing template has no tools block)")
     segs = []
     last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     for i, m in enumerate(messages):

@@ -178,8 +178,9 @@ def render_chat(messages, tools=None, add_generation_prompt=False, thinking="off
 
 
 # Conversations (messages, tools) the serving check renders both ways.
-_WEATHER = {"type": "function", "function": {"name": "weather", "description": "Weather of a city.",
-                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+_WEATHER = {"type": "function", "function": {
+    "name": "weather", "description": "Weather of a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 SAMPLE_CONVERSATIONS = [
     ([{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}], None),
     ([{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a prime."},
@@ -190,7 +191,8 @@ SAMPLE_CONVERSATIONS = [
       {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
           "name": "weather", "arguments": {"city": "Paris"}}}]},
       {"role": "tool", "content": "{\"temp_c\": 18}"}, {"role": "tool", "content": "sunny"},
-      {"role": "assistant", "content": "18 °C, sunny.", "tool_calls": [{"name": "log", "arguments": "{\"ok\": true}"}]}],
+      {"role": "assistant", "content": "18 °C, sunny.",
+       "tool_calls": [{"name": "log", "arguments": "{\"ok\": true}"}]}],
      [_WEATHER]),
     ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], [_WEATHER]),
 ]
@@ -249,8 +251,8 @@ def chat_template() -> str:
         "{%- if not loop.first or r.answer -%}{{- '\\n' -}}{%- endif -%}",
         "{%- set fn = call.function if call.function else call -%}",
         "{%- set args = fn.arguments if fn.arguments is defined else {} -%}",
-        "{{- '<tool_call>\\n{\"name\": \"' ~ fn.name ~ '\", \"arguments\": ' ~ (args if args is string else (args | tojson))"
-        " ~ '}\\n</tool_call>' -}}",
+        "{{- '<tool_call>\\n{\"name\": \"' ~ fn.name ~ '\", \"arguments\": '"
+        " ~ (args if args is string else (args | tojson)) ~ '}\\n</tool_call>' -}}",
         "{%- endfor -%}",
         "{{- " + L(ROLE_END) + " -}}",
         "{%- elif m['role'] == 'tool' -%}",

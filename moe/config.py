@@ -110,12 +110,12 @@ class BailingMoeConfig:
     initializer_range: float = 0.006
     torch_dtype: str = "bfloat16"
     # --- the parts Ling 2.0 (bailing_moe_v2) added; the defaults are v1's (off) ---
-    score_function: str | None = None  # router scores: "softmax" | "sigmoid"; None = the family's (v1 softmax, v2 sigmoid)
+    score_function: str | None = None  # "softmax" | "sigmoid"; None = the family's (v1 softmax, v2 sigmoid)
     router_dtype: str | None = None  # "fp32": router logits from fp32 copies of x and W (v2); None = the input dtype
     n_group: int = 1  # group-limited top-k: experts in n_group contiguous groups, ...
     topk_group: int = 1  # ... the topk_group groups with the largest sum of their top-2 scores are eligible
     routed_scaling_factor: float = 1.0  # routed weights (normalised) times this
-    moe_router_enable_expert_bias: bool | None = None  # an fp32 per-expert bias for selection only; None = v2 on, v1 off
+    moe_router_enable_expert_bias: bool | None = None  # fp32 per-expert bias, selection only; None = v2 on, v1 off
     use_qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE
     partial_rotary_factor: float = 1.0  # RoPE on the first head_dim * this dims of each head
     num_nextn_predict_layers: int = 0  # MTP layers after the main ones (model.layers.{L..L+n-1})
@@ -179,7 +179,8 @@ class BailingMoeConfig:
         need(self.family in FAMILIES, f"family {self.family!r} is not one of {FAMILIES}")
         need(self.score_function in SCORE_FUNCTIONS,
              f"score_function {self.score_function!r} is not one of {SCORE_FUNCTIONS}")
-        need(self.router_dtype in (None, "fp32"), f"router_dtype {self.router_dtype!r} is not supported (null or 'fp32')")
+        need(self.router_dtype in (None, "fp32"),
+             f"router_dtype {self.router_dtype!r} is not supported (null or 'fp32')")
         E, K = self.num_experts, self.num_experts_per_tok
         need(isinstance(self.n_group, int) and self.n_group >= 1 and E % self.n_group == 0,
              f"n_group ({self.n_group}) must be a positive divisor of num_experts ({E})")
@@ -199,7 +200,8 @@ class BailingMoeConfig:
              f"number of rotary dims >= 2, got {self.rope_dim}")
         need(isinstance(self.num_nextn_predict_layers, int) and self.num_nextn_predict_layers >= 0,
              f"num_nextn_predict_layers must be an integer >= 0, got {self.num_nextn_predict_layers!r}")
-        need(self.mtp_loss_scaling_factor >= 0, f"mtp_loss_scaling_factor must be >= 0, got {self.mtp_loss_scaling_factor}")
+        need(self.mtp_loss_scaling_factor >= 0,
+             f"mtp_loss_scaling_factor must be >= 0, got {self.mtp_loss_scaling_factor}")
         if self.family == "bailing_moe_v2":
             # The reference (BailingMoeV2Gate) always scores by sigmoid and renormalises the top-k; an
             # export claiming that architecture must compute what the reference computes.

@@ -111,7 +111,8 @@ def test_the_references_cross_row_mtp_target_is_reproduced_and_left_out(expected
     ref_targets = expected["mtp_targets"]
     logits = out.mtp_logits[0]
     buggy = F.cross_entropy(logits.reshape(-1, 512), ref_targets.reshape(-1), ignore_index=-100)
-    ours_grid = torch.cat([mtp_labels(expected["labels"], 1)[:, 1:], torch.full((2, 1), -100)], 1)  # target of position i
+    # the target of position i
+    ours_grid = torch.cat([mtp_labels(expected["labels"], 1)[:, 1:], torch.full((2, 1), -100)], 1)
     fair = F.cross_entropy(logits.reshape(-1, 512), ours_grid.reshape(-1), ignore_index=-100)
     differ = (ours_grid != ref_targets).nonzero().tolist()
     print(f"reference (cross-row) MTP loss {buggy.item():.6f} over {(ref_targets != -100).sum().item()} targets; "
@@ -312,7 +313,8 @@ def test_expert_backends_at_ling_mini_expert_shape():
     with torch.no_grad():
         errs.append((BACKENDS["loop"](x, w_gu, w_d, ids, w) - want).abs().max().item())
         xs, gus, ds, ids_s, ws = _mini_routing(4, I=32)
-        errs.append((BACKENDS["triton"](xs, gus, ds, ids_s, ws) - _gathered_moe(xs, gus, ds, ids_s, ws)).abs().max().item())
+        tri = BACKENDS["triton"](xs, gus, ds, ids_s, ws)
+        errs.append((tri - _gathered_moe(xs, gus, ds, ids_s, ws)).abs().max().item())
     print("max abs errors (torch y, dx, dw_gate_up, dw_down, dweights; loop y; triton y):", [f"{e:.1e}" for e in errs])
     assert max(errs) < 2e-5
 

@@ -189,9 +189,10 @@ def materialize(model: nn.Module, device: torch.device, get_value) -> None:
     """Allocate a meta-built (possibly sharded) model on ``device`` and fill it.
 
     ``get_value(name, param, rows)`` returns rows ``start:stop`` of dim 0 of one parameter's full
-    value, or all of it when ``rows`` is None (buffers: always whole). A parameter sharded on dim 0 (FSDP2's layout) asks
-    only for its own rows, so each rank reads only the part of a checkpoint it holds (for stacked
-    experts: only its experts) and memory peaks at one shard, never the model.
+    value, or all of it when ``rows`` is None (buffers, the expert biases: always all of it). A
+    parameter sharded on dim 0 (FSDP2's layout) asks only for its own rows, so each rank reads only
+    the part of a checkpoint it holds (for stacked experts: only its experts) and memory peaks at one
+    shard, never the model.
     """
 
     model.to_empty(device=device)

@@ -153,7 +153,8 @@ def ensure_demo_data(out_dir="demo_data", seed=DEFAULT_SEED, sizes=None, force=F
         for name, records in corpus.items():
             write_jsonl(records, paths["jsonl"][name])
             kind = "dpo" if name == "dpo" else "sft"
-            m = prepare([paths["jsonl"][name]], tokenizer, paths[name], kind=kind, progress=not quiet, template=template)
+            m = prepare([paths["jsonl"][name]], tokenizer, paths[name], kind=kind, progress=not quiet,
+                        template=template)
             hashes[name] = m["data_hash"]
         with open(os.path.join(out_dir, "demo.json"), "w", encoding="utf-8") as f:
             json.dump(dict(expect, data_hashes=hashes), f, indent=1)
