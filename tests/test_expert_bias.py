@@ -56,7 +56,7 @@ def test_two_ranks_two_micro_batches_move_the_bias_by_the_global_counts_and_resu
     from checkpoints_convert import load_hf
 
     rate = 0.01
-    args = ARGS + ["--model.expert_bias_update_rate", str(rate), "--train.steps", "3", "--checkpoint.every", "1",
+    args = ARGS + ["--model.expert_bias_update_rate", str(rate), "--train.steps", "2", "--checkpoint.every", "1",
                    "--checkpoint.keep_last", "5"]
     run_torchrun("sft", args + ["--output-dir", str(tmp_path / "run")])
     # The counts of step 1, recomputed here from the initial model and the rows of all four micro-batches.
@@ -88,8 +88,7 @@ def test_two_ranks_two_micro_batches_move_the_bias_by_the_global_counts_and_resu
     # Resume from step 1 to the end: the same biases and weights as the run that never stopped.
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "run", resumed)
-    for name in ("step_00000002", "step_00000003"):
-        shutil.rmtree(resumed / "checkpoints" / name)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000002")
     shutil.rmtree(resumed / "hf")
     run_torchrun("sft", args + ["--output-dir", str(resumed)])
     a, b = exported(tmp_path / "run"), exported(resumed)

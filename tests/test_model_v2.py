@@ -162,6 +162,29 @@ def test_mtp_switched_off_or_absent_from_the_head():
     assert abs(on.loss.item() - (off.loss + 0.1 * on.mtp_losses[0]).item()) < 1e-6
 
 
+def test_activation_checkpointing_replays_routing_in_main_and_mtp_layers():
+    """Every block recomputed in backward (the trainer's wrapper), the MTP layer included: the
+    gradients equal a plain backward's, expert biases and groups in play."""
+    from trainer.parallel import apply_activation_checkpointing
+
+    torch.manual_seed(7)
+    cfg = BailingMoeConfig.preset("tiny-v2", vocab_size=64, hidden_size=32, head_dim=16, num_attention_heads=2,
+                                  num_hidden_layers=2, intermediate_size=32, moe_intermediate_size=16)
+    model = BailingMoeForCausalLM(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.expert_bias.normal_(std=0.05)
+    ids = torch.randint(0, 64, (2, 10))
+    model(ids, labels=ids).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    apply_activation_checkpointing(model)
+    model(ids, labels=ids).loss.backward()
+    for n, g in plain.items():
+        assert torch.allclose(g, dict(model.named_parameters())[n].grad, atol=1e-6), n
+    assert all(len(layer.mlp.gate._saved) == 0 for layer in model.model.layers[1:])  # every record replayed
+
+
 # ---------------------------------------------------------------------------------------------- router
 def plain_route(scores, bias, K, n_group, topk_group, scale, norm=True):
     """One token at a time, in Python: groups scored by the sum of their two best biased scores
