@@ -101,7 +101,6 @@ def test_two_ranks_two_micro_batches_move_the_bias_by_the_global_counts_and_resu
     assert [x["loss"] for x in metrics(resumed)[1:]] == pytest.approx([x["loss"] for x in m[1:]], rel=1e-5)
 
 
-@pytest.mark.slow  # two in-process runs, ~8 s
 def test_rate_zero_keeps_the_bias_and_mtp_false_keeps_the_mtp_layer(tmp_path):
     """The fine-tuning default: the bias is exported bit for bit as loaded. With --model.mtp false the
     MTP layer is neither run nor trained (its weights come back as loaded) while the rest moves;

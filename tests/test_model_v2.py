@@ -61,7 +61,7 @@ def test_v2_configs_that_serving_would_read_otherwise_are_refused(field, value, 
         BailingMoeConfig.from_hf({**raw, field: value})
 
 
-@pytest.mark.parametrize("backend", ["loop", "torch", pytest.param("triton", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend", ["loop", "torch", "triton"])
 def test_parity_with_the_reference(expected, backend):
     model = load_hf(V2_HF, expert_backend=backend)
     with torch.no_grad():
@@ -316,7 +316,6 @@ def _mini_routing(T, H=32, I=512):
     return x, w_gu, w_d, out.topk_ids_TK, out.topk_weights_TK
 
 
-@pytest.mark.slow  # ~8 s: 256 experts through the Triton interpreter and torch's grouped matmul on CPU
 def test_expert_backends_at_ling_mini_expert_shape():
     """E=256, K=8, I=512 (Ling-mini-2.0's experts) under a narrow hidden size, against the gathered
     reference: torch forward and every gradient, loop forward; triton (the interpreter, slow at
