@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_session.sh kernels  # python -m kernels.bench, all peers, Ling-Lite + Qwen3    (~4 min)
 #   bash benchmarks/gpu_session.sh quick    # the bench at Ling-Lite T=8192 only                      (~2 min)
 #   bash benchmarks/gpu_session.sh qwen3    # the bench at Qwen3-30B-A3B's expert shape only, T=8192 and 32768 (~3 min)
+#   bash benchmarks/gpu_session.sh lingmini2  # the bench at Ling-mini-2.0's expert shape (E=256 K=8 H=2048 I=512),
+#                                           # T=8192 and 32768, and tests/test_model_v2.py's GPU test (~4 min)
 #   bash benchmarks/gpu_session.sh profile  # per-kernel times, tile-config variants, peer breakdown  (~1 min)
 #   bash benchmarks/gpu_session.sh tune     # profile + the composition of each kernel group's fastest
 #                                           # variant; the winner goes to $OUT/best_config.txt, which a
@@ -63,6 +65,12 @@ for stage in "$@"; do
     qwen3)
       timeout 300 python3 -m kernels.bench --experts 128 --topk 8 --hidden 2048 --inter 768 --tokens 8192 32768 \
         --json "$out/moe_bench_qwen3.json" --plot "$out/moe_bench_qwen3.png" 2>&1 | tee "$out/qwen3.log"
+      ;;
+    lingmini2)
+      { timeout 300 python3 -m kernels.bench --experts 256 --topk 8 --hidden 2048 --inter 512 --tokens 8192 32768 \
+          --json "$out/moe_bench_lingmini2.json" --plot "$out/moe_bench_lingmini2.png"
+        timeout 120 python3 -m pytest -q -rA -p no:cacheprovider tests/test_model_v2.py -k on_gpu 2>&1 | tail -10
+      } 2>&1 | tee "$out/lingmini2.log"
       ;;
     quick)
       timeout 300 python3 -m kernels.bench --tokens 8192 --json "$out/moe_bench_quick.json" --no-plot 2>&1 \

@@ -3,6 +3,13 @@
 Native names equal HF names except the routed experts of an MoE layer L:
   model.layers.L.mlp.experts.w_gate_up  [E, 2I, H]  <- cat(experts.e.gate_proj.weight, experts.e.up_proj.weight) for e < E
   model.layers.L.mlp.experts.w_down     [E, H, I]   <- experts.e.down_proj.weight for e < E
+The same holds for bailing_moe_v2 (Ling 2.0), whose layers add attention.query_layernorm /
+key_layernorm (QK-norm), mlp.gate.expert_bias, and whose MTP layers (L >= num_hidden_layers) add
+enorm, hnorm, eh_proj and final_layernorm around an MoE decoder layer.
+
+``mlp.gate.expert_bias`` is fp32 in every file and every model, whatever dtype the weights are
+written or loaded in (``keeps_fp32``): the published bf16 checkpoints store it so, and a bias
+rounded to bf16 (8 bits of mantissa) would lose the small steps that aux-loss-free balancing takes.
 
 The functions are pure and work one native tensor at a time, so a streaming converter holds at most
 one layer's experts (plus what it is writing) and never the model.
@@ -14,47 +21,75 @@ from typing import Callable, Iterator
 
 import torch
 
-from checkpoints_convert.io import CheckpointError
+from checkpoints_convert.io import CheckpointError, cast
 from moe.config import BailingMoeConfig
 
 _EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(w_gate_up|w_down)$")
 _HF_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
+def keeps_fp32(native_name: str) -> bool:
+    """Tensors written, read and loaded in fp32 whatever dtype the rest is cast to: the expert bias."""
+    return native_name.endswith(".mlp.gate.expert_bias")
+
+
+def cast_for(native_name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t`` in ``dtype`` (floating tensors; None keeps it); the expert bias always in fp32."""
+    if keeps_fp32(native_name):
+        return t if t.dtype == torch.float32 else t.float()
+    return cast(t, dtype)
+
+
 def native_shapes(cfg: BailingMoeConfig) -> dict[str, tuple[int, ...]]:
-    """Every native tensor name with its shape, in model order."""
-    H, I, E, hd = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.head_dim
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    """Every native tensor name with its shape, in model order (MTP layers after the main ones)."""
+    H = cfg.hidden_size
     out: dict[str, tuple[int, ...]] = {"model.word_embeddings.weight": (cfg.vocab_size, H)}
-    for L in range(cfg.num_hidden_layers):
+    for L in range(cfg.num_all_layers):
         p = f"model.layers.{L}."
-        out[p + "input_layernorm.weight"] = (H,)
-        out[p + "attention.query_key_value.weight"] = (q + 2 * kv, H)
-        if cfg.use_qkv_bias:
-            out[p + "attention.query_key_value.bias"] = (q + 2 * kv,)
-        out[p + "attention.dense.weight"] = (H, q)
-        if cfg.use_bias:
-            out[p + "attention.dense.bias"] = (H,)
-        out[p + "post_attention_layernorm.weight"] = (H,)
-        if cfg.is_moe_layer(L):
-            out[p + "mlp.gate.weight"] = (E, H)
-            out[p + "mlp.experts.w_gate_up"] = (E, 2 * I, H)
-            out[p + "mlp.experts.w_down"] = (E, H, I)
-            if cfg.num_shared_experts > 0:
-                S = I * cfg.num_shared_experts
-                for proj, shape in (("gate_proj", (S, H)), ("up_proj", (S, H)), ("down_proj", (H, S))):
-                    out[p + f"mlp.shared_experts.{proj}.weight"] = shape
-                    if cfg.use_bias:
-                        out[p + f"mlp.shared_experts.{proj}.bias"] = (shape[0],)
-        else:
-            D = cfg.intermediate_size
-            for proj, shape in (("gate_proj", (D, H)), ("up_proj", (D, H)), ("down_proj", (H, D))):
-                out[p + f"mlp.{proj}.weight"] = shape
-                if cfg.use_bias:
-                    out[p + f"mlp.{proj}.bias"] = (shape[0],)
+        mtp = L >= cfg.num_hidden_layers
+        if mtp:
+            out.update({p + "enorm.weight": (H,), p + "hnorm.weight": (H,), p + "eh_proj.weight": (H, 2 * H)})
+        out.update(_layer_shapes(cfg, p, moe=mtp or cfg.is_moe_layer(L)))
+        if mtp:
+            out[p + "final_layernorm.weight"] = (H,)
     out["model.norm.weight"] = (H,)
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = (cfg.vocab_size, H)
+    return out
+
+
+def _layer_shapes(cfg: BailingMoeConfig, p: str, moe: bool) -> dict[str, tuple[int, ...]]:
+    H, I, E, hd = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    out: dict[str, tuple[int, ...]] = {p + "input_layernorm.weight": (H,),
+                                       p + "attention.query_key_value.weight": (q + 2 * kv, H)}
+    if cfg.use_qkv_bias:
+        out[p + "attention.query_key_value.bias"] = (q + 2 * kv,)
+    if cfg.use_qk_norm:
+        out[p + "attention.query_layernorm.weight"] = (hd,)
+        out[p + "attention.key_layernorm.weight"] = (hd,)
+    out[p + "attention.dense.weight"] = (H, q)
+    if cfg.use_bias:
+        out[p + "attention.dense.bias"] = (H,)
+    out[p + "post_attention_layernorm.weight"] = (H,)
+    if moe:
+        out[p + "mlp.gate.weight"] = (E, H)
+        if cfg.moe_router_enable_expert_bias:
+            out[p + "mlp.gate.expert_bias"] = (E,)
+        out[p + "mlp.experts.w_gate_up"] = (E, 2 * I, H)
+        out[p + "mlp.experts.w_down"] = (E, H, I)
+        if cfg.num_shared_experts > 0:
+            S = I * cfg.num_shared_experts
+            for proj, shape in (("gate_proj", (S, H)), ("up_proj", (S, H)), ("down_proj", (H, S))):
+                out[p + f"mlp.shared_experts.{proj}.weight"] = shape
+                if cfg.use_bias:
+                    out[p + f"mlp.shared_experts.{proj}.bias"] = (shape[0],)
+    else:
+        D = cfg.intermediate_size
+        for proj, shape in (("gate_proj", (D, H)), ("up_proj", (D, H)), ("down_proj", (H, D))):
+            out[p + f"mlp.{proj}.weight"] = shape
+            if cfg.use_bias:
+                out[p + f"mlp.{proj}.bias"] = (shape[0],)
     return out
 
 

@@ -2,8 +2,9 @@
 
 Two layouts, both a directory of sharded safetensors plus ``model.safetensors.index.json``:
 
-* ``hf``: Hugging Face bailing_moe (config.json with model_type "bailing_moe", one tensor per expert
-  projection, e.g. ``model.layers.3.mlp.experts.17.up_proj.weight``).
+* ``hf``: Hugging Face bailing_moe or bailing_moe_v2 (config.json with model_type "bailing_moe", or
+  architectures BailingMoeV2ForCausalLM; one tensor per expert projection, e.g.
+  ``model.layers.3.mlp.experts.17.up_proj.weight``).
 * ``native``: lingmoe's own (config.json ``{"format": "lingmoe-native", "version": 1, "model": {...}}``,
   tensors under the model's own parameter names, routed experts stacked per layer).
 
@@ -25,6 +26,7 @@ from checkpoints_convert import adapter, export_files
 from checkpoints_convert.io import (MODEL_ST_DTYPES, CheckpointError, MissingCheckpointError, SafetensorsReader,
                                     ShardWriter, cast, dtype_name, nbytes_of, parse_dtype, parse_size)
 from data.files import OwnedTempDir
+from data.template import resolve_template
 from moe.config import BailingMoeConfig, ConfigError
 from moe.model import BailingMoeForCausalLM
 
@@ -82,6 +84,8 @@ def hf_config(cfg: BailingMoeConfig, dtype: torch.dtype | None) -> dict:
     out = cfg.to_hf()
     if dtype is not None:
         out["torch_dtype"] = dtype_name(dtype)
+        if "dtype" in out:  # transformers >= 4.56 writes this key instead; both must say the same
+            out["dtype"] = dtype_name(dtype)
     return out
 
 
@@ -92,6 +96,11 @@ class Checkpoint:
         self.path = os.fspath(path)
         self.kind, self.cfg = read_config(self.path, **overrides)
         self.config_file = os.path.join(self.path, CONFIG_NAME)
+        # An expert bias the options turn on for a checkpoint that has none (a v1 model whose bias
+        # training moves, say) starts at zero.
+        self.zero_filled: set[str] = set()
+        if self.cfg.moe_router_enable_expert_bias and not read_config(self.path)[1].moe_router_enable_expert_bias:
+            self.zero_filled = {n for n in adapter.native_shapes(self.cfg) if adapter.keeps_fp32(n)}
         self.reader = SafetensorsReader(self.path)
         try:
             self._validate()
@@ -103,6 +112,7 @@ class Checkpoint:
         r, cfg = self.reader, self.cfg
         r.check_files()
         expected = adapter.hf_shapes(cfg) if self.kind == "hf" else adapter.native_shapes(cfg)
+        expected = {n: shape for n, shape in expected.items() if n not in self.zero_filled}
         present = set(r.keys())
         missing = [n for n in expected if n not in present]
         unexpected = sorted(present - set(expected))
@@ -127,6 +137,9 @@ class Checkpoint:
         # Stored dtype of each native tensor (the dtype shared by its HF pieces).
         self.dtypes: dict[str, torch.dtype] = {}
         for name in adapter.native_shapes(cfg):
+            if name in self.zero_filled:
+                self.dtypes[name] = torch.float32
+                continue
             pieces = adapter.hf_names_for(name, cfg) if self.kind == "hf" else [name]
             kinds = {r.dtype(p) for p in pieces}
             if len(kinds) != 1:
@@ -153,10 +166,15 @@ class Checkpoint:
     def get_native(self, name: str, dtype: torch.dtype | None = None,
                    rows: tuple[int, int] | None = None) -> torch.Tensor:
         """One native tensor, cast piece by piece to ``dtype`` (None keeps the stored dtype).
-        ``rows=(start, stop)`` reads only those rows of dim 0 (for stacked experts: those experts)."""
+        ``rows=(start, stop)`` reads only those rows of dim 0 (for stacked experts: those experts).
+        The expert bias comes in fp32 whatever ``dtype`` says (adapter.keeps_fp32)."""
+        if name in self.zero_filled:
+            n = self.cfg.num_experts
+            return torch.zeros(n if rows is None else rows[1] - rows[0], dtype=torch.float32)
         if self.kind == "native":
-            return cast(self.reader.get(name, rows), dtype)
-        return adapter.native_from_hf(name, lambda n, r=None: cast(self.reader.get(n, r), dtype), self.cfg, rows)
+            return adapter.cast_for(name, self.reader.get(name, rows), dtype)
+        return adapter.native_from_hf(name, lambda n, r=None: adapter.cast_for(n, self.reader.get(n, r), dtype),
+                                      self.cfg, rows)
 
     def iter_native(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names:
@@ -208,7 +226,8 @@ def write_checkpoint(named_tensors: Iterable[tuple[str, torch.Tensor]], cfg: Bai
             else torch.float32
     if isinstance(source_dtypes, torch.dtype):
         source_dtypes = dict.fromkeys(shapes, source_dtypes)
-    out_dtypes = {n: (dtype if dtype is not None and source_dtypes[n].is_floating_point else source_dtypes[n])
+    out_dtypes = {n: (torch.float32 if adapter.keeps_fp32(n) else dtype
+                      if dtype is not None and source_dtypes[n].is_floating_point else source_dtypes[n])
                   for n in shapes}
     entries = []
     for name in shapes:
@@ -247,10 +266,10 @@ def write_checkpoint(named_tensors: Iterable[tuple[str, torch.Tensor]], cfg: Bai
                                           f"for {dtype_name(source_dtypes[name])} (pass source_dtypes)")
                 if layout == "hf":
                     for hf_name, piece in adapter.hf_from_native(name, t, cfg):
-                        writer.add(hf_name, cast(piece, dtype))
+                        writer.add(hf_name, adapter.cast_for(name, piece, dtype))
                     piece = None  # the last view would keep the whole stacked tensor alive
                 else:
-                    writer.add(name, cast(t, dtype))
+                    writer.add(name, adapter.cast_for(name, t, dtype))
                 del t
             writer.finish()
         except BaseException:
@@ -270,12 +289,13 @@ def write_checkpoint(named_tensors: Iterable[tuple[str, torch.Tensor]], cfg: Bai
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, layout: str, shard_size: str | int = "5GB",
             dtype: torch.dtype | str | None = None, expect: str | None = None, progress: bool = False,
-            tokenizer: str | None = None, source_hf: str | None = None) -> None:
+            tokenizer: str | None = None, source_hf: str | None = None, template: str = "auto") -> None:
     """Convert checkpoint ``src`` (validated first) into a new directory ``out`` in ``layout``.
 
     ``src``'s other files (tokenizer, model code, generation config, ...) travel unchanged;
     ``tokenizer`` (the tokenizer a run trained with) and ``source_hf`` (the HF directory the model
-    came from) add what export_files.write_export_files writes for them."""
+    came from) add what export_files.write_export_files writes for them, with chat ``template``
+    ("auto": bailing_v2 for a Ling 2.0 model, else bailing)."""
     dtype = parse_dtype(dtype)
     parse_size(shard_size)
     if os.path.exists(out):
@@ -285,13 +305,14 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, layout: str, shard_s
         if expect is not None and ckpt.kind != expect:
             raise CheckpointError(f"{ckpt.config_file}: this is a {ckpt.kind} checkpoint, expected {expect}")
         write_checkpoint(ckpt.iter_native(dtype), ckpt.cfg, out, layout, shard_size, dtype,
-                         source_dtypes={n: (dtype if dtype is not None and d.is_floating_point else d)
+                         source_dtypes={n: (torch.float32 if adapter.keeps_fp32(n) else dtype
+                                            if dtype is not None and d.is_floating_point else d)
                                         for n, d in ckpt.dtypes.items()},
                          progress=progress,
                          extra_files=lambda tmp: export_files.write_export_files(
                              tmp, carry_from=os.fspath(src), model_dir=source_hf, tokenizer_dir=tokenizer,
                              model_max_length=ckpt.cfg.max_position_embeddings,
-                             hf=layout == "hf"))
+                             hf=layout == "hf", template=resolve_template(template, ckpt.cfg.family)))
 
 
 # ---------------------------------------------------------------------------------------------- models

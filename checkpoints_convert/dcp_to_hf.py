@@ -28,25 +28,26 @@ from checkpoints_convert.dcp_layout import (RUN_CONFIG, iter_native_tensors, rea
                                             stored_dtypes)
 from checkpoints_convert.io import CheckpointError, parse_dtype
 from data.errors import run_cli
+from data.template import TEMPLATES, resolve_template
 
 
-def run_sources(step_dir: str) -> dict:
-    """{tokenizer, source_hf} of the run that wrote ``step_dir``, from its config.yaml
+def run_sources(step_dir: str, family: str = "bailing_moe") -> dict:
+    """{tokenizer, source_hf, template} of the run that wrote ``step_dir``, from its config.yaml
     (export_files.export_sources; nothing when the step has no config.yaml)."""
     path = os.path.join(step_dir, RUN_CONFIG)
     if not os.path.isfile(path):
-        return {"tokenizer": None, "source_hf": None}
+        return {"tokenizer": None, "source_hf": None, "template": resolve_template("auto", family)}
     try:
         with open(path) as f:
             run = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
         raise CheckpointError(f"{path}: not valid YAML ({e})") from None
-    return export_files.export_sources(run)
+    return export_files.export_sources(run, family)
 
 
 def dcp_to_hf(ckpt: str, out: str, dtype: torch.dtype | str = "auto", shard_size: str = "5GB",
               overwrite: bool = False, progress: bool = False, tokenizer: str | None = "auto",
-              source_hf: str | None = "auto") -> str:
+              source_hf: str | None = "auto", template: str = "auto") -> str:
     """dtype: "auto" = the model config's torch_dtype (bf16 for Ling-Lite, not the fp32 master
     weights), "keep" = as stored, or a dtype / its name. tokenizer / source_hf: "auto" = as the
     run's config.yaml says, None = none."""
@@ -56,7 +57,8 @@ def dcp_to_hf(ckpt: str, out: str, dtype: torch.dtype | str = "auto", shard_size
         dtype = parse_dtype(cfg.torch_dtype)
     elif isinstance(dtype, str):
         dtype = parse_dtype(dtype)
-    run = run_sources(ckpt)
+    run = run_sources(ckpt, cfg.family)
+    template = run["template"] if template == "auto" else resolve_template(template, cfg.family)
     tokenizer = run["tokenizer"] if tokenizer == "auto" else tokenizer
     source_hf = run["source_hf"] if source_hf == "auto" else source_hf
     tokenizer, source_hf = tokenizer or None, source_hf or None  # '' = none
@@ -66,6 +68,7 @@ def dcp_to_hf(ckpt: str, out: str, dtype: torch.dtype | str = "auto", shard_size
 
     def extra_files(tmp):
         export_files.write_export_files(tmp, model_dir=source_hf, tokenizer_dir=tokenizer,
+                                        template=template,
                                         model_max_length=cfg.max_position_embeddings)
     write_hf_from_native(iter_native_tensors(ckpt, cfg), cfg, out, shard_size, dtype, overwrite,
                          source_dtypes=source_dtypes, progress=progress, extra_files=extra_files)
@@ -86,9 +89,12 @@ def main(argv=None) -> int:
     p.add_argument("--source-hf", metavar="DIR", default="auto",
                    help="the HF directory the run started from, whose model code and generation config travel "
                         "(default: model.init_from of the step's config.yaml; '' = none)")
+    p.add_argument("--template", default="auto", choices=("auto", *TEMPLATES),
+                   help="the chat template written beside the weights (default: as the run trained, data.template; "
+                        "its 'auto' is bailing_v2 for Ling 2.0 models, bailing otherwise)")
     a = p.parse_args(argv)
     src = dcp_to_hf(a.ckpt, a.out, a.dtype, a.shard_size, progress=not a.quiet, tokenizer=a.tokenizer,
-                    source_hf=a.source_hf)
+                    source_hf=a.source_hf, template=a.template)
     print(f"exported {src} -> {a.out}")
     return 0
 

@@ -9,10 +9,13 @@ Three sources, each optional:
   training leaves true travels: its model code (``*.py``, so ``trust_remote_code`` keeps working),
   its license files, and its generation_config.json fields (merged, see below).
 * ``tokenizer_dir``: the tokenizer the run trained with. Its vocabulary files travel byte for byte;
-  tokenizer_config.json gets the chat template of data/template.py (data/hf_template.py) and the
-  eos/pad/bos tokens the run used; special_tokens_map.json agrees with it; generation_config.json
-  gets the tokenizer's eos/pad/bos ids (do_sample false unless the source says otherwise). A file
-  that comes out equal to its source (as JSON) is copied byte for byte instead.
+  tokenizer_config.json gets the chat template the run trained with (data/hf_template.py: bailing,
+  or bailing_v2 for Ling 2.0, which renders as the official Ling 2.0 template) and the eos/pad/bos
+  tokens the run used (bailing_v2: eos <|role_end|>, the token that ends its turns);
+  special_tokens_map.json agrees with it; generation_config.json gets the eos/pad/bos ids
+  (bailing_v2: <|role_end|> and the tokenizer's own eos both stop; do_sample false unless the
+  source says otherwise). A file that comes out equal to its source (as JSON) is copied byte for
+  byte instead.
 
 Then config.json loses the ``auto_map`` entries whose module file is not in the directory (a model
 trained from scratch has no modeling code, and a config pointing at missing files breaks
@@ -28,6 +31,7 @@ from checkpoints_convert.io import CheckpointError, MissingCheckpointError
 from data import load_tokenizer
 from data.errors import DataError
 from data.hf_template import chat_template
+from data.template import resolve_template, stop_token
 from data.tokenizer import run_tokenizer_dir
 
 CONFIG_NAME = "config.json"
@@ -93,7 +97,7 @@ def _as_token(value):
     return value.get("content") if isinstance(value, dict) else value
 
 
-def _tokenizer_side(out_dir: str, tokenizer_dir: str, model_max_length: int | None):
+def _tokenizer_side(out_dir: str, tokenizer_dir: str, model_max_length: int | None, template: str = "bailing"):
     """Copy the vocabulary, write tokenizer_config.json / special_tokens_map.json; the loaded tokenizer."""
     try:
         tok = load_tokenizer(tokenizer_dir)
@@ -106,16 +110,21 @@ def _tokenizer_side(out_dir: str, tokenizer_dir: str, model_max_length: int | No
 
     cfg_src = os.path.join(tok_dir, TOKENIZER_CONFIG)
     tcfg = _read_json(cfg_src) if os.path.isfile(cfg_src) else {"tokenizer_class": "PreTrainedTokenizerFast"}
-    # The tokens the run used (load_tokenizer's reading), spelled as strings.
-    tcfg.update(eos_token=tok.eos_token, pad_token=tok.pad_token, bos_token=tok.bos_token,
-                chat_template=chat_template())
+    # The tokens the run used (load_tokenizer's reading), spelled as strings; bailing_v2's answers end
+    # with its own stop token.
+    eos = stop_token(template) if template == "bailing_v2" else tok.eos_token
+    if tok.token_to_id(eos) is None:
+        raise CheckpointError(f"tokenizer {tokenizer_dir}: no {eos!r} token, which the {template} template ends "
+                              f"answers with")
+    tcfg.update(eos_token=eos, pad_token=tok.pad_token, bos_token=tok.bos_token,
+                chat_template=chat_template(template))
     if "model_max_length" not in tcfg and model_max_length:
         tcfg["model_max_length"] = model_max_length
     _write_json_or_copy(os.path.join(out_dir, TOKENIZER_CONFIG), tcfg, cfg_src)
 
     map_src = os.path.join(tok_dir, SPECIAL_TOKENS_MAP)
     smap = _read_json(map_src) if os.path.isfile(map_src) else {}
-    for key, token in (("eos_token", tok.eos_token), ("pad_token", tok.pad_token), ("bos_token", tok.bos_token)):
+    for key, token in (("eos_token", eos), ("pad_token", tok.pad_token), ("bos_token", tok.bos_token)):
         if token is None:
             smap.pop(key, None)
         elif _as_token(smap.get(key)) != token:
@@ -126,10 +135,14 @@ def _tokenizer_side(out_dir: str, tokenizer_dir: str, model_max_length: int | No
     return tok
 
 
-def _generation_config(out_dir: str, source: str | None, tok) -> None:
+def _generation_config(out_dir: str, source: str | None, tok, template: str = "bailing") -> None:
     gen = _read_json(source) if source is not None and os.path.isfile(source) else {}
     eos = gen.get("eos_token_id")
-    if not (isinstance(eos, list) and tok.eos_id in eos):  # a list that holds ours stops on ours too
+    if template == "bailing_v2":  # the end of a turn, and the tokenizer's own eos (Ling 2.0's SFT config has both)
+        want = list(dict.fromkeys([tok.token_to_id(stop_token(template)), tok.eos_id]))
+        if not (isinstance(eos, list) and all(i in eos for i in want)):
+            gen["eos_token_id"] = want
+    elif not (isinstance(eos, list) and tok.eos_id in eos):  # a list that holds ours stops on ours too
         gen["eos_token_id"] = tok.eos_id
     gen["pad_token_id"] = tok.pad_id
     if tok.bos_id is not None:
@@ -170,17 +183,20 @@ def drop_dangling_auto_map(out_dir: str) -> list[str]:
     return dropped
 
 
-def export_sources(run_config: dict) -> dict:
+def export_sources(run_config: dict, family: str = "bailing_moe") -> dict:
     """What goes beside the weights of a trained run's export, from its resolved options (the
-    config.yaml every checkpoint holds): {tokenizer, source_hf}. The tokenizer is the one it trained
-    with (data.run_tokenizer_dir's rule; none for synthetic token rows), the source the directory it
-    started from (model.init_from). The one rule for the trainer's export and dcp_to_hf's. (The chat
-    template is the same whatever data.eos_every_turn was: that option changes labels, not text.)"""
+    config.yaml every checkpoint holds): {tokenizer, source_hf, template}. The tokenizer is the one
+    it trained with (data.run_tokenizer_dir's rule; none for synthetic token rows), the source the
+    directory it started from (model.init_from), the template the one it trained with (data.template
+    'auto' resolved by the model's ``family``). The one rule for the trainer's export and dcp_to_hf's.
+    (The chat template is the same whatever data.eos_every_turn was: that option changes labels, not
+    text.)"""
     data, model = run_config.get("data") or {}, run_config.get("model") or {}
     init_from = model.get("init_from") or None
     synthetic = bool(data.get("synthetic"))  # random token rows: no tokenizer was trained with
     tokenizer = None if synthetic else run_tokenizer_dir(data.get("tokenizer") or "", init_from or "")
-    return {"tokenizer": tokenizer, "source_hf": init_from}
+    return {"tokenizer": tokenizer, "source_hf": init_from,
+            "template": resolve_template(data.get("template") or "auto", family)}
 
 
 def check_sources(model_dir: str | None, tokenizer_dir: str | None) -> None:
@@ -194,7 +210,8 @@ def check_sources(model_dir: str | None, tokenizer_dir: str | None) -> None:
 
 
 def write_export_files(out_dir: str, *, carry_from: str | None = None, model_dir: str | None = None,
-                       tokenizer_dir: str | None = None, model_max_length: int | None = None, hf: bool = True) -> list[str]:
+                       tokenizer_dir: str | None = None, model_max_length: int | None = None, hf: bool = True,
+                       template: str = "bailing") -> list[str]:
     """Write the files beside the weights in ``out_dir`` (see the module docstring); their names.
 
     ``hf`` False (a native output) carries files but leaves config.json alone."""
@@ -205,13 +222,13 @@ def write_export_files(out_dir: str, *, carry_from: str | None = None, model_dir
     if model_dir is not None:
         written += _copy(model_dir, model_files(model_dir), out_dir)
     if tokenizer_dir is not None:
-        tok = _tokenizer_side(out_dir, tokenizer_dir, model_max_length)
+        tok = _tokenizer_side(out_dir, tokenizer_dir, model_max_length, template)
         gen_src = None
         for d in (model_dir, carry_from):
             if d is not None and os.path.isfile(os.path.join(d, GENERATION_CONFIG)):
                 gen_src = os.path.join(d, GENERATION_CONFIG)
                 break
-        _generation_config(out_dir, gen_src, tok)
+        _generation_config(out_dir, gen_src, tok, template)
         written += [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(out_dir, n))]
         written += [TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, GENERATION_CONFIG]
     if hf:

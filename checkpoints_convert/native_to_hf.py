@@ -8,6 +8,7 @@ import sys
 from checkpoints_convert import _cli
 from checkpoints_convert.checkpoint import convert
 from data.errors import run_cli
+from data.template import TEMPLATES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,6 +30,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--source-hf", metavar="DIR",
                    help="the HF directory the model was trained from: its model code (*.py), license and "
                         "generation_config.json fields travel")
+    p.add_argument("--template", choices=("auto", *TEMPLATES), default="auto",
+                   help="with --tokenizer: the chat template written (default auto: bailing_v2 for a Ling 2.0 "
+                        "model, bailing otherwise)")
     _cli.add_common(p)
     return p
 
@@ -36,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     convert(args.native, args.out, "hf", args.shard_size, args.dtype, expect="native", progress=not args.quiet,
-            tokenizer=args.tokenizer, source_hf=args.source_hf)
+            tokenizer=args.tokenizer, source_hf=args.source_hf, template=args.template)
     return 0
 
 

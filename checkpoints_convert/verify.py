@@ -23,6 +23,7 @@ from data.errors import run_cli
 
 # Fields that change nothing about the weights or the computation on them.
 _NOT_ARCHITECTURE = {"torch_dtype", "expert_backend", "aux_loss_type", "aux_loss_alpha", "z_loss_coef", "extra_hf",
+                     "mtp_enabled",
                      "initializer_range", "transformers_version"}
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _CHUNK_BYTES = 64 << 20

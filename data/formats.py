@@ -1,7 +1,8 @@
 """JSONL input formats, normalized to one internal shape, with located errors.
 
 SFT records (one JSON object per line), either
-    {"messages": [{"role": "system|user|assistant|tool", "content": str, "tool_calls"?: [...]}, ...]}
+    {"messages": [{"role": "system|user|assistant|tool", "content": str, "tool_calls"?: [...]}, ...],
+     "tools"?: [function signatures, rendered by the bailing_v2 template]}
 or ShareGPT style
     {"conversations": [{"from": "human|gpt|system|observation|function_call|...", "value": str}, ...],
      "system"?: str}
@@ -115,7 +116,13 @@ def normalize_sft(obj):
     validate_messages(messages)
     check_turns(messages)
     domain, tags = _meta(obj)
-    return {"messages": messages, "domain": domain, "tags": tags}
+    out = {"messages": messages, "domain": domain, "tags": tags}
+    tools = obj.get("tools")
+    if tools is not None:  # function signatures: the bailing_v2 template renders them in its system block
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise DataError("'tools' must be a list of objects (function signatures)")
+        out["tools"] = tools
+    return out
 
 
 def _answer_text(value, field):
@@ -168,7 +175,7 @@ def dpo_conversations(ex):
     return [ex["prompt"] + [{"role": "assistant", "content": ex[side]}] for side in ("chosen", "rejected")]
 
 
-def encode_dpo_pair(tokenizer, example):
+def encode_dpo_pair(tokenizer, example, template="bailing"):
     """Encode {"prompt", "chosen", "rejected"} (strings or message lists; see normalize_dpo).
 
     Returns {"chosen": (ids, labels), "rejected": (ids, labels)}; each side is the prompt (labels
@@ -176,7 +183,7 @@ def encode_dpo_pair(tokenizer, example):
     encodes pairs. data.eos_every_turn does not apply: nothing of the prompt is trained.
     """
     ex = normalize_dpo(example)
-    return {side: encode_chat(tokenizer, msgs, train_history=False)
+    return {side: encode_chat(tokenizer, msgs, train_history=False, template=template)
             for side, msgs in zip(("chosen", "rejected"), dpo_conversations(ex))}
 
 

@@ -22,6 +22,7 @@ This module builds the text only; rendering it needs jinja2, which data/ does no
 """
 import json
 
+from . import template_v2
 from .template import (ASSISTANT_PREFIX, EOS_TOKEN, SYSTEM_PREFIX, TOOL_CLOSE, TOOL_OPEN, TOOL_PREFIX,
                        USER_PREFIX)
 
@@ -54,8 +55,11 @@ def _literal(text: str) -> str:
     return "'" + text + "'"
 
 
-def chat_template() -> str:
-    """The Jinja2 chat template rendering what data.template.render_chat renders."""
+def chat_template(template: str = "bailing") -> str:
+    """The Jinja2 chat template rendering what data.template.render_chat(..., template=template)
+    renders (bailing_v2: data/template_v2.py's, which renders as the official Ling 2.0 template)."""
+    if template == "bailing_v2":
+        return template_v2.chat_template()
     call = ("{{- " + _literal(TOOL_OPEN + '{"name": ') + " ~ (fn['name'] | tojson) ~ "
             + _literal(', "arguments": ') + " ~ (args if args is string else (args | tojson)) ~ "
             + _literal("}" + TOOL_CLOSE) + " -}}")
@@ -106,8 +110,9 @@ def jinja_environment():
     return env
 
 
-def render_with_jinja(template: str, messages, add_generation_prompt: bool = False, **special_tokens) -> str:
+def render_with_jinja(template: str, messages, add_generation_prompt: bool = False, tools=None,
+                      **special_tokens) -> str:
     """``template`` rendered the way apply_chat_template renders it (tokenize=False)."""
     return jinja_environment().from_string(template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+        messages=messages, add_generation_prompt=add_generation_prompt, tools=tools, documents=None,
         **special_tokens)

@@ -26,7 +26,7 @@ from .files import OwnedTempDir, require_space
 from .dataset import FORMAT_NAME, FORMAT_VERSION, MANIFEST, MASK_EOS, MASK_TOKEN, TEMPLATE_VERSION
 from .formats import dpo_conversations, normalize_dpo, normalize_sft, read_jsonl
 from .packing import fit_document
-from .template import chat_segments, EOS_TOKEN, IGNORE_INDEX, segment_labels
+from .template import chat_segments, check_stop_token, check_template, EOS_TOKEN, IGNORE_INDEX, segment_labels, TEMPLATES
 from .tokenizer import load_tokenizer
 
 _CHUNK = 256  # records per encode_batch call; amortizes the Rust call overhead
@@ -82,10 +82,12 @@ class _Sequences:
         return [self.tokens.close(), self.mask.close(), self.offsets.close()]
 
 
-def _encode_many(tokenizer, conversations, eos_every_turn=False, train_history=True):
-    """encode_chat over many conversations with one batched tokenizer call."""
-    seg_lists = [chat_segments(msgs, eos_every_turn=eos_every_turn, train_history=train_history)
-                 for msgs in conversations]
+def _encode_many(tokenizer, conversations, eos_every_turn=False, train_history=True, template="bailing", tools=None):
+    """encode_chat over many conversations with one batched tokenizer call; ``tools``: each
+    conversation's function signatures (bailing_v2 renders them), or None."""
+    tools = tools or [None] * len(conversations)
+    seg_lists = [chat_segments(msgs, eos_every_turn=eos_every_turn, train_history=train_history, template=template,
+                               tools=t) for msgs, t in zip(conversations, tools)]
     pieces = iter(tokenizer.encode_batch([seg.text for segs in seg_lists for seg in segs]))
     return [segment_labels(segs, [next(pieces) for _ in segs], tokenizer.eos_id) for segs in seg_lists]
 
@@ -116,7 +118,7 @@ _TOKEN_BYTES, _SAMPLE_BYTES = 5, 10
 _SAMPLE_RECORDS = 256  # records per file tokenized to measure tokens per input byte
 
 
-def estimate_bytes(files, tokenizer, kind, eos_every_turn=False):
+def estimate_bytes(files, tokenizer, kind, eos_every_turn=False, template="bailing"):
     """Bytes the prepared arrays will take, from a quick pass: the first records of each file are
     tokenized and their tokens per input byte scaled to the whole file (exact for small files; DPO
     counts the prompt once per side, as it is stored). Bad records are left to the real pass."""
@@ -140,19 +142,22 @@ def estimate_bytes(files, tokenizer, kind, eos_every_turn=False):
             convs = [r["messages"] for r in recs]
         else:
             convs = [c for r in recs for c in dpo_conversations(r)]
-        need = sum(len(ids) for ids, _ in _encode_many(tokenizer, convs, eos_every_turn, kind == "sft")) * _TOKEN_BYTES
+        need = sum(len(ids) for ids, _ in _encode_many(tokenizer, convs, eos_every_turn, kind == "sft", template)) \
+            * _TOKEN_BYTES
         need += len(convs) * _SAMPLE_BYTES
         total += int(need * size / nbytes) + 1
     return total + 64 * 1024  # manifest, offsets' leading zeros
 
 
 def prepare(files, tokenizer, out_dir, kind="sft", skip_bad=False, max_len=None, overlong="truncate",
-            default_domain=None, progress=False, eos_every_turn=False):
+            default_domain=None, progress=False, eos_every_turn=False, template="bailing"):
     """Tokenize ``files`` into ``out_dir``; returns the manifest dict.
 
     ``eos_every_turn`` (SFT): the end of every answer is trained, as LLaMA-Factory's bailing template
     encodes multi-turn data (data/template.py), not only the last; recorded in the manifest as
     template.eos_every_turn. DPO pairs train only the final answer either way.
+    ``template``: "bailing" (Ling, Ling-Lite) or "bailing_v2" (Ling 2.0, whose records may carry
+    "tools"); recorded as template.name.
 
     ``tokenizer`` is a Tokenizer or a tokenizer directory. Raises DataError on the first bad
     record unless ``skip_bad``; either way nothing is left at ``out_dir`` unless it all worked.
@@ -164,7 +169,13 @@ def prepare(files, tokenizer, out_dir, kind="sft", skip_bad=False, max_len=None,
         raise ValueError(f"kind must be 'sft' or 'dpo', got {kind!r}")
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
-    if tokenizer.eos_id is None or tokenizer.token_to_id(EOS_TOKEN) != tokenizer.eos_id:
+    check_template(template)
+    if template == "bailing_v2":
+        if eos_every_turn and kind == "sft":
+            raise DataError("eos_every_turn is a choice of the bailing template only: bailing_v2 ends every turn "
+                            "with <|role_end|> already")
+        check_stop_token(tokenizer, template)
+    elif tokenizer.eos_id is None or tokenizer.token_to_id(EOS_TOKEN) != tokenizer.eos_id:
         raise DataError(f"tokenizer eos must be {EOS_TOKEN!r} for the bailing template", file=tokenizer.name)
     if tokenizer.vocab_size >= 2 ** 31:
         raise DataError("vocabulary too large for int32 token storage")
@@ -173,17 +184,18 @@ def prepare(files, tokenizer, out_dir, kind="sft", skip_bad=False, max_len=None,
         if not os.path.isfile(f):
             raise MissingFileError(f"{f}: input file not found")
     out_dir = _check_output(out_dir)
-    require_space(os.path.dirname(out_dir), estimate_bytes(files, tokenizer, kind, eos_every_turn),
+    require_space(os.path.dirname(out_dir), estimate_bytes(files, tokenizer, kind, eos_every_turn, template),
                   f"preparing {', '.join(files)}")
     # An owned temporary beside out_dir: removed on any failure, renamed into place on success, and
     # swept by the next preparation of out_dir if this process is killed.
     with OwnedTempDir(out_dir, replace=True) as tmp:
         manifest = _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, default_domain, progress,
-                                 eos_every_turn)
+                                 eos_every_turn, template)
     return manifest
 
 
-def _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, default_domain, progress, eos_every_turn):
+def _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, default_domain, progress, eos_every_turn,
+                  template="bailing"):
     from tqdm import tqdm
 
     sides = [""] if kind == "sft" else ["chosen_", "rejected_"]
@@ -197,8 +209,14 @@ def _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, defa
         nonlocal n_samples
         if not chunk:
             return
-        convs = [[r["messages"]] for r in chunk] if kind == "sft" else [dpo_conversations(r) for r in chunk]
-        flat = _encode_many(tokenizer, [c for group in convs for c in group], eos_every_turn, kind == "sft")
+        if kind == "sft":
+            convs = [[r["messages"]] for r in chunk]
+            tools = [r.get("tools") if template == "bailing_v2" else None for r in chunk]
+        else:
+            convs = [dpo_conversations(r) for r in chunk]
+            tools = None
+        flat = _encode_many(tokenizer, [c for group in convs for c in group], eos_every_turn, kind == "sft",
+                            template, tools)
         per = len(sides)
         for i, rec in enumerate(chunk):
             encoded = flat[i * per:(i + 1) * per]
@@ -267,8 +285,9 @@ def _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, defa
         "domains": domains, "domain_counts": domain_counts, "tag_counts": tag_counts,
         "tokenizer": {"fingerprint": tokenizer.fingerprint(), "vocab_size": tokenizer.vocab_size,
                       "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id},
+        # name: absent for bailing (manifests written before templates had names say nothing)
         "template": {"eos_every_turn": bool(eos_every_turn) if kind == "sft" else False,
-                     "version": TEMPLATE_VERSION},
+                     "version": TEMPLATE_VERSION, **({"name": template} if template != "bailing" else {})},
         "max_len": max_len, "overlong": overlong if max_len is not None else None,
         "truncated": stats["truncated"], "dropped_long": stats["dropped_long"],
         "num_skipped": len(bad),
@@ -318,6 +337,9 @@ def build_parser():
                    help="SFT: train the end of every assistant turn (the label <|endoftext|> on the next turn's "
                         "<role>, no EOS in the input), exactly as LLaMA-Factory's bailing template encodes "
                         "multi-turn data (default: only the final answer's EOS)")
+    p.add_argument("--template", choices=TEMPLATES, default="bailing",
+                   help="chat template: bailing (Ling, Ling-Lite; default) or bailing_v2 (Ling 2.0: every turn ends "
+                        "with <|role_end|>, records may carry 'tools')")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -329,7 +351,7 @@ def main(argv=None):
                             f"got {args.max_len}")
     manifest = prepare(args.files, args.tokenizer, args.out, kind=args.kind, skip_bad=args.skip_bad,
                        max_len=args.max_len, overlong=args.overlong, default_domain=args.domain,
-                       progress=not args.quiet, eos_every_turn=args.eos_every_turn)
+                       progress=not args.quiet, eos_every_turn=args.eos_every_turn, template=args.template)
     print(f"wrote {os.path.abspath(args.out)}")
     print(summary(manifest))
     return 0

@@ -29,11 +29,19 @@ we train on. That is what makes label boundaries exact. With the bailing markers
 boundary sits next to a special token (which the tokenizer splits out before BPE anyway), so for
 such tokenizers this equals tokenizing the rendered string in one go; a test checks that on the
 shipped demo tokenizer.
+
+``template="bailing_v2"`` selects Ling 2.0's template instead (data/template_v2.py): every function
+here takes it, and ``tools`` (function signatures, rendered in its system block). Its turns end with
+``<|role_end|>`` in the text, so ``eos_every_turn`` has nothing to add there; ``train_history`` applies.
 """
 import json
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
+from . import template_v2
 from .errors import DataError
+
+TemplateName = Literal["bailing", "bailing_v2"]
+TEMPLATES = get_args(TemplateName)
 
 ROLE_OPEN = "<role>"
 ROLE_CLOSE = "</role>"
@@ -119,8 +127,42 @@ class Segment(NamedTuple):
     eos_label: bool = False
 
 
-def chat_segments(messages, add_eos=True, eos_every_turn=False, train_history=True):
+def check_template(template):
+    if template not in TEMPLATES:
+        raise DataError(f"unknown chat template {template!r}; choose one of {', '.join(TEMPLATES)}")
+
+
+def resolve_template(name, family="bailing_moe"):
+    """The template a run uses: ``name``, or for "auto" the one of the model's family (bailing_v2 for
+    Ling 2.0, bailing otherwise)."""
+    if name == "auto":
+        return "bailing_v2" if family == "bailing_moe_v2" else "bailing"
+    check_template(name)
+    return name
+
+
+def stop_token(template="bailing"):
+    """The token that ends an answer in ``template`` (what generation stops on)."""
+    check_template(template)
+    return template_v2.ROLE_END if template == "bailing_v2" else EOS_TOKEN
+
+
+def _v2_segments(messages, tools, train_history=True, add_generation_prompt=False):
+    """template_v2's (text, trained) pieces as Segments; without ``train_history`` only the last
+    trained piece (the final answer and its <|role_end|>) stays trained."""
+    pieces = template_v2.chat_segments(messages, tools, add_generation_prompt=add_generation_prompt)
+    last = max((i for i, (_, trained) in enumerate(pieces) if trained), default=-1)
+    return [Segment(text, trained and (train_history or i == last)) for i, (text, trained) in enumerate(pieces)]
+
+
+def chat_segments(messages, add_eos=True, eos_every_turn=False, train_history=True, template="bailing", tools=None):
     """The rendered conversation as Segments, in order (see the module docstring for the options)."""
+    check_template(template)
+    if template == "bailing_v2":
+        return _v2_segments(messages, tools, train_history)
+    if tools:
+        raise DataError("'tools' are rendered by the bailing_v2 template only "
+                        "(the bailing template has no tools block)")
     segs = []
     last = len(messages) - 1
     for i, m in enumerate(messages):
@@ -140,8 +182,13 @@ def chat_segments(messages, add_eos=True, eos_every_turn=False, train_history=Tr
     return segs
 
 
-def render_chat(messages, add_eos=True):
-    """The conversation as the exact string the model sees (whatever its labels are)."""
+def render_chat(messages, add_eos=True, template="bailing", tools=None, add_generation_prompt=False):
+    """The conversation as the exact string the model sees (whatever its labels are). For bailing_v2,
+    exactly what the official Ling 2.0 Jinja template renders (``add_generation_prompt`` appends the
+    assistant prefix); the bailing template's user and tool turns always end with it."""
+    check_template(template)
+    if template == "bailing_v2":
+        return template_v2.render_chat(messages, tools, add_generation_prompt)
     # A conversation ending with a user/tool turn renders as a generation prompt.
     ends_with_answer = isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
         and messages[-1].get("role") == "assistant"
@@ -177,16 +224,33 @@ def _check_eos(tokenizer):
         raise DataError(f"tokenizer eos id {eos} is not the id of {EOS_TOKEN!r}")
 
 
-def encode_chat(tokenizer, messages, eos_every_turn=False, train_history=True):
+def check_stop_token(tokenizer, template):
+    """bailing_v2 ends every turn with <|role_end|>: it must be one token of the vocabulary."""
+    if tokenizer.token_to_id(template_v2.ROLE_END) is None:
+        raise DataError(f"the bailing_v2 template needs {template_v2.ROLE_END!r} as a token of the tokenizer "
+                        f"(it ends every turn and stops generation)")
+
+
+def encode_chat(tokenizer, messages, eos_every_turn=False, train_history=True, template="bailing", tools=None):
     """(input_ids, labels) for one SFT conversation; labels are unshifted (the model shifts)."""
+    check_template(template)
+    if template == "bailing_v2":
+        template_v2.validate_messages(messages, tools)
+        check_stop_token(tokenizer, template)
+        return _encode_segments(tokenizer, _v2_segments(messages, tools, train_history))
     validate_messages(messages)
     _check_eos(tokenizer)
     return _encode_segments(tokenizer, chat_segments(messages, eos_every_turn=eos_every_turn,
                                                      train_history=train_history))
 
 
-def encode_prompt(tokenizer, messages):
-    """Token ids of a generation prompt (ends with ``<role>ASSISTANT</role>``), nothing trained."""
+def encode_prompt(tokenizer, messages, template="bailing", tools=None):
+    """Token ids of a generation prompt (ends with the assistant prefix), nothing trained."""
+    check_template(template)
+    if template == "bailing_v2":
+        template_v2.validate_messages(messages, tools, require_final_assistant=False)
+        ids, _ = _encode_segments(tokenizer, _v2_segments(messages, tools, add_generation_prompt=True))
+        return ids
     validate_messages(messages, require_final_assistant=False)
     ids, _ = _encode_segments(tokenizer, chat_segments(messages))
     return ids

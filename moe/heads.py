@@ -38,6 +38,12 @@ class CausalLMOutput:
     ce_sum: torch.Tensor | None = None  # summed token cross entropy (trainers normalise globally)
     num_label_tokens: torch.Tensor | None = None
     token_logps: torch.Tensor | None = None  # [B, S] fp32 log p(labels[i+1] | ..i), 0 where ignored
+    # MTP layer j (1-based) predicts labels[i + j + 1] at position i: its summed CE, label count, mean
+    # (unscaled) and logits (when the head returns logits), one entry per MTP layer run.
+    mtp_ce_sums: list = field(default_factory=list)
+    mtp_num_label_tokens: list = field(default_factory=list)
+    mtp_losses: list = field(default_factory=list)
+    mtp_logits: list = field(default_factory=list)
     aux_loss: torch.Tensor | None = None  # weighted balance loss (summed over MoE layers) + z-loss
     router_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, S, E], when asked
     topk_ids: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, S, K], when asked
@@ -53,6 +59,23 @@ def next_token_labels(labels_BS: torch.Tensor) -> torch.Tensor:
     """[B*S]: the label position i is trained on, labels[i+1]; a row's last position has none (-100)."""
     B = labels_BS.shape[0]
     return torch.cat([labels_BS[:, 1:], labels_BS.new_full((B, 1), -100)], dim=1).reshape(-1)
+
+
+def mtp_labels(labels_BS: torch.Tensor, depth: int, document_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, S]: the labels an MTP layer of ``depth`` (1, 2, ..) is trained on, in the form a head takes
+    (unshifted): shifted ``depth`` further left within each row (-100 enters at the right), so the
+    head's own shift makes position i predict labels[i + depth + 1]. Never across rows (the
+    reference's flattened second shift does that) and, in packed rows, never across documents."""
+    B, S = labels_BS.shape
+    k = min(depth, S)
+    out = torch.cat([labels_BS[:, k:], labels_BS.new_full((B, k), -100)], dim=1)
+    if document_ids_BS is not None:
+        # the head reads out[i + 1] = labels[i + depth + 1] for position i: same document, or nothing
+        ahead = torch.cat([document_ids_BS[:, k:], document_ids_BS.new_full((B, k), -2)], dim=1)
+        same = torch.ones_like(out, dtype=torch.bool)
+        same[:, 1:] = document_ids_BS[:, :-1] == ahead[:, 1:]
+        out = out.masked_fill(~same, -100)
+    return out
 
 
 def _needs_labels(head, labels_BS) -> torch.Tensor:
@@ -77,8 +100,10 @@ class CrossEntropy:
 
     chunk_size None: from the full [B, S, V] logits, which are returned too (the Hugging Face-like
     call). A number: that many tokens at a time, each chunk's logits recomputed in backward and none
-    returned, since full fp32 logits cost 0.5 GB per 1k tokens at Ling-Lite's vocabulary."""
+    returned, since full fp32 logits cost 0.5 GB per 1k tokens at Ling-Lite's vocabulary.
+    mtp: the model's MTP layers (when it has them and they are enabled) add their loss too."""
     chunk_size: int | None = None
+    mtp: bool = True
 
     def __call__(self, h_BSH, w_VH, labels_BS) -> CausalLMOutput:
         labels_N = _needs_labels(self, labels_BS)

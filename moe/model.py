@@ -1,12 +1,27 @@
-"""BailingMoeForCausalLM (Ling-Lite) in plain PyTorch, on one device.
+"""BailingMoeForCausalLM (Ling-Lite, and the Ling 2.0 family) in plain PyTorch, on one device.
 
-Legend: B batch, S sequence, T = B*S tokens, H hidden, E experts, K experts per token, V vocabulary.
+Legend: B batch, S sequence, T = B*S tokens, H hidden, E experts, K experts per token, V vocabulary,
+D head dim, R rotary dims (D * partial_rotary_factor).
 
-Numerics follow the Hugging Face reference (modeling_bailing_moe.py): RMSNorm in fp32 then cast back
-before the weight; RoPE "rotate half" on the full head dim with fp32 frequencies; router softmax in
-fp32 over all experts; one fused query_key_value projection split [heads, kv_heads, kv_heads].
-Parameter names equal the HF checkpoint's except the routed experts, stacked per layer as
-``mlp.experts.w_gate_up`` [E, 2I, H] and ``mlp.experts.w_down`` [E, H, I].
+Numerics follow the Hugging Face references (modeling_bailing_moe.py, modeling_bailing_moe_v2.py):
+RMSNorm in fp32 then cast back before the weight; RoPE "rotate half" on the first R dims of each
+head with fp32 frequencies; one fused query_key_value projection split [heads, kv_heads, kv_heads];
+the router as moe/router.py describes it. Parameter names equal the HF checkpoint's except the
+routed experts, stacked per layer as ``mlp.experts.w_gate_up`` [E, 2I, H] and ``mlp.experts.w_down``
+[E, H, I]; the expert bias is the fp32 buffer ``mlp.gate.expert_bias``.
+
+The Ling 2.0 parts are options of the same classes (moe/config.py): QK-norm (per-head RMSNorm of q
+and k before RoPE) and partial RoPE in Attention, sigmoid scoring, expert bias, group-limited top-k
+and routed scaling in the router, and MTP layers after the main ones. An MTP layer j (model.layers
+at num_hidden_layers + j) takes the embedding of the tokens one further ahead (the ids shifted left,
+id 0 entering at the right, as the reference does) and the previous hidden states (the main
+trunk's after the final norm, then the previous MTP layer's), each RMSNorm-ed (enorm, hnorm),
+concatenated [embedding; hidden] and projected by eh_proj, then runs a decoder layer with an MoE
+block and its own final_layernorm; the shared lm_head reads it. Its loss is the cross entropy of
+the labels j+1 positions further ahead, shifted within each row (and document), added times
+mtp_loss_scaling_factor. The reference shifts the MTP labels a second time across the flattened
+batch, so a row's last position predicts a token of the next row: that is not copied
+(docs/training.md, "MTP loss").
 
 Packed rows (several documents in one row) are given by ``document_ids`` [B, S] (padding = -1):
 attention stays inside a document and ``position_ids`` restart per document. The rotary tables are
@@ -39,7 +54,7 @@ import torch.nn.functional as F
 
 from moe.config import BailingMoeConfig
 from moe.experts import GroupedExperts
-from moe.heads import CausalLMOutput, CrossEntropy, Head, Logits
+from moe.heads import CausalLMOutput, CrossEntropy, Head, Logits, mtp_labels
 from moe.losses import load_balancing_loss, router_z_loss, sequence_load_balancing_loss
 from moe.router import TopKRouter
 
@@ -74,10 +89,10 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-def rotary_cos_sin(position_ids_BS: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin [B, S, D] of the rotary embedding at the given positions."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64,
-                                             device=position_ids_BS.device).float() / head_dim))
+def rotary_cos_sin(position_ids_BS: torch.Tensor, rope_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin [B, S, R] of the rotary embedding at the given positions (R = the rotated dims)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.int64,
+                                             device=position_ids_BS.device).float() / rope_dim))
     freqs = position_ids_BS.float()[..., None] * inv_freq  # [B, S, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -89,8 +104,13 @@ def _rotate_half(x):
 
 
 def apply_rotary(x, cos, sin):
-    """x * cos + rotate_half(x) * sin; cos/sin broadcast against x (e.g. [B, S, 1, D] over [B, S, h, D])."""
-    return x * cos + _rotate_half(x) * sin
+    """x * cos + rotate_half(x) * sin on the first R = cos.shape[-1] dims of x, the rest as it is;
+    cos/sin broadcast against x (e.g. [B, S, 1, R] over [B, S, h, D])."""
+    R = cos.shape[-1]
+    if R == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot = x[..., :R]
+    return torch.cat([rot * cos + _rotate_half(rot) * sin, x[..., R:]], dim=-1)
 
 
 def attention_kind(implementation: str, device_type: str, packed: bool) -> str:
@@ -114,14 +134,21 @@ class Attention(nn.Module):
         super().__init__()
         self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.query_key_value = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.use_qkv_bias)
+        if cfg.use_qk_norm:  # one [D] weight each, shared by all heads
+            self.query_layernorm = RMSNorm(self.hd, cfg.rms_norm_eps)
+            self.key_layernorm = RMSNorm(self.hd, cfg.rms_norm_eps)
+        self.use_qk_norm = cfg.use_qk_norm
         self.dense = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.use_bias)
 
     def forward(self, x_BSH, rope_cos_sin, attn_mask, kv_cache=None, layer_idx: int = 0):
-        """rope_cos_sin: the (cos, sin) [B, S, 1, D] of rotary_cos_sin, built once per model forward."""
+        """rope_cos_sin: the (cos, sin) [B, S, 1, R] of rotary_cos_sin, built once per model forward."""
         B, S, _ = x_BSH.shape
         qkv = self.query_key_value(x_BSH).view(B, S, self.nh + 2 * self.nkv, self.hd)
+        qk = qkv[:, :, :self.nh + self.nkv]
+        if self.use_qk_norm:  # per head, before RoPE
+            qk = torch.cat([self.query_layernorm(qk[:, :, :self.nh]), self.key_layernorm(qk[:, :, self.nh:])], dim=2)
         # One rotation for the q and k heads together (elementwise: the same numbers as one each).
-        qk = apply_rotary(qkv[:, :, :self.nh + self.nkv], *rope_cos_sin)
+        qk = apply_rotary(qk, *rope_cos_sin)
         q, k = qk.split([self.nh, self.nkv], dim=2)
         v = qkv[:, :, self.nh + self.nkv:]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -190,7 +217,9 @@ class MoEBlock(nn.Module):
     def __init__(self, cfg: BailingMoeConfig):
         super().__init__()
         self.cfg = cfg
-        self.gate = TopKRouter(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        self.gate = TopKRouter(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob,
+                               cfg.score_function, cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor,
+                               expert_bias=cfg.moe_router_enable_expert_bias, fp32_logits=cfg.router_dtype == "fp32")
         self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.expert_backend)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts, cfg.use_bias)
                                if cfg.num_shared_experts > 0 else None)
@@ -227,8 +256,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attention = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = (MoEBlock(cfg) if cfg.is_moe_layer(layer_idx)
-                    else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.use_bias))
+        moe = cfg.is_moe_layer(layer_idx) or layer_idx >= cfg.num_hidden_layers  # an MTP layer is always MoE
+        self.mlp = MoEBlock(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.use_bias)
 
     def forward(self, h, rope_cos_sin, attn_mask, token_mask, keep_router_outputs: bool = False, kv_cache=None):
         h = h + self.attention(self.input_layernorm(h), rope_cos_sin, attn_mask, kv_cache, self.layer_idx)
@@ -237,6 +266,24 @@ class DecoderLayer(nn.Module):
             y, stats = self.mlp(x, token_mask, keep_router_outputs, router_stats=kv_cache is None)
             return h + y, stats
         return h + self.mlp(x), None
+
+
+class MTPLayer(DecoderLayer):
+    """A multi-token-prediction layer: [enorm(embedding); hnorm(hidden)] -> eh_proj -> a decoder layer
+    (always MoE) -> final_layernorm. Names as the reference's, under model.layers.{num_hidden_layers + j}."""
+
+    def __init__(self, cfg: BailingMoeConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        H = cfg.hidden_size
+        self.enorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * H, H, bias=False)
+        self.final_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+
+    def forward(self, emb, h, rope_cos_sin, attn_mask, token_mask, keep_router_outputs: bool = False):
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        x, stats = super().forward(x, rope_cos_sin, attn_mask, token_mask, keep_router_outputs)
+        return self.final_layernorm(x), stats
 
 
 def build_attention_mask(B: int, S: int, device, attention_mask=None, document_ids=None):
@@ -294,14 +341,18 @@ class BailingMoeModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        L = cfg.num_hidden_layers
+        self.layers = nn.ModuleList([*(DecoderLayer(cfg, i) for i in range(L)),
+                                     *(MTPLayer(cfg, L + j) for j in range(cfg.num_nextn_predict_layers))])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
-                kv_cache=None, output_router_logits: bool = False) -> tuple[torch.Tensor, dict[int, MoEStats]]:
-        """The final hidden states [B, S, H] (after the norm) and each MoE layer's router statistics
-        by layer index (none while decoding). Arguments as BailingMoeForCausalLM.forward's."""
+                kv_cache=None, output_router_logits: bool = False,
+                mtp_depth: int = 0) -> tuple[torch.Tensor, dict[int, MoEStats], list[torch.Tensor]]:
+        """The final hidden states [B, S, H] (after the norm), each MoE layer's router statistics by
+        layer index (none while decoding) and the hidden states of the first ``mtp_depth`` MTP layers
+        (each after its final_layernorm). Arguments as BailingMoeForCausalLM.forward's."""
         cfg = self.config
         B, S = input_ids.shape
         dev = input_ids.device
@@ -310,9 +361,9 @@ class BailingMoeModel(nn.Module):
             past = 0 if kv_cache is None else kv_cache.length
             position_ids = torch.arange(past, past + S, device=dev)[None].expand(B, S)
         h = self.word_embeddings(input_ids)
-        rope = tuple(t[:, :, None] for t in rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype))
+        rope = tuple(t[:, :, None] for t in rotary_cos_sin(position_ids, cfg.rope_dim, cfg.rope_theta, h.dtype))
         stats: dict[int, MoEStats] = {}
-        for layer in self.layers:
+        for layer in self.layers[:cfg.num_hidden_layers]:
             if kv_cache is None:  # (wrappers such as activation checkpointing see the training signature)
                 h, st = layer(h, rope, attn_mask, token_mask, output_router_logits)
             else:
@@ -321,7 +372,14 @@ class BailingMoeModel(nn.Module):
                 stats[layer.layer_idx] = st
         if kv_cache is not None:
             kv_cache.advance(S)
-        return self.norm(h), stats
+        h = self.norm(h)
+        mtp_h, ids, hk = [], input_ids, h
+        for layer in self.layers[cfg.num_hidden_layers:cfg.num_hidden_layers + mtp_depth]:
+            ids = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)  # one further ahead; id 0 enters
+            hk, st = layer(self.word_embeddings(ids), hk, rope, attn_mask, token_mask, output_router_logits)
+            stats[layer.layer_idx] = st
+            mtp_h.append(hk)
+        return h, stats, mtp_h
 
 
 def initial_value(name: str, shape: tuple[int, ...], cfg: BailingMoeConfig, seed: int) -> torch.Tensor:
@@ -331,9 +389,9 @@ def initial_value(name: str, shape: tuple[int, ...], cfg: BailingMoeConfig, seed
 
     Each parameter's generator is seeded from (seed, name), so a model initialised whole, or shard by
     shard on any number of ranks, gets the same values."""
-    if name.endswith("layernorm.weight") or name == "model.norm.weight":
+    if name.endswith(("layernorm.weight", ".enorm.weight", ".hnorm.weight")) or name == "model.norm.weight":
         return torch.ones(shape)
-    if name.endswith(".bias"):
+    if name.endswith((".bias", "expert_bias")):  # expert_bias: a buffer, zero from scratch
         return torch.zeros(shape)
     std = cfg.initializer_range
     if name.endswith(("dense.weight", "down_proj.weight", "w_down")):
@@ -361,6 +419,8 @@ class BailingMoeForCausalLM(nn.Module):
             seed = int(torch.randint(0, 2 ** 62, (1,)))
         for name, p in self.named_parameters():
             p.copy_(initial_value(name, tuple(p.shape), self.config, seed))
+        for name, b in self.named_buffers():
+            b.copy_(initial_value(name, tuple(b.shape), self.config, seed))
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -381,11 +441,21 @@ class BailingMoeForCausalLM(nn.Module):
         the balance loss uses: the trainer's sums them over data-parallel ranks and over the step's
         micro-batches so far (moe.losses.CarriedCounts); without one, 'global' counts locally.
         output_router_logits adds each MoE layer's router logits and top-k ids to the output.
+        MTP layers (config num_nextn_predict_layers, mtp_enabled) run when labels are given to a head
+        that asks for them (CrossEntropy's ``mtp``): their cross entropies land in mtp_ce_sums /
+        mtp_num_label_tokens / mtp_losses, and ``loss`` includes them times mtp_loss_scaling_factor.
         """
         if head is None:
             head = Logits() if labels is None else CrossEntropy()
-        h, stats = self.model(input_ids, attention_mask, position_ids, document_ids, kv_cache, output_router_logits)
-        out = head(h, self._head_weight(), labels)
+        cfg = self.config
+        mtp = cfg.num_nextn_predict_layers if (cfg.mtp_enabled and labels is not None and kv_cache is None
+                                               and getattr(head, "mtp", False)) else 0
+        h, stats, mtp_h = self.model(input_ids, attention_mask, position_ids, document_ids, kv_cache,
+                                     output_router_logits, mtp)
+        w = self._head_weight()
+        out = head(h, w, labels)
+        if mtp_h:
+            self._mtp_losses(out, head, mtp_h, w, labels, document_ids)
         if stats:
             out.aux_loss = self._router_loss(stats, balance_counts_fn)
             out.expert_counts = {i: s.counts_E for i, s in stats.items()}
@@ -393,6 +463,19 @@ class BailingMoeForCausalLM(nn.Module):
                 out.router_logits = {i: s.logits for i, s in stats.items()}
                 out.topk_ids = {i: s.topk_ids for i, s in stats.items()}
         return out
+
+    def _mtp_losses(self, out: CausalLMOutput, head, mtp_h: list[torch.Tensor], w: torch.Tensor,
+                    labels: torch.Tensor, document_ids: torch.Tensor | None) -> None:
+        """Each MTP layer's cross entropy through the same head, on the labels j+1 further ahead
+        (moe.heads.mtp_labels); loss becomes the main loss + mtp_loss_scaling_factor x their sum."""
+        for j, hj in enumerate(mtp_h, start=1):
+            o = head(hj, w, mtp_labels(labels, j, document_ids))
+            out.mtp_ce_sums.append(o.ce_sum)
+            out.mtp_num_label_tokens.append(o.num_label_tokens)
+            out.mtp_losses.append(o.loss)
+            if o.logits is not None:
+                out.mtp_logits.append(o.logits)
+        out.loss = out.loss + self.config.mtp_loss_scaling_factor * sum(out.mtp_losses)
 
     def _head_weight(self) -> torch.Tensor:
         w = self.lm_head.weight

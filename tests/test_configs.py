@@ -46,8 +46,10 @@ def test_recipe_resolves_and_builds_its_model_on_meta(name):
     o = _load(name, DPORunOptions if script == "dpo" else Options)
     assert isinstance(o, DPORunOptions) == (script == "dpo")
     # A recipe starting from a checkpoint starts from Ling-Lite, whose config.json is the ling-lite
-    # preset (tests/test_model.py checks the preset against the real file's values).
-    cfg = BailingMoeConfig.preset("ling-lite" if o.model.init_from else o.model.preset,
+    # preset (tests/test_model.py checks the preset against the real file's values), or from
+    # Ling-mini-2.0 (ling_mini2_*), whose sizes the ling-mini-2.0 preset holds.
+    base = "ling-mini-2.0" if name.startswith("ling_mini2") else "ling-lite"
+    cfg = BailingMoeConfig.preset(base if o.model.init_from else o.model.preset,
                                   **model_overrides(o, torch.device("cpu")))
     with torch.device("meta"):
         model = BailingMoeForCausalLM(cfg)
@@ -57,7 +59,9 @@ def test_recipe_resolves_and_builds_its_model_on_meta(name):
     assert n == cfg.num_params() and all(p.is_meta for p in model.parameters())
     claimed = re.search(r"A ([\d.]+)M-parameter model", (CONFIGS / name).read_text())
     if o.model.init_from:
-        assert round(n / 1e9, 1) == 16.8
+        assert round(n / 1e9, 1) == {"ling-lite": 16.8, "ling-mini-2.0": 16.3}[base]
+    if o.parallel.ep > 1:
+        assert cfg.num_experts % o.parallel.ep == 0 and ranks % o.parallel.ep == 0
     elif claimed:
         assert round(n / 1e6, 1) == float(claimed.group(1)), (n, claimed.group(0))
     # The global batch splits into whole micro-batches on every rank of the header's command.

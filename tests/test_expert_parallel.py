@@ -77,9 +77,15 @@ def _module_check(world, ep, backend, case, dp_group, ep_group):
     return {k: float(v) for k, v in errs.items()}
 
 
-def _model_cfg(E: int, backend: str):
+def _model_cfg(E: int, backend: str, v2: bool = False):
     from moe import BailingMoeConfig
 
+    if v2:  # Ling-mini-2.0's routing and expert shape (E=256, K=8, 8 groups keep 4, I=512), an MTP layer
+        return BailingMoeConfig.preset("ling-mini-2.0", vocab_size=97, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48,
+                                       num_nextn_predict_layers=1, mtp_loss_scaling_factor=0.1, torch_dtype="float32",
+                                       expert_backend=backend, aux_loss_type="global", aux_loss_alpha=0.01,
+                                       z_loss_coef=1e-3)
     return BailingMoeConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                             num_key_value_heads=2, intermediate_size=48, moe_intermediate_size=16, num_experts=E,
                             num_experts_per_tok=2, num_shared_experts=1, first_k_dense_replace=1,
@@ -87,7 +93,7 @@ def _model_cfg(E: int, backend: str):
                             aux_loss_type="global", aux_loss_alpha=0.01, z_loss_coef=1e-3)
 
 
-def _model_check(world, ep, backend, dp_group, ep_group):
+def _model_check(world, ep, backend, dp_group, ep_group, v2=False):
     """The whole model: loss (CE over the global batch + global-batch balance loss + z-loss), expert
     counts and every parameter's gradient against one process on the global batch."""
     import torch.distributed as dist
@@ -96,16 +102,22 @@ def _model_check(world, ep, backend, dp_group, ep_group):
     from moe.expert_parallel import apply_expert_parallel
     from moe.heads import CHUNK_TOKENS, CrossEntropy
 
-    rank, E, B, S = dist.get_rank(), 8, 2 * world, 12
+    rank, E, B, S = dist.get_rank(), 256 if v2 else 8, 2 * world, 12
     El = E // ep
     torch.manual_seed(0)
-    model = BailingMoeForCausalLM(_model_cfg(E, backend))
+    model = BailingMoeForCausalLM(_model_cfg(E, backend, v2))
+    if v2:
+        with torch.no_grad():
+            for layer in model.model.layers[1:]:
+                layer.mlp.gate.expert_bias.normal_(std=0.02, generator=torch.Generator().manual_seed(3))
     ids = torch.randint(0, 97, (B, S), generator=torch.Generator().manual_seed(2))
     out = model(ids, labels=ids, head=CrossEntropy(chunk_size=CHUNK_TOKENS))
     n = out.num_label_tokens
-    (out.ce_sum / n + out.aux_loss).backward()
+    mtp_n = out.mtp_num_label_tokens[0] if v2 else None
+    mtp = 0.1 * out.mtp_ce_sums[0] / mtp_n if v2 else 0.0
+    (out.ce_sum / n + mtp + out.aux_loss).backward()
     ref = {k: p.grad.clone() for k, p in model.named_parameters()}
-    ref_loss = float(out.ce_sum / n + out.aux_loss)
+    ref_loss = float(out.ce_sum / n + mtp + out.aux_loss)
     ref_counts = torch.stack(list(out.expert_counts.values()))
 
     ep_model = copy.deepcopy(model)
@@ -122,6 +134,8 @@ def _model_check(world, ep, backend, dp_group, ep_group):
                  balance_counts_fn=all_ranks_counts)
     # The trainer's normalisation: CE over the global token count, the router loss averaged over ranks.
     loss = o.ce_sum / n + o.aux_loss / world
+    if v2:
+        loss = loss + 0.1 * o.mtp_ce_sums[0] / mtp_n
     loss.backward()
     total = loss.detach().clone()
     dist.all_reduce(total)
@@ -151,7 +165,7 @@ def _worker(rank, world, port, plans, out):
             if what == "module":
                 errs = _module_check(world, ep, backend, case, dp_group, ep_group)
             else:
-                errs = _model_check(world, ep, backend, dp_group, ep_group)
+                errs = _model_check(world, ep, backend, dp_group, ep_group, v2=what == "model_v2")
             out[(rank, ep, what, backend, case)] = errs
     finally:
         dist.destroy_process_group()
@@ -176,6 +190,7 @@ def _run(world, plans):
 def test_two_ranks_ep2_equal_one_process():
     plans = [(2, "module", b, c) for b in ("loop", "torch", "triton") for c in CASES]
     plans += [(2, "model", b, "") for b in ("loop", "torch")]
+    plans += [(2, "model_v2", "torch", "")]  # Ling-mini-2.0's experts: E=256, K=8, I=512
     _run(2, plans)
 
 

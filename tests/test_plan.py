@@ -6,7 +6,7 @@ import pytest
 
 from moe.config import BailingMoeConfig
 from data.errors import BadInputError
-from trainer.tools.plan import GIB, main, param_counts, plan
+from trainer.tools.plan import GIB, activation_bytes_per_token, main, param_counts, plan
 
 CFG = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
            intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
@@ -43,3 +43,18 @@ def test_cli_recommends_a_layout_that_fits(capsys):
     assert best["fits"] and best["total_gib"] <= 72
     # Too little memory for any layout: none is recommended.
     assert main(["--model", "ling-lite", "--gpus", "2", "--gpu-memory-gib", "16", "--json"])["recommended"] is None
+
+
+def test_ling_2_presets_plan_with_their_published_sizes():
+    """Ling-mini-2.0 and Ling-flash-2.0 (no MTP layers, as published): exact totals from the meta
+    model, the ones the Ling 2.0 report / the Hugging Face listing give (16.26B; 102,889,697,280);
+    an MTP layer adds one MoE block of activations and one chunk of logits."""
+    mini = BailingMoeConfig.preset("ling-mini-2.0")
+    assert param_counts(mini)["total"] == 16_255_638_528 == mini.num_params()
+    assert param_counts(BailingMoeConfig.preset("ling-flash-2.0"))["total"] == 102_889_697_280
+    lay = plan(mini, gpus=8, gpu_memory_gib=80, seq_len=4096, micro_batch=1, ep=8)
+    assert lay.params_gib == pytest.approx(4 * 16_255_638_528 / 8 / 2 ** 30)
+    with_mtp = plan(BailingMoeConfig.preset("ling-mini-2.0", num_nextn_predict_layers=1), gpus=8, gpu_memory_gib=80,
+                    seq_len=4096, micro_batch=1, ep=8)
+    block = activation_bytes_per_token(mini, 19, 2) * 4096 + 2 * 4 * 4096 * mini.vocab_size
+    assert with_mtp.activations_gib - lay.activations_gib == pytest.approx(block / 2 ** 30)

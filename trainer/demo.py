@@ -22,19 +22,21 @@ DEMO_SFT_EXPORT = os.path.join("runs", "sft", "hf")
 WARMUP_STEPS = 150
 
 
-def _prepared(opts: Options) -> dict:
-    return ensure_demo_data(os.path.join(cache_dir(opts), "demo"))
+def _prepared(opts: Options, template: str) -> dict:
+    name = "demo" if template == "bailing" else f"demo-{template}"
+    return ensure_demo_data(os.path.join(cache_dir(opts), name), template=template)
 
 
-def sft_data(opts: Options) -> tuple[dict[str, str], dict[str, float], str]:
-    """The SFT demo's prepared sources, their weights and the demo tokenizer (trainer.sources' ``default``)."""
-    paths = _prepared(opts)
+def sft_data(opts: Options, template: str = "bailing") -> tuple[dict[str, str], dict[str, float], str]:
+    """The SFT demo's prepared sources, their weights and the demo tokenizer (trainer.sources' ``default``),
+    in the chat template the run uses."""
+    paths = _prepared(opts, template)
     return (*sft_sources(paths), paths["tokenizer"])
 
 
-def dpo_data(opts: Options) -> tuple[dict[str, str], dict[str, float], str]:
+def dpo_data(opts: Options, template: str = "bailing") -> tuple[dict[str, str], dict[str, float], str]:
     """The DPO demo's prepared pairs, in the form of ``sft_data``."""
-    paths = _prepared(opts)
+    paths = _prepared(opts, template)
     return (*dpo_source(paths), paths["tokenizer"])
 
 

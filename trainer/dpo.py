@@ -287,8 +287,9 @@ class DPOTask:
             "rewards/accuracies": (rew_w > rew_l).double().sum(), "rewards/margins": (rew_w - rew_l).sum(),
             "logps/chosen": pw.sum(), "logps/rejected": pl.sum(),
         }
-        counts = torch.stack([out.expert_counts[i] for i in sorted(out.expert_counts)]) if out.expert_counts else None
-        return MicroStep(loss, sums, aux=aux, expert_counts=counts,
+        layers = tuple(sorted(out.expert_counts))
+        counts = torch.stack([out.expert_counts[i] for i in layers]) if layers else None
+        return MicroStep(loss, sums, aux=aux, expert_counts=counts, expert_layers=layers,
                          tokens=_real_mask(b["chosen_labels"]).sum() + _real_mask(b["rejected_labels"]).sum())
 
     def metrics(self, sums, totals, aux_loss) -> dict:

@@ -44,6 +44,7 @@ from data.files import require_space, writing
 from moe.config import BailingMoeConfig
 from moe.losses import CarriedCounts
 from moe.model import BailingMoeForCausalLM, initial_value
+from moe.router import expert_bias_update
 from trainer import parallel, rundir
 from trainer.checkpoint import Checkpointer, latest_checkpoint
 from trainer.errors import TrainerError
@@ -75,7 +76,8 @@ class MicroStep:
     sums: dict[str, torch.Tensor]  # metric sums over its units; summed over micro-batches and ranks by name
     aux: torch.Tensor | None = None  # router loss of this forward (logged as aux_loss, averaged)
     tokens: int = 0  # real tokens processed (throughput)
-    expert_counts: torch.Tensor | None = None  # [L, E] routed slots per expert (load logging)
+    expert_counts: torch.Tensor | None = None  # [L, E] routed slots per expert (load logging, bias update)
+    expert_layers: tuple[int, ...] = ()  # the layer index of each row of expert_counts
 
 
 class Task(Protocol):
@@ -117,9 +119,12 @@ def resolve_backend(name: str, device: torch.device) -> str:
 def model_overrides(opts: Options, device: torch.device) -> dict:
     """The BailingMoeConfig fields the training options set on top of a preset or a checkpoint's config."""
     m = opts.model
-    return dict(expert_backend=resolve_backend(m.expert_backend, device), aux_loss_type=m.aux_loss_type,
-                z_loss_coef=m.z_loss_coef, aux_loss_alpha=0.0 if m.aux_loss_type == "none" else m.aux_loss_alpha,
-                **m.overrides)
+    out = dict(expert_backend=resolve_backend(m.expert_backend, device), aux_loss_type=m.aux_loss_type,
+               z_loss_coef=m.z_loss_coef, aux_loss_alpha=0.0 if m.aux_loss_type == "none" else m.aux_loss_alpha,
+               mtp_enabled=m.mtp)
+    if m.expert_bias_update_rate > 0:  # a model without a bias (v1) gets a zero one to move
+        out["moe_router_enable_expert_bias"] = True
+    return {**out, **m.overrides}
 
 
 def model_config_from_options(opts: Options, device: torch.device) -> tuple[BailingMoeConfig, object]:
@@ -270,6 +275,10 @@ class Trainer:
         resume_step = int(os.path.basename(self.resume_from).split("_")[1]) if self.resume_from else 0
 
         self.model, self.cfg = build_model(opts, info, self.task)
+        # The expert biases as initialised (the checkpoint's, or zero): the drift metrics measure from
+        # these, so a resumed run reports the same numbers as an uninterrupted one.
+        self.bias_start = {i: b.detach().clone() for i, b in expert_biases(self.model).items()}
+        self.expert_layers: tuple[int, ...] = ()
         self.logger = RunLogger(info.is_main, opts.output_dir, opts.log.wandb_project, opts.log.wandb_run_name,
                                 opts.to_dict(), resume_step, resumed=opts.checkpoint.resume)
         for note in notes:
@@ -443,10 +452,15 @@ class Trainer:
             out = self.task.micro_step(ctx, {k: v.to(dev, non_blocking=True) for k, v in b.items()})
             out.loss.backward()
             _add_micro_step(sums, out)
+            self.expert_layers = out.expert_layers
         grad_norm = _grad_norm(self.model, self.opts.optim.grad_clip).item()
         metrics, reduced = self._reduce(sums)
         finite = math.isfinite(grad_norm) and all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
         lr_used = self._update(finite)
+        if finite and self.opts.model.expert_bias_update_rate > 0 and "_expert_counts" in reduced:
+            self._move_expert_biases(reduced["_expert_counts"])
+        if self.bias_start:
+            metrics.update(self._bias_metrics())
         dt = time.perf_counter() - t0
         metrics.update(lr=lr_used, grad_norm=grad_norm, tokens_per_s=reduced["_tokens"] / dt, step_time_s=dt,
                        skipped=int(not finite), **self._throughput_metrics(reduced["_tokens"] / dt))
@@ -484,6 +498,27 @@ class Trainer:
         self.scheduler.step()
         self.state.step += 1
         return lr_used
+
+    @torch.no_grad()
+    def _move_expert_biases(self, counts: list) -> None:
+        """Aux-loss-free balancing, after the optimizer step: each MoE layer's bias moves by the rule of
+        moe.router.expert_bias_update, from the step's expert counts summed over every micro-batch and
+        rank (the same numbers on every rank, so the replicated buffers stay equal)."""
+        m = self.opts.model
+        biases = expert_biases(self.model)
+        delta = expert_bias_update(torch.tensor(counts, dtype=torch.float64), m.expert_bias_update_rate,
+                                   m.expert_bias_zero_mean)
+        for row, layer in enumerate(self.expert_layers):
+            if layer in biases:
+                biases[layer].add_(delta[row].to(biases[layer].device))
+
+    def _bias_metrics(self) -> dict:
+        """How far the expert biases moved from where they started: the mean and the largest |b - b0|
+        over every MoE layer and expert (one small device-to-host copy)."""
+        biases = expert_biases(self.model)
+        moved = torch.cat([(biases[i] - b0).abs() for i, b0 in self.bias_start.items()])
+        mean, largest = torch.stack([moved.mean(), moved.max()]).tolist()
+        return {"expert_bias_drift_mean": mean, "expert_bias_drift_max": largest}
 
     def _throughput_metrics(self, tokens_per_s: float) -> dict:
         out = {}
@@ -596,6 +631,16 @@ def _add_micro_step(sums: dict, out: MicroStep) -> None:
     for k, v in {**out.sums, **extra}.items():
         v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
         sums[k] = sums[k] + v if k in sums else v
+
+
+def expert_biases(model) -> dict[int, torch.Tensor]:
+    """{layer index: the fp32 expert-bias buffer} of every MoE layer that has one (MTP layers too)."""
+    out = {}
+    for layer in model.model.layers:
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is not None and getattr(gate, "expert_bias", None) is not None:
+            out[layer.layer_idx] = gate.expert_bias
+    return out
 
 
 def _expert_load_metrics(load_LE: torch.Tensor) -> dict:

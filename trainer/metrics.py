@@ -89,7 +89,7 @@ class RunLogger:
 
 def format_metrics(step: int, total: int, m: dict) -> str:
     parts = [f"step {step}/{total}"]
-    for k, fmt in (("loss", ".4f"), ("loss/dpo", ".4f"), ("loss/nll", ".4f"), ("rewards/accuracies", ".3f"),
+    for k, fmt in (("loss", ".4f"), ("mtp_loss", ".4f"), ("loss/dpo", ".4f"), ("loss/nll", ".4f"), ("rewards/accuracies", ".3f"),
                    ("rewards/margins", ".3f"),
                    ("aux_loss", ".2e"), ("lr", ".2e"), ("grad_norm", ".3f"),
                    ("tokens_per_s", ".0f"), ("mfu", ".1%"), ("expert_load_max_over_mean", ".2f")):

@@ -52,9 +52,10 @@ MAX_SEED = 2 ** 32 - 1  # numpy's and the synthetic rows' seed arithmetic stay i
 
 @dataclass
 class ModelOptions:
-    preset: PresetName = opt("tiny", "model preset when not initialised from a checkpoint: 'tiny' or 'ling-lite'")
-    init_from: str = opt("", "initial weights: an HF bailing_moe directory, a lingmoe native directory, "
-                             "or '' for a from-scratch init")
+    preset: PresetName = opt("tiny", "model preset when not initialised from a checkpoint: 'tiny', 'ling-lite', "
+                                     "'tiny-v2', 'ling-mini-2.0' or 'ling-flash-2.0'")
+    init_from: str = opt("", "initial weights: an HF bailing_moe or bailing_moe_v2 (Ling 2.0) directory, a lingmoe "
+                             "native directory, or '' for a from-scratch init")
     expert_backend: Literal["auto", ExpertBackend] = opt(
         "auto", "routed-expert compute: 'auto' (triton on CUDA, torch on CPU), 'triton', 'torch' or 'loop'")
     overrides: dict[str, Any] = opt({}, "BailingMoeConfig fields to override, e.g. {num_hidden_layers: 2}")
@@ -68,6 +69,15 @@ class ModelOptions:
                                       "use its moe_aux_loss_coeff / N: Megatron's global loss is 1/N of ours "
                                       "(NVIDIA/Megatron-LM#3672)", ge=0)
     z_loss_coef: float = opt(0.0, "router z-loss coefficient (ST-MoE; ~1e-3 when used)", ge=0)
+    expert_bias_update_rate: float = opt(
+        0.0, "aux-loss-free balancing (DeepSeek-V3, Megatron's moe_router_bias_update_rate): after each optimizer "
+             "step every MoE layer's expert bias moves by rate x sign(mean load - load), the loads counted over "
+             "all ranks and micro-batches of the step; 0 = the bias stays as loaded (NVIDIA's Ling-V2 fine-tuning "
+             "recipes freeze it). A model without a bias (v1) gets one, starting at zero, when > 0", ge=0)
+    expert_bias_zero_mean: bool = opt(True, "subtract each update's mean over the experts, so the bias as a whole "
+                                            "does not drift (Ling 2.0's pretraining did)")
+    mtp: bool = opt(True, "train the model's MTP layers (num_nextn_predict_layers) with their loss x "
+                          "mtp_loss_scaling_factor in SFT; false = they are not run and stay as loaded")
     activation_checkpointing: bool = opt(False, "recompute each decoder block in backward (routing replayed, not re-decided)")
     compile: bool = opt(False, "torch.compile each decoder block")
     param_dtype: ParamDtype = opt("bf16", "parameter/compute dtype on GPU (FSDP2 mixed precision; grads reduced in "
@@ -86,6 +96,9 @@ class DataOptions:
     eos_every_turn: bool = opt(False, "train <|endoftext|> after every assistant turn of multi-turn data, as "
                                       "LLaMA-Factory's bailing template (Ling's recommended fine-tuning) does; "
                                       "false = only after the last one")
+    template: Literal["auto", "bailing", "bailing_v2"] = opt(
+        "auto", "chat template: 'bailing' (Ling, Ling-Lite), 'bailing_v2' (Ling 2.0: every turn closed by "
+                "<|role_end|>, a system block first, records may carry 'tools'), or 'auto' (the model family's)")
     synthetic: bool = opt(False, "random token rows instead of real data (benchmarks and tests)")
     synthetic_docs_per_row: Literal[1, 2] = opt(2, "documents packed in each synthetic row (1 or 2); 1 = one "
                                                    "causal sequence per row, which takes SDPA's plain causal kernel")
@@ -204,7 +217,7 @@ class DPORunOptions(Options):
 _BOUND_TESTS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"),
                 "le": (operator.le, "<="), "lt": (operator.lt, "<")}
 # BailingMoeConfig fields that model.* options set: an override of one would be given twice.
-_SET_BY_MODEL_OPTIONS = ("expert_backend", "aux_loss_type", "aux_loss_alpha", "z_loss_coef")
+_SET_BY_MODEL_OPTIONS = ("expert_backend", "aux_loss_type", "aux_loss_alpha", "z_loss_coef", "mtp_enabled")
 
 
 def _one_of(allowed) -> str:
@@ -271,6 +284,9 @@ def _check_combinations(opts: Options, origin: Callable[[str], str]) -> None:
         if key not in known:
             raise OptionsError(f"{origin('model.overrides')}: model.overrides: unknown model config field {key!r}; "
                                f"valid fields: {sorted(known)}")
+    if opts.data.template == "bailing_v2" and opts.data.eos_every_turn:
+        raise OptionsError(f"{origin('data.eos_every_turn')}: data.eos_every_turn is a choice of the bailing template: "
+                           f"bailing_v2 ends every turn with <|role_end|> already")
     if not isinstance(opts.output_dir, str) or not opts.output_dir:
         raise OptionsError(f"{origin('output_dir')}: output_dir must be a directory name, got {opts.output_dir!r}")
 

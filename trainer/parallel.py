@@ -189,9 +189,10 @@ def materialize(model: nn.Module, device: torch.device, get_value) -> None:
     """Allocate a meta-built (possibly sharded) model on ``device`` and fill it.
 
     ``get_value(name, param, rows)`` returns rows ``start:stop`` of dim 0 of one parameter's full
-    value, or all of it when ``rows`` is None. A parameter sharded on dim 0 (FSDP2's layout) asks
-    only for its own rows, so each rank reads only the part of a checkpoint it holds (for stacked
-    experts: only its experts) and memory peaks at one shard, never the model.
+    value, or all of it when ``rows`` is None (buffers, the expert biases: always all of it). A
+    parameter sharded on dim 0 (FSDP2's layout) asks only for its own rows, so each rank reads only
+    the part of a checkpoint it holds (for stacked experts: only its experts) and memory peaks at one
+    shard, never the model.
     """
 
     model.to_empty(device=device)
@@ -212,6 +213,8 @@ def materialize(model: nn.Module, device: torch.device, get_value) -> None:
             p.to_local().copy_(local)
         else:
             p.copy_(get_value(name, p, None).to(device=device, dtype=p.dtype))
+    for name, b in model.named_buffers():  # the expert biases: fp32, whole on every rank (FSDP2 shards no buffer)
+        b.copy_(get_value(name, b, None).to(device=device, dtype=b.dtype))
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,9 @@ loss, and writes runs/sft/{metrics.jsonl, config.yaml, checkpoints/, hf/}. Run a
 the Ling-Lite stage-1/2 recipes and `--help` for every option.
 
 Loss per step = (sum of token cross entropies over the step's trained tokens on all ranks) / (their
-count) + the load-balancing loss (expert counts summed over ranks for the 'global' form) + z-loss.
+count) + the load-balancing loss (expert counts summed over ranks for the 'global' form) + z-loss;
+for a model with MTP layers (Ling 2.0) also mtp_loss_scaling_factor x each MTP layer's cross
+entropy, normalised the same way by its own global target count (--model.mtp false leaves them out).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 
 from data import SFTLoader
 from data.errors import exit_on_error
-from moe.heads import CHUNK_TOKENS, CrossEntropy
+from moe.heads import CHUNK_TOKENS, CrossEntropy, mtp_labels
 from trainer import demo, parallel
 from trainer.errors import finish_process
 from trainer.loop import MicroStep, StepContext, run
@@ -45,6 +47,8 @@ class SFTTask:
         self.tokenizer = None
         self.dirs = None
         self.default_data = default_data
+        self.mtp_depth = 0  # MTP layers trained (their targets are counted like the main ones)
+        self.mtp_factor = 0.0
 
     def adjust_model_config(self, opts, cfg, info):
         if opts.data.synthetic:
@@ -54,6 +58,8 @@ class SFTTask:
         return cfg
 
     def build_loader(self, opts, info, accum, cfg):
+        self.mtp_depth = cfg.num_nextn_predict_layers if cfg.mtp_enabled else 0
+        self.mtp_factor = cfg.mtp_loss_scaling_factor
         if opts.data.synthetic:
             return SyntheticLoader(cfg.vocab_size, opts.data.seq_len, opts.data.micro_batch_size, accum,
                                    info.rank, info.world_size, opts.train.seed,
@@ -64,23 +70,37 @@ class SFTTask:
     def before_training(self, ctx: StepContext) -> None:
         pass
 
-    @staticmethod
-    def count(batch) -> dict[str, torch.Tensor]:
-        return {"tokens": (batch["labels"][:, 1:] != -100).sum()}
+    def count(self, batch) -> dict[str, torch.Tensor]:
+        out = {"tokens": (batch["labels"][:, 1:] != -100).sum()}
+        for j in range(1, self.mtp_depth + 1):
+            out[f"mtp_tokens_{j}"] = (mtp_labels(batch["labels"], j, batch.get("document_ids"))[:, 1:] != -100).sum()
+        return out
 
     def micro_step(self, ctx: StepContext, b) -> MicroStep:
         out = ctx.model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"],
                         document_ids=b.get("document_ids"), head=self.head, balance_counts_fn=ctx.balance_counts_fn)
         aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=out.ce_sum.device)
-        loss = out.ce_sum * ctx.info.world_size / ctx.totals["tokens"].to(out.ce_sum.dtype) + aux / ctx.accum
+        W = ctx.info.world_size
+        loss = out.ce_sum * W / ctx.totals["tokens"].to(out.ce_sum.dtype) + aux / ctx.accum
+        sums = {"loss": out.ce_sum}
+        for j, ce in enumerate(out.mtp_ce_sums, start=1):
+            loss = loss + self.mtp_factor * ce * W / ctx.totals[f"mtp_tokens_{j}"].to(ce.dtype)
+            sums[f"mtp_{j}"] = ce
         docs = b.get("document_ids")
-        counts = torch.stack([out.expert_counts[i] for i in sorted(out.expert_counts)]) if out.expert_counts else None
-        return MicroStep(loss, {"loss": out.ce_sum}, aux=aux, expert_counts=counts,
+        layers = tuple(sorted(out.expert_counts))
+        counts = torch.stack([out.expert_counts[i] for i in layers]) if layers else None
+        return MicroStep(loss, sums, aux=aux, expert_counts=counts, expert_layers=layers,
                          tokens=(docs >= 0).sum() if docs is not None else b["input_ids"].numel())
 
     @staticmethod
     def metrics(sums, totals, aux_loss) -> dict:
-        return {"loss": sums["loss"] / max(totals["tokens"], 1)}
+        """loss: the main next-token cross entropy; mtp_loss: the MTP layers' cross entropies (each a
+        mean over its targets, unscaled, summed over the layers) when there are any."""
+        out = {"loss": sums["loss"] / max(totals["tokens"], 1)}
+        mtp = [sums[k] / max(totals[f"mtp_tokens_{k[4:]}"], 1) for k in sorted(sums) if k.startswith("mtp_")]
+        if mtp:
+            out["mtp_loss"] = sum(mtp)
+        return out
 
 
 def main(argv=None) -> dict:

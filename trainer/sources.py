@@ -21,6 +21,7 @@ from data.dataset import read_manifest
 from data.errors import BadInputError, MissingFileError
 from data.files import FileLock
 from data.prepare import summary
+from data.template import resolve_template
 from data.tokenizer import run_tokenizer_dir  # the one rule: the export (export_files.export_sources) applies it too
 from trainer.errors import TrainerError
 
@@ -46,16 +47,19 @@ def cache_dir(opts) -> str:
     return opts.data.cache_dir or os.path.join(opts.output_dir, "prepared")
 
 
-def _fingerprint(path: str, tokenizer_dir: str, kind: str, eos_every_turn: bool = False) -> str:
+def _fingerprint(path: str, tokenizer_dir: str, kind: str, eos_every_turn: bool = False,
+                 template: str = "bailing") -> str:
     st = os.stat(path)
     key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{kind}|"
     # The encodings that changed with template version 2 (data.dataset.TEMPLATE_VERSION) get a key of
     # their own, so a cache made the old way is never picked up; SFT without eos_every_turn encodes as
-    # it always did and keeps the key its caches were made with.
+    # it always did and keeps the key its caches were made with. So does the bailing template's name.
     if kind == "sft" and eos_every_turn:
         key += "eos_every_turn|template-v2|"
     elif kind == "dpo":
         key += "template-v2|"
+    if template != "bailing":
+        key += f"template={template}|"
     h = hashlib.sha256(key.encode())
     tok_file = tokenizer_dir if os.path.isfile(tokenizer_dir) else os.path.join(tokenizer_dir, "tokenizer.json")
     with open(tok_file, "rb") as f:
@@ -63,24 +67,26 @@ def _fingerprint(path: str, tokenizer_dir: str, kind: str, eos_every_turn: bool 
     return h.hexdigest()[:16]
 
 
-def prepared_sources(opts, rank: int, kind: str, default=None) -> tuple[dict[str, str], dict[str, float], str]:
+def prepared_sources(opts, rank: int, kind: str, default=None,
+                     template: str = "bailing") -> tuple[dict[str, str], dict[str, float], str]:
     """{name: prepared dir}, {name: weight} and the tokenizer directory for a run.
 
-    ``default(opts) -> (dirs, weights, tokenizer dir)`` gives the data when data.sources is empty (the
-    entry scripts pass the demo corpus's, trainer/demo.py); local rank 0 makes it first, the other
-    ranks then only open it.
+    ``default(opts, template) -> (dirs, weights, tokenizer dir)`` gives the data when data.sources is
+    empty (the entry scripts pass the demo corpus's, trainer/demo.py); local rank 0 makes it first,
+    the other ranks then only open it. ``template``: the chat template resolved for the model
+    (data.template.resolve_template).
     """
     tok_dir = resolve_tokenizer_dir(opts)
     if not opts.data.sources:
         if default is None:
             raise TrainerError("data.sources is empty: give the training data (JSONL files or prepared directories)")
         if _preparer(rank):
-            dirs, weights, tok_dir = default(opts)
+            dirs, weights, tok_dir = default(opts, template)
         _barrier()
         if not _preparer(rank):
-            dirs, weights, tok_dir = default(opts)  # already written: only checks it
+            dirs, weights, tok_dir = default(opts, template)  # already written: only checks it
         for d in dirs.values():
-            _check_template(d, opts.data.eos_every_turn)
+            _check_template(d, opts.data.eos_every_turn, template)
         return dirs, weights, tok_dir
 
     dirs, weights, todo = {}, {}, []
@@ -98,10 +104,11 @@ def prepared_sources(opts, rank: int, kind: str, default=None) -> tuple[dict[str
             raise MissingFileError(f"data.sources[{i}]: {path}: no such file or directory")
         weights[name] = _weight(src.get("weight", 1.0), i, name)
         if os.path.isdir(path) and os.path.exists(os.path.join(path, "manifest.json")):
-            _check_template(path, opts.data.eos_every_turn)
+            _check_template(path, opts.data.eos_every_turn, template)
             dirs[name] = path
         else:
-            out = os.path.join(cache_dir(opts), f"{name}-{_fingerprint(path, tok_dir, kind, opts.data.eos_every_turn)}")
+            key = _fingerprint(path, tok_dir, kind, opts.data.eos_every_turn, template)
+            out = os.path.join(cache_dir(opts), f"{name}-{key}")
             dirs[name] = out
             todo.append((path, out))
     if sum(weights.values()) <= 0:
@@ -112,7 +119,7 @@ def prepared_sources(opts, rank: int, kind: str, default=None) -> tuple[dict[str
         tokenizer = data.load_tokenizer(tok_dir)
         for path, out in todo:
             try:
-                _prepare_once(data, path, out, tokenizer, kind, opts)
+                _prepare_once(data, path, out, tokenizer, kind, opts, template)
             except data.DataError as e:
                 failure = str(e) + ("" if opts.data.skip_bad else " (data.skip_bad true skips and counts bad samples)")
                 break
@@ -135,7 +142,7 @@ def _preparer(rank: int) -> bool:
     return int(os.environ.get("LOCAL_RANK", rank)) == 0
 
 
-def _prepare_once(data, path: str, out: str, tokenizer, kind: str, opts) -> None:
+def _prepare_once(data, path: str, out: str, tokenizer, kind: str, opts, template: str = "bailing") -> None:
     """Prepare ``path`` into ``out`` unless it is there; under a file lock, so two launches sharing the
     cache directory prepare it once (the second finds the first's result) instead of racing."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -143,7 +150,7 @@ def _prepare_once(data, path: str, out: str, tokenizer, kind: str, opts) -> None
         if os.path.exists(os.path.join(out, "manifest.json")):
             return
         manifest = data.prepare_data([path], tokenizer, out, kind=kind, skip_bad=opts.data.skip_bad, progress=True,
-                                     eos_every_turn=opts.data.eos_every_turn)
+                                     eos_every_turn=opts.data.eos_every_turn, template=template)
     print(f"prepared {path} -> {out}\n{summary(manifest)}", flush=True)
 
 
@@ -167,14 +174,20 @@ def _check_name(name, i: int) -> None:
                             f"not '.' or '..'): it names the source's cache entry in data.cache_dir")
 
 
-def _check_template(prepared: str, eos_every_turn: bool) -> None:
+def _check_template(prepared: str, eos_every_turn: bool, template: str = "bailing") -> None:
     """A prepared directory was encoded with one template choice; it must be the run's (the encoding's
-    version is data.dataset.read_manifest's to check). DPO pairs encode the same either way."""
+    version is data.dataset.read_manifest's to check). DPO pairs encode the same with either
+    eos_every_turn."""
     try:
         manifest = read_manifest(prepared)
     except data.DataError as e:
         raise TrainerError(str(e)) from None
-    made = manifest.get("template", {}).get("eos_every_turn", False)
+    recorded = manifest.get("template", {})
+    made, name = recorded.get("eos_every_turn", False), recorded.get("name", "bailing")
+    if name != template:
+        raise TrainerError(f"{prepared} was prepared with the {name} chat template, but this run uses {template} "
+                           f"(data.template, or the model's family when it is auto): prepare it again (python -m "
+                           f"data.prepare --template {template}) or change the option")
     if manifest["kind"] == "sft" and made != eos_every_turn:
         raise TrainerError(f"{prepared} was prepared with eos_every_turn {str(made).lower()}, but this run has "
                            f"data.eos_every_turn {str(eos_every_turn).lower()}: prepare it again (python -m "
@@ -188,7 +201,8 @@ def sources_and_vocab(opts, rank: int, kind: str, cfg, default=None):
     From scratch (no model.init_from and no vocab_size override) the model embeds exactly the
     tokenizer's ids, rounded up to VOCAB_MULTIPLE, with its EOS and pad ids; either way every data
     source's ids must fit the embedding."""
-    dirs, weights, tok_dir = prepared_sources(opts, rank, kind, default)
+    template = resolve_template(opts.data.template, cfg.family)
+    dirs, weights, tok_dir = prepared_sources(opts, rank, kind, default, template)
     tokenizer = data.load_tokenizer(tok_dir)
     if not opts.model.init_from and "vocab_size" not in opts.model.overrides:
         vocab = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE

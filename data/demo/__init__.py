@@ -129,8 +129,9 @@ def _up_to_date(out_dir, expect):
         return False
 
 
-def ensure_demo_data(out_dir="demo_data", seed=DEFAULT_SEED, sizes=None, force=False, quiet=True):
-    """Write the demo JSONL and prepared shards under ``out_dir`` unless already there and intact.
+def ensure_demo_data(out_dir="demo_data", seed=DEFAULT_SEED, sizes=None, force=False, quiet=True, template="bailing"):
+    """Write the demo JSONL and prepared shards under ``out_dir`` unless already there and intact,
+    encoded with chat ``template`` (data.template).
 
     Returns {"dir", "tokenizer", "jsonl": {...}, "sft_general", "sft_reasoning", "dpo", "mixture"}:
     prepared directories for SFTLoader/DPOLoader and the 340:550 general:reasoning weights.
@@ -140,6 +141,8 @@ def ensure_demo_data(out_dir="demo_data", seed=DEFAULT_SEED, sizes=None, force=F
     tokenizer = load_tokenizer(TOKENIZER_DIR)
     sizes = dict(SIZES, **(sizes or {}))
     expect = _stamp(seed, sizes, tokenizer)
+    if template != "bailing":  # (the bailing stamp is the one written before templates had names)
+        expect["template"] = template
     paths = _paths(out_dir)
     with FileLock(os.path.join(out_dir, ".lock")):
         if not force and _up_to_date(out_dir, expect):
@@ -149,7 +152,8 @@ def ensure_demo_data(out_dir="demo_data", seed=DEFAULT_SEED, sizes=None, force=F
         for name, records in corpus.items():
             write_jsonl(records, paths["jsonl"][name])
             kind = "dpo" if name == "dpo" else "sft"
-            m = prepare([paths["jsonl"][name]], tokenizer, paths[name], kind=kind, progress=not quiet)
+            m = prepare([paths["jsonl"][name]], tokenizer, paths[name], kind=kind, progress=not quiet,
+                        template=template)
             hashes[name] = m["data_hash"]
         with open(os.path.join(out_dir, "demo.json"), "w", encoding="utf-8") as f:
             json.dump(dict(expect, data_hashes=hashes), f, indent=1)

@@ -1,4 +1,4 @@
-"""Chat with an exported model in the bailing template, tokens streamed as they are decoded.
+"""Chat with an exported model in its chat template (bailing; bailing_v2 for Ling 2.0), streaming the answer.
 
     python -m trainer.tools.chat --model runs/sft/hf [--system "You are a helpful assistant."] [--temperature 0.7]
 
@@ -21,6 +21,7 @@ import data
 import moe
 from checkpoints_convert import load_checkpoint
 from data.errors import BadInputError, run_cli
+from data.template import resolve_template
 
 STOP_STRINGS = ("<role>",)  # the model starting a turn of its own
 
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="DIR", help="an HF (bailing_moe) or lingmoe-native checkpoint directory")
     p.add_argument("--tokenizer", default="", metavar="DIR",
                    help="tokenizer directory (default: the model directory if it has tokenizer.json, else the demo tokenizer)")
+    p.add_argument("--template", default="auto", choices=("auto", "bailing", "bailing_v2"),
+                   help="chat template (default auto: bailing_v2 for a Ling 2.0 model, bailing otherwise)")
     p.add_argument("--system", default="", help="a system message put before the conversation (default: none)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per answer (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples at this temperature")
@@ -83,7 +86,7 @@ class StreamPrinter:
 
 def answer(model, tok, messages, a, out) -> str:
     """Generate, stream and return the assistant's answer to ``messages`` (without EOS / stop string)."""
-    ids = data.encode_prompt(tok, messages)
+    ids = data.encode_prompt(tok, messages, template=a.template)
     x = torch.tensor([ids], device=a.device)
     printer = StreamPrinter(tok, out)
     for step in moe.generate_stream(model, x, max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0,
@@ -102,10 +105,10 @@ def answer(model, tok, messages, a, out) -> str:
     return text
 
 
-def fit_context(tok, messages: list[dict], limit: int) -> list[dict]:
+def fit_context(tok, messages: list[dict], limit: int, template: str = "bailing") -> list[dict]:
     """Drop the oldest user/assistant exchanges (keeping a system message) until the prompt fits."""
     msgs = list(messages)
-    while len(data.encode_prompt(tok, msgs)) > limit:
+    while len(data.encode_prompt(tok, msgs, template=template)) > limit:
         first = 1 if msgs[0]["role"] == "system" else 0
         later_user = [i for i, m in enumerate(msgs) if m["role"] == "user" and i > first]
         if not later_user:
@@ -125,6 +128,7 @@ def main(argv=None, stdin=None, stdout=None) -> int:
     model = load_checkpoint(a.model, dtype=a.dtype, device=a.device, expert_backend=a.expert_backend).eval()
     tok_dir = data.run_tokenizer_dir(a.tokenizer, a.model)  # the model's own tokenizer when it has one
     tok = data.load_tokenizer(tok_dir)
+    a.template = resolve_template(a.template, model.config.family)
     if tok.vocab_size > model.config.vocab_size:
         raise BadInputError(f"the tokenizer in {tok_dir} has {tok.vocab_size} ids but the model embeds only "
                             f"{model.config.vocab_size}; pass the model's tokenizer with --tokenizer")
@@ -150,7 +154,7 @@ def main(argv=None, stdin=None, stdout=None) -> int:
             messages = list(start)
             out.write("(conversation reset)\n")
             continue
-        messages = fit_context(tok, messages + [{"role": "user", "content": line}], limit)
+        messages = fit_context(tok, messages + [{"role": "user", "content": line}], limit, a.template)
         out.write("assistant> ")
         reply = answer(model, tok, messages, a, out)
         messages.append({"role": "assistant", "content": reply})

@@ -39,6 +39,7 @@ import torch
 import data
 import moe
 from checkpoints_convert import load_checkpoint
+from data.template import resolve_template
 from data.demo import generate
 from data.demo.pipeline import FAMILIES, eval_prompts
 from data.errors import BadInputError, DataError, run_cli
@@ -129,7 +130,8 @@ def greedy_generate(model, prompts: list[list[int]], eos_id: int, pad_id: int, m
 
 def _answer_all(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int):
     """(replies, ended): decoded greedy answers and whether each ended with EOS within the budget."""
-    ids = [data.encode_prompt(tok, msgs) for msgs in prompts]
+    template = resolve_template("auto", model.config.family)  # what the model's family was trained in
+    ids = [data.encode_prompt(tok, msgs, template=template) for msgs in prompts]
     # Similar lengths together: less padding. The order of the results is the prompts' order.
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     gen = greedy_generate(model, [ids[i] for i in order], tok.eos_id, tok.pad_id, max_new_tokens, batch_size)

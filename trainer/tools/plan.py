@@ -1,6 +1,7 @@
 """Memory per GPU and communication per step for FSDP-only and FSDP+EP layouts, and a recommendation.
 
     python -m trainer.tools.plan --model ling-lite --gpus 16 --gpu-memory-gib 80 --seq-len 4096 --micro-batch 1
+    python -m trainer.tools.plan --model ling-mini-2.0 --gpus 8      (Ling 2.0: ling-mini-2.0, ling-flash-2.0)
     python -m trainer.tools.plan --model path/to/config.json ...     (an HF config.json or its directory)
 
 Parameter counts are exact (the model is built on the meta device). Everything else is an estimate
@@ -18,7 +19,9 @@ of the largest terms, with these assumptions:
   - communication (bytes each GPU sends): FSDP all-gathers in forward and backward per micro-batch
     and one reduce-scatter per step; EP's four exchanges per MoE block and micro-batch (six with
     activation checkpointing, whose recompute repeats the forward's two).
-Not counted: the CUDA context and allocator slack (a few GiB), temporary buffers inside kernels.
+MTP layers (Ling 2.0 configs with num_nextn_predict_layers) count as MoE blocks like the others,
+with one more chunk of logits each. Not counted: the CUDA context and allocator slack (a few GiB),
+temporary buffers inside kernels.
 """
 from __future__ import annotations
 
@@ -97,19 +100,20 @@ def plan(cfg: BailingMoeConfig, gpus: int, gpu_memory_gib: float, seq_len: int, 
     params, grads, optim = 4 * c["total"] / N, 4 * c["total"] / N, 8 * c["total"] / N
     unit = max([rest + routed / ep for rest, routed in c["blocks"]] + [c["root"]])
     gathered = unit * (2 * compute_bytes + 4)
-    per_layer = [activation_bytes_per_token(cfg, i, compute_bytes) * T for i in range(cfg.num_hidden_layers)]
+    per_layer = [activation_bytes_per_token(cfg, i, compute_bytes) * T for i in range(cfg.num_all_layers)]
     if activation_checkpointing:
-        acts = compute_bytes * cfg.hidden_size * T * cfg.num_hidden_layers + max(per_layer)
+        acts = compute_bytes * cfg.hidden_size * T * cfg.num_all_layers + max(per_layer)
     else:
         acts = sum(per_layer)
-    acts += 2 * 4 * min(CE_CHUNK, T) * cfg.vocab_size
+    acts += (1 + cfg.num_nextn_predict_layers) * 2 * 4 * min(CE_CHUNK, T) * cfg.vocab_size
     rows = T * cfg.num_experts_per_tok * cfg.hidden_size * compute_bytes
     a2a = 4 * rows if ep > 1 else 0.0
     rest = c["total"] - c["routed"]
     fsdp = accumulation * 2 * compute_bytes * (rest * (N - 1) / N + c["routed"] / ep * (edp - 1) / edp) \
         + 4 * (rest * (N - 1) / N + c["routed"] / ep * (edp - 1) / edp)
     exchanges = 6 if activation_checkpointing else 4
-    a2a_comm = accumulation * cfg.num_moe_layers * exchanges * rows * (ep - 1) / ep
+    moe_blocks = cfg.num_moe_layers + cfg.num_nextn_predict_layers
+    a2a_comm = accumulation * moe_blocks * exchanges * rows * (ep - 1) / ep
     total = params + grads + optim + gathered + acts + a2a
     name = "FSDP" if ep == 1 else f"FSDP+EP{ep}"
     return Layout(name + (" +AC" if activation_checkpointing else ""), ep, activation_checkpointing,
@@ -130,7 +134,8 @@ def recommend(layouts: list[Layout]) -> Layout | None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m trainer.tools.plan", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="ling-lite", help="preset name, or an HF config.json (or its directory)")
+    p.add_argument("--model", default="ling-lite", help="preset name (ling-lite, ling-mini-2.0, ling-flash-2.0, ...), "
+                                                        "or an HF config.json (or its directory)")
     p.add_argument("--gpus", type=int, required=True, help="GPUs in the job, all nodes together")
     p.add_argument("--gpu-memory-gib", type=float, default=80.0,
                    help="memory of one GPU in GiB (default %(default)s: H100 80GB); a layout fits if its estimate is below it")
