@@ -112,10 +112,11 @@ def test_kernels_use_no_atomics():
     # and, below, that the result does not depend on the order programs are launched in.
     import inspect
 
-    from kernels import _grouped_gemm
+    from kernels import _glue, _grouped_gemm
 
-    src = inspect.getsource(_grouped_gemm)
-    assert "@triton.jit" in src and "tl.atomic" not in src
+    for module in (_grouped_gemm, _glue):
+        src = inspect.getsource(module)
+        assert "@triton.jit" in src and "tl.atomic" not in src, module.__name__
 
 
 def test_launch_order_changes_nothing_but_the_order(monkeypatch):
@@ -173,6 +174,37 @@ def test_routing_against_sort_reference(T, E, K, bm, ids_dtype):
     assert list(zip(te, tr))[:len(tiles)] == tiles
     assert te[len(tiles):] == [-1] * (n_max - len(tiles))
     assert r.num_tiles.item() == len(tiles)
+
+
+@pytest.mark.parametrize("T,E,K,bm,ids_dtype", [(37, 7, 3, 4, torch.int32), (50, 9, 1, 8, torch.int64),
+                                                (1, 3, 2, 16, torch.int32), (9, 130, 4, 16, torch.int64)])
+@pytest.mark.parametrize("given", [False, True], ids=["counted", "given"])
+def test_one_launch_routing_equals_the_reference(T, E, K, bm, ids_dtype, given):
+    """The Triton routing kernel against build_routing (itself checked against argsort above): every
+    table equal, bit for bit, with experts that get nothing (expert 0), one token, E past a power of
+    two, and more programs than one (each rereads the rows before its chunk)."""
+    from kernels._glue import build_routing_fused
+
+    gen = torch.Generator().manual_seed(T + E)
+    probs = torch.tensor([0.0] + [1.0 / (e + 1) for e in range(E - 1)])
+    ids = torch.multinomial(probs.expand(T, E), K, replacement=False, generator=gen).to(ids_dtype).to(DEVICE)
+    counts = torch.bincount(ids.reshape(-1).cpu(), minlength=E).to(DEVICE) if given else None
+    got = build_routing_fused(ids, E, bm, counts, interpret=not torch.cuda.is_available())
+    want = build_routing(ids, E, bm)
+    for name, a, b in zip(want._fields, got, want):
+        assert torch.equal(a, b) if name != "block_m" else a == b, name
+
+
+def test_one_launch_routing_spreads_over_programs():
+    # 96 rows: 6 programs of 16 rows each; every expert's rows cross program borders, and the tile
+    # table is split over the 6 programs too.
+    from kernels._glue import _routing_blocks, build_routing_fused
+
+    assert _routing_blocks(96, 5, interpret=True) == (8, 16, 16)
+    ids = (torch.arange(48)[:, None] * 7 + torch.arange(2)[None, :]) % 5  # [48, 2]
+    got = build_routing_fused(ids.to(DEVICE), 5, 4, interpret=not torch.cuda.is_available())
+    want = build_routing(ids.to(DEVICE), 5, 4)
+    assert all(torch.equal(a, b) for a, b in zip(got[:-1], want[:-1]))
 
 
 @pytest.mark.parametrize("fn", ["triton", "grouped_mm"])
