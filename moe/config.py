@@ -66,6 +66,7 @@ class BailingMoeConfig:
     torch_dtype: str = "bfloat16"
     # --- lingmoe only (never written to an HF config) ---
     expert_backend: str = "torch"  # "loop" (reference) | "torch" (sorted, grouped) | "triton"
+    expert_recompute: bool = False  # keep no expert gate/up activations for backward; recompute them there
     attn_implementation: str = "auto"  # "auto" (flex for packed rows on CUDA, else SDPA) | "sdpa" | "flex"
     aux_loss_type: str = "micro"  # "micro" (per micro-batch) | "global" (counts given by the caller) | "sequence" | "none"
     aux_loss_alpha: float = 1e-3  # top-k load balancing; perfect balance contributes exactly alpha per layer
@@ -189,8 +190,8 @@ class BailingMoeConfig:
         }
         out.update({k: v for k, v in self.extra_hf.items() if k in _PASSTHROUGH_HF_KEYS})
         for f in dataclasses.fields(self):
-            if f.name in ("expert_backend", "attn_implementation", "aux_loss_type", "aux_loss_alpha", "z_loss_coef",
-                          "extra_hf"):
+            if f.name in ("expert_backend", "expert_recompute", "attn_implementation", "aux_loss_type",
+                          "aux_loss_alpha", "z_loss_coef", "extra_hf"):
                 continue
             out[f.name] = getattr(self, f.name)
         return dict(sorted(out.items()))

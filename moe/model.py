@@ -191,7 +191,8 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.gate = TopKRouter(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob)
-        self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.expert_backend)
+        self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.expert_backend,
+                                      cfg.expert_recompute)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts, cfg.use_bias)
                                if cfg.num_shared_experts > 0 else None)
 
