@@ -35,7 +35,7 @@ from . import _grouped_gemm as gg
 from ._glue import build_routing_fused, combine_k
 from .routing import RoutingTables, max_tiles
 
-__all__ = ["triton_moe_mlp", "moe_routing", "moe_mlp_fwd", "moe_mlp_bwd"]
+__all__ = ["triton_moe_mlp", "moe_routing", "moe_mlp_fwd", "moe_mlp_bwd", "routing_block_m"]
 
 
 def _check_inputs(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK, counts_E):
@@ -193,6 +193,11 @@ def _backward(ctx, dy_TH, _dgu):
 moe_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def routing_block_m(n_rows: int, num_experts: int, dtype: torch.dtype) -> int:
+    """The row-tile size the kernels will use for this problem, which moe_routing's tables must be built for."""
+    return gg.pick_config(n_rows, num_experts, dtype).block_m
+
+
 def triton_moe_mlp(x, w_gate_up, w_down, topk_ids, topk_weights, counts_E=None, recompute=False):
     """y[t] = sum_k topk_weights[t,k] * down_e(silu(gate_e x_t) * up_e x_t), e = topk_ids[t,k].
 
@@ -207,7 +212,7 @@ def triton_moe_mlp(x, w_gate_up, w_down, topk_ids, topk_weights, counts_E=None, 
     """
     _check_inputs(x, w_gate_up, w_down, topk_ids, topk_weights, counts_E)
     T, K, E = x.shape[0], topk_ids.shape[1], w_gate_up.shape[0]
-    block_m = gg.pick_config(T * K, E, x.dtype).block_m
+    block_m = routing_block_m(T * K, E, x.dtype)
     tables = moe_routing(topk_ids, counts_E, E, block_m)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate_up, w_down, topk_weights))
     y, _ = moe_mlp_fwd(x, w_gate_up, w_down, topk_weights, tables, block_m, needs_grad and not recompute)

@@ -377,3 +377,28 @@ def test_bf16_tiles_compile_for_sm90_without_spills(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     built = [line for line in p.stdout.splitlines() if line.startswith("ok ")]
     assert len(built) == 16 and all(" LDL 0 STL 0" in line and " HGMMA 0 " not in line for line in built)
+
+
+@pytest.mark.slow  # ~10 s: opcheck runs each op several times (schema, fake, autograd, AOT dispatch)
+def test_custom_ops_pass_torch_library_opcheck():
+    """The ops' fake rules give the real outputs' shapes, dtypes and strides (inductor asserts them),
+    their schemas say truly that nothing is mutated, and the autograd rule is registered where it must be."""
+    import kernels.moe_mlp as ops
+
+    T, H, I, E, K = 6, 16, 16, 3, 2
+    x, w_gu, w_d, ids, tw, dy = _make(T, H, I, E, K, seed=4)
+    x, w_gu, w_d, tw = (t.requires_grad_() for t in (x, w_gu, w_d, tw))
+    counts = torch.bincount(ids.reshape(-1).cpu(), minlength=E).to(DEVICE)
+    bm = ops.routing_block_m(T * K, E, x.dtype)
+    checks = [(ops.moe_routing, (ids, counts, E, bm)), (ops.moe_routing, (ids, None, E, bm))]
+    tables = ops.moe_routing(ids, counts, E, bm)
+    checks.append((ops.moe_mlp_fwd, (x, w_gu, w_d, tw, tables, bm, True)))
+    _, gu = ops.moe_mlp_fwd(x, w_gu, w_d, tw, tables, bm, True)
+    plain = [t.detach() for t in (x, w_gu, w_d, tw, gu)]
+    checks.append((ops.moe_mlp_bwd, (dy, *plain, tables, bm, True, True, True, True)))
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    xs = torch.randn(T * K, H, device=DEVICE, requires_grad=True)
+    checks.append((reference.grouped_matmul_op, (xs, w_gu.detach().transpose(1, 2).requires_grad_(), counts, offs)))
+    for op, args in checks:
+        result = torch.library.opcheck(op, args)
+        assert set(result.values()) == {"SUCCESS"}, (op, result)
