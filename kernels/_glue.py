@@ -8,7 +8,7 @@ Routing (``build_routing_fused``): one launch replaces the ~20 torch ops of
 reference this kernel is tested against. It is a stable counting sort with no global
 synchronisation and no atomics: program p owns a chunk of the flat rows and first counts, per
 expert, the rows of every chunk before its own (each program rereads that prefix: O(N x programs)
-int reads, a few MB at Ling-Lite's N, served from L2). A row's sorted position is then
+int reads, a few MB at Ling-Lite's N, served from L2, histogrammed 1024 rows at a time). A row's sorted position is then
 offsets[e] + rows of e in earlier chunks + rows of e earlier in its own chunk, which is exactly
 ``torch.sort(stable=True)``'s order. Each program also writes its share of the tile table, which
 depends only on the per-expert counts.
@@ -39,11 +39,19 @@ def _block_onehot(ids_ptr, r0, row_end, es, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _block_hist(ids_ptr, r0, BLOCK_H: tl.constexpr, E_PAD: tl.constexpr):
+    # Rows per expert among BLOCK_H rows that all exist (no mask: callers keep whole blocks in range).
+    e = tl.load(ids_ptr + r0 + tl.arange(0, BLOCK_H))
+    return tl.histogram(e.to(tl.int32), E_PAD)
+
+
+@triton.jit
 def _routing_kernel(
     ids_ptr, counts_ptr,
     sorted_tok_ptr, sorted_flat_ptr, counts_out_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, num_tiles_ptr,
     N, E, K, BLOCK_M, N_TILES_MAX, ROWS_PER_PROG, TILES_PER_PROG,
-    HAVE_COUNTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_J: tl.constexpr,
+    HAVE_COUNTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_J: tl.constexpr,
 ):
     pid = tl.program_id(0)
     es = tl.arange(0, E_PAD)
@@ -51,20 +59,21 @@ def _routing_kernel(
     chunk_begin = pid * ROWS_PER_PROG
     chunk_end = tl.minimum(chunk_begin + ROWS_PER_PROG, N)
 
-    # Rows per expert in the chunks before this one (and over all rows when the caller gave no counts).
+    # Rows per expert in the chunks before this one: whole BLOCK_H-row blocks (chunks are multiples of
+    # BLOCK_H), histogrammed. This prefix is the kernel's longest loop, N / BLOCK_H steps at most.
     before = tl.zeros([E_PAD], dtype=tl.int32)
+    for r0 in range(0, chunk_begin, BLOCK_H):
+        before += _block_hist(ids_ptr, r0, BLOCK_H, E_PAD)
     if HAVE_COUNTS:
         total = tl.load(counts_ptr + es, mask=emask, other=0).to(tl.int32)
-        for r0 in range(0, chunk_begin, BLOCK):
-            onehot, _ = _block_onehot(ids_ptr, r0, chunk_begin, es, BLOCK)
-            before += tl.sum(onehot, axis=0)
-    else:
+    else:  # every row counted: the whole blocks, then the last partial one with a mask
         total = tl.zeros([E_PAD], dtype=tl.int32)
-        for r0 in range(0, N, BLOCK):
+        n_whole = (N // BLOCK_H) * BLOCK_H
+        for r0 in range(0, n_whole, BLOCK_H):
+            total += _block_hist(ids_ptr, r0, BLOCK_H, E_PAD)
+        for r0 in range(n_whole, N, BLOCK):
             onehot, _ = _block_onehot(ids_ptr, r0, N, es, BLOCK)
-            hist = tl.sum(onehot, axis=0)
-            total += hist
-            before += hist * (r0 < chunk_begin).to(tl.int32)  # chunk_begin is a multiple of BLOCK
+            total += tl.sum(onehot, axis=0)
     offsets = tl.cumsum(total, axis=0) - total  # exclusive prefix sum: expert e's first sorted row
 
     # This chunk's rows to their sorted places, in flat order within each expert (a stable sort).
@@ -102,12 +111,15 @@ def _routing_kernel(
 
 
 def _routing_blocks(n_rows: int, num_experts: int, interpret: bool):
-    """(E_PAD, BLOCK, rows per program): one-hot blocks of at most 8192 int32 (64 per thread at 4
-    warps, no spills), and at most ~32 programs so that the prefix each one rereads stays short."""
+    """(E_PAD, BLOCK, BLOCK_H, rows per program): one-hot blocks of at most 8192 int32 (64 per thread
+    at 4 warps) for the rank within a chunk, histogram blocks of BLOCK_H rows for the prefix, and about
+    32 programs: the last one's prefix is all the rows before it, whatever the count, and fewer
+    programs would each sort a longer chunk one block at a time."""
     e_pad = triton.next_power_of_2(num_experts)
-    block = max(16, min(128 if not interpret else 16, 8192 // e_pad))
-    per_prog = block * max(1, triton.cdiv(triton.cdiv(n_rows, 32), block))
-    return e_pad, block, per_prog
+    block = max(16, min(16 if interpret else 128, 8192 // e_pad))
+    block_h = 32 if interpret else 1024
+    per_prog = block_h * max(1, triton.cdiv(triton.cdiv(n_rows, 32), block_h))
+    return e_pad, block, block_h, per_prog
 
 
 def build_routing_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int,
@@ -128,7 +140,7 @@ def build_routing_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     ids = topk_ids.contiguous()
     n_rows, top_k = ids.numel(), ids.shape[1]
     n_max = max_tiles(n_rows, num_experts, block_m)
-    e_pad, block, per_prog = _routing_blocks(n_rows, num_experts, interpret)
+    e_pad, block, block_h, per_prog = _routing_blocks(n_rows, num_experts, interpret)
     programs = max(1, triton.cdiv(n_rows, per_prog))
     tiles_per_prog = triton.cdiv(n_max, programs)
     i32 = dict(dtype=torch.int32, device=dev)
@@ -140,7 +152,7 @@ def build_routing_fused(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     _routing_kernel[(programs,)](
         ids, counts_in, tok, flat, counts_out, offsets, tile_expert, tile_row, num_tiles,
         n_rows, num_experts, top_k, block_m, n_max, per_prog, tiles_per_prog,
-        HAVE_COUNTS=counts_E is not None, E_PAD=e_pad, BLOCK=block, BLOCK_J=min(64, block),
+        HAVE_COUNTS=counts_E is not None, E_PAD=e_pad, BLOCK=block, BLOCK_H=block_h, BLOCK_J=min(64, block),
         num_warps=4,
     )
     return RoutingTables(tok, flat, counts_out, offsets, tile_expert, tile_row, num_tiles, block_m)

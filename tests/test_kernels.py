@@ -196,12 +196,13 @@ def test_one_launch_routing_equals_the_reference(T, E, K, bm, ids_dtype, given):
 
 
 def test_one_launch_routing_spreads_over_programs():
-    # 96 rows: 6 programs of 16 rows each; every expert's rows cross program borders, and the tile
-    # table is split over the 6 programs too.
+    # 200 rows under the interpreter: 7 programs of 32 rows (the last one 8), each with a prefix of
+    # whole 32-row histogram blocks; every expert's rows cross program borders, and the tile table is
+    # split over the programs too.
     from kernels._glue import _routing_blocks, build_routing_fused
 
-    assert _routing_blocks(96, 5, interpret=True) == (8, 16, 16)
-    ids = (torch.arange(48)[:, None] * 7 + torch.arange(2)[None, :]) % 5  # [48, 2]
+    assert _routing_blocks(200, 5, interpret=True) == (8, 16, 32, 32)
+    ids = (torch.arange(100)[:, None] * 7 + torch.arange(2)[None, :]) % 5  # [100, 2]
     got = build_routing_fused(ids.to(DEVICE), 5, 4, interpret=not torch.cuda.is_available())
     want = build_routing(ids.to(DEVICE), 5, 4)
     assert all(torch.equal(a, b) for a, b in zip(got[:-1], want[:-1]))
