@@ -7,6 +7,9 @@ torch.autograd.graph.saved_tensors_hooks, each storage once, parameters left out
 anyway). The layer's input x is listed on its own: it is saved, but it is also the output of the
 layer before (post-attention norm), which the router and the shared expert save too.
 
+A last row takes Ling-Lite's expert shape (H=2048, E=64, K=6, I=1408), the triton rows on the meta
+device (the custom ops' fake rules give the saved tensors' sizes without running a kernel).
+
 The sweep keeps the active expert FLOPs fixed (K x I = 256, H = 64, T = 64 tokens) and makes the
 experts finer: (E, K, I) = (8, 1, 256) ... (128, 16, 16), SonicMoE's "granularity" axis. The
 activation dtype is bf16, the training dtype (the triton backend runs under the interpreter here,
@@ -32,6 +35,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.multiprocessing.reductions import StorageWeakRef  # noqa: E402
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,26 +44,30 @@ from moe.experts import expert_mlp  # noqa: E402
 SWEEP = [(8, 1, 256), (16, 2, 128), (32, 4, 64), (64, 8, 32), (128, 16, 16)]
 
 
+def _key(t: torch.Tensor) -> int:
+    # The storage's identity (data pointers are all 0 on the meta device).
+    return StorageWeakRef(t.untyped_storage()).cdata
+
+
 def saved_bytes(fn, x, params) -> dict:
     """{"x": bytes of x's storage if saved, "other": every other saved storage} for one forward of fn()."""
     seen = {}
-    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    param_keys = {_key(p) for p in params}
 
     def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in param_ptrs:
-            seen[s.data_ptr()] = s.nbytes()
+        if _key(t) not in param_keys:
+            seen[_key(t)] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = fn()
-    x_key = x.untyped_storage().data_ptr()
+    x_key = _key(x)
     out = dict(x=seen.pop(x_key, 0), other=sum(seen.values()))
     y.float().sum().backward()  # the graph must be usable (recompute paths run here)
     return out
 
 
-def _inputs(T, H, E, K, I, dtype):
+def _inputs(T, H, E, K, I, dtype, device="cpu"):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(T, H, generator=g).to(dtype).requires_grad_()
     w_gu = (torch.randn(E, 2 * I, H, generator=g) / H ** 0.5).to(dtype).requires_grad_()
@@ -67,14 +75,18 @@ def _inputs(T, H, E, K, I, dtype):
     probs = torch.randn(T, E, generator=g).softmax(-1)
     tw, ids = probs.topk(K, -1)
     counts = torch.bincount(ids.reshape(-1), minlength=E)
-    return x, w_gu, w_d, ids, tw.requires_grad_(), counts
+    out = x, w_gu, w_d, ids, tw.requires_grad_(), counts
+    if device == "meta":  # shapes only: the ops' fake rules run, no kernel
+        out = [torch.empty_like(t, device="meta").requires_grad_(t.requires_grad) for t in out]
+    return out
 
 
-def measure(T, H, E, K, I, dtype) -> dict:
+def measure(T, H, E, K, I, dtype, triton_on_meta=False) -> dict:
     rows = {}
     for backend in ("triton", "torch"):
         for recompute in (False, True):
-            x, w_gu, w_d, ids, tw, counts = _inputs(T, H, E, K, I, dtype)
+            device = "meta" if backend == "triton" and triton_on_meta else "cpu"
+            x, w_gu, w_d, ids, tw, counts = _inputs(T, H, E, K, I, dtype, device)
             fn = expert_mlp(backend, recompute)
             b = saved_bytes(lambda: fn(x, w_gu, w_d, ids, tw, counts), x, (w_gu, w_d))
             rows[backend + (" recompute" if recompute else "")] = b
@@ -108,6 +120,11 @@ def main(argv=None) -> int:
         out["sweep"].append(dict(E=E, K=K, I=I, granularity=a.hidden / I, rows=rows))
         print(f"E={E:4d} K={K:3d} I={I:4d} " + "  ".join(f"{k}: {v['per_token_excluding_x']:.0f}" for k, v in rows.items()),
               flush=True)
+    # Ling-Lite's expert shape (H=2048, E=64, K=6, I=1408). The triton rows run on the meta device:
+    # at this width the interpreter would take minutes, and only the saved tensors' sizes are read.
+    rows = measure(a.tokens, 2048, 64, 6, 1408, torch.bfloat16, triton_on_meta=True)
+    out["ling_lite"] = dict(E=64, K=6, I=1408, H=2048, rows=rows, note="triton rows on the meta device (fake rules)")
+    print("Ling-Lite shape: " + "  ".join(f"{k}: {v['per_token_excluding_x']:.0f}" for k, v in rows.items()), flush=True)
     tmp = a.json + ".tmp"
     with open(tmp, "w") as f:
         json.dump(out, f, indent=1)
