@@ -111,12 +111,12 @@ def _routing_kernel(
 
 
 def _routing_blocks(n_rows: int, num_experts: int, interpret: bool):
-    """(E_PAD, BLOCK, BLOCK_H, rows per program): one-hot blocks of at most 8192 int32 (64 per thread
-    at 4 warps) for the rank within a chunk, histogram blocks of BLOCK_H rows for the prefix, and about
+    """(E_PAD, BLOCK, BLOCK_H, rows per program): one-hot blocks of at most 4096 int32 (32 per thread
+    at 4 warps; 8192 compiled to 255 registers for sm_90, at the edge of spilling) for the rank within a chunk, histogram blocks of BLOCK_H rows for the prefix, and about
     32 programs: the last one's prefix is all the rows before it, whatever the count, and fewer
     programs would each sort a longer chunk one block at a time."""
     e_pad = triton.next_power_of_2(num_experts)
-    block = max(16, min(16 if interpret else 128, 8192 // e_pad))
+    block = max(16, min(16 if interpret else 64, 4096 // e_pad))
     block_h = 32 if interpret else 1024
     per_prog = block_h * max(1, triton.cdiv(triton.cdiv(n_rows, 32), block_h))
     return e_pad, block, block_h, per_prog
