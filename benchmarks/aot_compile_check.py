@@ -21,6 +21,7 @@ from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 if __package__ in (None, ""):  # run as a file: import from the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kernels._glue as glue  # noqa: E402
 import kernels._grouped_gemm as gg  # noqa: E402
 
 target = GPUTarget("cuda", 90, 32)
@@ -58,22 +59,24 @@ def sass_report(cubin: bytes) -> dict:
     return dict(counts, text=text)
 
 
-def build(fn, ptr_types, consts, warps, stages) -> dict:
+def build(fn, ptr_types, consts, warps, stages, not_multiple_of_16=()) -> dict:
     # What the JIT infers at Ling-Lite shapes: every pointer 16-byte aligned and every integer
     # argument (H=2048, I=1408, the strides) a multiple of 16. Without these hints the loads
     # cannot be 16-byte cp.async copies and the report would describe a kernel that never runs.
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in consts}
+    # (K=6 and the d topk_w block count 22 are not: those take no hint.)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if n not in consts and n not in not_multiple_of_16}
     src = ASTSource(fn, sig_of(fn, ptr_types, consts), constexprs=consts, attrs=attrs)
     k = triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
     flags = {k_: v for k_, v in consts.items() if k_ not in ("BM", "BN", "BK", "TILE_ORDER")}
-    tiles = "x".join(str(consts[n]) for n in ("BM", "BN", "BK"))
+    tiles = "x".join(str(consts.get(n, "-")) for n in ("BM", "BN", "BK"))
     rep = sass_report(k.asm["cubin"])
     print("ok", fn.__name__, tiles, flags, "smem", k.metadata.shared, rep["text"], flush=True)
     return dict(rep, kernel=fn.__name__, tiles=tiles, flags=flags, smem=k.metadata.shared)
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-KERNELS = ("gate_up", "rows", "down_bwd", "wgrad")
+KERNELS = ("gate_up", "rows", "down_bwd", "wgrad", "routing", "combine")
 
 
 def check_config(dtype_name: str, nrows: int, kernels=KERNELS) -> list[dict]:
@@ -98,6 +101,16 @@ def check_config(dtype_name: str, nrows: int, kernels=KERNELS) -> list[dict]:
     if "down_bwd" in kernels:
         out.append(build(gg._down_bwd_kernel, act, dict(STORE_HW=True, TILE_ORDER=cfg.tile_order, BM=cfg.block_m, BN=cfg.block_n_dbwd, BK=cfg.block_k,
                                                         DOT_PREC=prec), cfg.dbwd_warps or W, S))
+    if "routing" in kernels and dtype_name == "bf16":  # integer kernel: one build per row count suffices
+        e_pad, block, block_h, _ = glue._routing_blocks(nrows, 64, interpret=False)
+        for have in (True, False):
+            out.append(build(glue._routing_kernel, {"ids_ptr": "*i64"},
+                             dict(HAVE_COUNTS=have, E_PAD=e_pad, BLOCK=block, BLOCK_H=block_h, BLOCK_J=min(64, block)),
+                             4, 1, not_multiple_of_16=("K",)))
+    if "combine" in kernels:
+        for has_part in (False, True):
+            out.append(build(glue._combine_kernel, {"o_ptr": tt, "y_ptr": tt, "part_ptr": "*fp32", "dtw_ptr": "*fp32"},
+                             dict(HAS_PART=has_part, BT=16, BH=256, NB_PAD=32), 4, 1, not_multiple_of_16=("K", "NB")))
     if "wgrad" in kernels:
         for flags in ((True, False), (False, True)):
             c = dict(zip(("A_GATHER", "B_GATHER"), flags))
@@ -122,7 +135,8 @@ def main(argv=None) -> int:
     for d in args.dtypes:
         for n in args.rows:
             for r in check_config(d, n, args.kernels):
-                if d != "fp32" and (r["LDL"] or r["STL"] or not r["HGMMA"]):
+                needs_mma = r["kernel"] not in ("_routing_kernel", "_combine_kernel")  # no matmul in them
+                if d != "fp32" and (r["LDL"] or r["STL"] or (needs_mma and not r["HGMMA"])):
                     bad.append(f"{d} rows={n} {r['kernel']} {r['tiles']} {r['flags']}: {r['text']}")
     if args.check_no_spills and bad:
         print("kernels that spill or miss wgmma:\n  " + "\n  ".join(bad))

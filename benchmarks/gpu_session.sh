@@ -19,6 +19,10 @@
 #                                           # host waits, and a Chrome trace (3 files per micro-batch size) (~4 min)
 #   bash benchmarks/gpu_session.sh flex     # packed 16k rows, 2 documents: flex vs SDPA dense mask  (~3 min)
 #   bash benchmarks/gpu_session.sh aftersave  # 2 Ling-Lite layers, step time before/after a mid-run save (~3 min)
+#   bash benchmarks/gpu_session.sh issue26  # compiled blocks (inductor vs eager on CUDA: the GPU tests), the routing
+#                                           # and combine kernels against the torch ops they replaced, and training
+#                                           # steps, eager and compiled (~4-5 min)
+#   bash benchmarks/gpu_session.sh issue26mem  # expert recompute at micro-batch 2 (~1.5 min)
 #
 # Liger-Kernel, when wanted, is installed first from wheels carried in .whl/ (device README).
 # Results go to $OUT (the device tool's output folder) or benchmarks/gpu_out; copy them into
@@ -39,6 +43,26 @@ ceiling() {
   [ -s "$out/ceilings.json" ] &&
     python3 -c 'import json, sys; print("--ceiling-tflops", json.load(open(sys.argv[1]))["dense_bf16_tflops"])' \
       "$out/ceilings.json"
+}
+
+# Issue 26 (compiled blocks, fewer launches, expert recompute). Predictions written before any GPU run:
+# benchmarks/NOTES.md, "Issue 26". issue26: limits 370 s in all, ~4-5 min expected; issue26mem: 100 s.
+issue26_stage() {
+  local common=(--backends triton --layers 6 --steps 4 --warmup 2 --save-at 0)
+  { timeout 120 python3 -m pytest -q -rA -p no:cacheprovider tests/test_trainer_gpu.py \
+      -k "compiled_blocks_match_eager and triton" 2>&1 | tail -15
+    timeout 30 python3 benchmarks/glue_kernels_gpu.py --json "$out/glue_kernels.json"
+    timeout 80 python3 benchmarks/train_step.py $(ceiling) "${common[@]}" --json "$out/train_i26_eager.json"
+    timeout 140 python3 benchmarks/train_step.py $(ceiling) "${common[@]}" --json "$out/train_i26_compiled.json" \
+      -- --model.compile true
+  } 2>&1 | tee "$out/issue26.log"
+}
+
+# Expert recompute at micro-batch 2 (compare with a micro-batch-2 row of the same call without it).
+issue26mem_stage() {
+  timeout 100 python3 benchmarks/train_step.py $(ceiling) --backends triton --layers 6 --steps 4 --warmup 2 --save-at 0 \
+    --micro-batch 2 --json "$out/train_i26_recompute_mb2.json" -- --model.expert_recompute true 2>&1 \
+    | tee "$out/issue26mem.log"
 }
 
 for stage in "$@"; do
@@ -110,8 +134,14 @@ for stage in "$@"; do
       timeout 300 python3 benchmarks/train_step.py $(ceiling) --backends triton --layers 2 --steps 8 --warmup 2 --save-at 6 \
         --json "$out/train_step_aftersave.json" 2>&1 | tee "$out/aftersave.log"
       ;;
+    issue26)
+      issue26_stage
+      ;;
+    issue26mem)
+      issue26mem_stage
+      ;;
     *)
-      echo "unknown stage $stage: check kernels quick qwen3 profile tune suite train trainprof flex aftersave" >&2
+      echo "unknown stage $stage: check kernels quick qwen3 profile tune suite train trainprof flex aftersave issue26 issue26mem" >&2
       exit 2
       ;;
   esac

@@ -75,16 +75,63 @@ def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
             return False
 
 
+def _segments(x_NK: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # The segment sizes must come to the host (one sync); the Triton kernels never do this.
+    return torch.split(x_NK, counts_E.tolist())
+
+
 def _grouped_matmul(x_NK: torch.Tensor, w_EKO: torch.Tensor, counts_E: torch.Tensor,
                     offs_E: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by expert, expert e's rows times w[e]; one kernel when _grouped_mm can."""
-    # Under torch.compile the op's fake-tensor rule accepts bf16 only, whatever the device runs.
-    traceable = x_NK.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
-    if traceable and grouped_mm_available(x_NK.device.type, x_NK.dtype):
+    if torch.compiler.is_compiling() and x_NK.dtype != torch.bfloat16:
+        # _grouped_mm's fake-tensor rule accepts bf16 only, whatever the device runs, and the
+        # segment loop's host read would break the graph: an opaque op keeps the block one graph.
+        return grouped_matmul_op(x_NK, w_EKO, counts_E, offs_E)
+    if grouped_mm_available(x_NK.device.type, x_NK.dtype):
         return torch._grouped_mm(x_NK, w_EKO, offs=offs_E)
-    # The fallback needs segment sizes on the host (one sync); the Triton kernels never do.
-    pieces = torch.split(x_NK, counts_E.tolist())
-    return torch.cat([p @ w_EKO[e] for e, p in enumerate(pieces)]) if pieces else x_NK.new_zeros(0, w_EKO.shape[-1])
+    return torch.cat([p @ w_EKO[e] for e, p in enumerate(_segments(x_NK, counts_E))])
+
+
+@torch.library.custom_op("lingmoe::grouped_matmul", mutates_args=())
+def grouped_matmul_op(x_NK: torch.Tensor, w_EKO: torch.Tensor, counts_E: torch.Tensor,
+                      offs_E: torch.Tensor) -> torch.Tensor:
+    """_grouped_matmul's eager path as one op for compiled blocks (fake rule: [N, O])."""
+    if grouped_mm_available(x_NK.device.type, x_NK.dtype):
+        return torch._grouped_mm(x_NK, w_EKO, offs=offs_E)
+    return torch.cat([p @ w_EKO[e] for e, p in enumerate(_segments(x_NK, counts_E))])
+
+
+@grouped_matmul_op.register_fake
+def _(x_NK, w_EKO, counts_E, offs_E):
+    return x_NK.new_empty(x_NK.shape[0], w_EKO.shape[-1])
+
+
+@torch.library.custom_op("lingmoe::grouped_matmul_wgrad", mutates_args=())
+def grouped_matmul_wgrad_op(x_NK: torch.Tensor, dy_NO: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """dW [E, K, O]: expert e's rows of x transposed times its rows of dy (zeros for an empty expert)."""
+    pairs = zip(_segments(x_NK, counts_E), _segments(dy_NO, counts_E))
+    return torch.stack([a.t() @ b for a, b in pairs])
+
+
+@grouped_matmul_wgrad_op.register_fake
+def _(x_NK, dy_NO, counts_E):
+    return x_NK.new_empty(counts_E.shape[0], x_NK.shape[1], dy_NO.shape[1])
+
+
+def _grouped_matmul_setup(ctx, inputs, output):
+    x_NK, w_EKO, counts_E, offs_E = inputs
+    ctx.save_for_backward(x_NK, w_EKO, counts_E, offs_E)
+
+
+def _grouped_matmul_backward(ctx, dy_NO):
+    x_NK, w_EKO, counts_E, offs_E = ctx.saved_tensors
+    dy_NO = dy_NO.contiguous()
+    dx = grouped_matmul_op(dy_NO, w_EKO.transpose(1, 2), counts_E, offs_E) if ctx.needs_input_grad[0] else None
+    dw = grouped_matmul_wgrad_op(x_NK, dy_NO, counts_E) if ctx.needs_input_grad[1] else None
+    return dx, dw, None, None
+
+
+grouped_matmul_op.register_autograd(_grouped_matmul_backward, setup_context=_grouped_matmul_setup)
 
 
 def grouped_mm_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK, counts_E=None):

@@ -1,4 +1,8 @@
-"""Device-side routing tables for the grouped-GEMM MoE kernels.
+"""Device-side routing tables for the grouped-GEMM MoE kernels, in plain torch.
+
+The Triton op builds the same tables in one launch (kernels._glue.build_routing_fused); this
+module's ``build_routing`` is the reference that kernel is tested against, bit for bit, and what
+code without Triton uses.
 
 Legend: T tokens, E experts, K top-k, H hidden, I expert width, N = T*K routed rows
 (one per (token, k) pair). Suffixes name shapes: ids_N is [N], tile_expert_M is [max_tiles].

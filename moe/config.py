@@ -64,8 +64,8 @@ _V2_FIELDS = ("score_function", "router_dtype", "n_group", "topk_group", "routed
               "moe_router_enable_expert_bias", "use_qk_norm", "partial_rotary_factor", "num_nextn_predict_layers",
               "mtp_loss_scaling_factor")
 # lingmoe's own fields: never written to an HF config.
-_LINGMOE_ONLY = ("family", "expert_backend", "attn_implementation", "aux_loss_type", "aux_loss_alpha", "z_loss_coef",
-                 "mtp_enabled", "extra_hf")
+_LINGMOE_ONLY = ("family", "expert_backend", "expert_recompute", "attn_implementation", "aux_loss_type",
+                 "aux_loss_alpha", "z_loss_coef", "mtp_enabled", "extra_hf")
 
 # HF keys we read but that change nothing in the computation (dropouts are 0 in every release,
 # sliding-window attention is off for bailing_moe); kept so a round trip preserves them.
@@ -123,6 +123,7 @@ class BailingMoeConfig:
     # --- lingmoe only (never written to an HF config) ---
     family: str = "bailing_moe"  # the HF architecture exports claim: "bailing_moe" (v1) or "bailing_moe_v2"
     expert_backend: str = "torch"  # "loop" (reference) | "torch" (sorted, grouped) | "triton"
+    expert_recompute: bool = False  # keep no expert gate/up activations for backward; recompute them there
     attn_implementation: str = "auto"  # "auto" (flex for packed rows on CUDA, else SDPA) | "sdpa" | "flex"
     aux_loss_type: str = "micro"  # "micro" (per micro-batch) | "global" (counts given by the caller) | "sequence" | "none"
     aux_loss_alpha: float = 1e-3  # top-k load balancing; perfect balance contributes exactly alpha per layer

@@ -14,36 +14,57 @@ Backends (all give the same outputs):
   "triton" our Triton kernels (kernels.triton_moe_mlp), on GPU or under the Triton interpreter.
 The plain-PyTorch backends live in kernels/reference.py (which imports no kernel), so that the kernel
 bench times exactly these functions while kernels/ stays a leaf.
+
+``recompute`` (the config's expert_recompute) keeps less for backward: the triton backend drops its
+gate/up pre-activation [T*K, 2I] and recomputes it with one GEMM in backward; the torch and loop
+backends run under torch.utils.checkpoint (their whole MLP is recomputed, keeping only its inputs).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from kernels.reference import grouped_mm_moe_mlp, loop_moe_mlp
 
 
-@torch.compiler.disable  # our kernels run eagerly; a compiled block breaks its graph around them
-def _eager_triton_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK, counts_E=None):
-    import kernels  # imported lazily: Triton is needed only by this backend
+def _triton_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK, counts_E=None, recompute=False):
+    # Imported on first use: only this backend needs Triton. The op is a set of torch.library custom
+    # ops, so a compiled block traces through it with no graph break (kernels/moe_mlp.py).
+    from kernels.moe_mlp import triton_moe_mlp
 
-    return kernels.triton_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK, counts_E)
+    return triton_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK, counts_E, recompute)
 
 
-BACKENDS = {"loop": loop_moe_mlp, "torch": grouped_mm_moe_mlp, "triton": _eager_triton_moe_mlp}
+BACKENDS = {"loop": loop_moe_mlp, "torch": grouped_mm_moe_mlp, "triton": _triton_moe_mlp}
+
+
+def expert_mlp(backend: str, recompute: bool = False):
+    """The backend's function with the common signature (x, w_gate_up, w_down, ids, weights, counts_E)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"expert backend {backend!r} is not one of {sorted(BACKENDS)}")
+    fn = BACKENDS[backend]
+    if not recompute:
+        return fn
+    if backend == "triton":
+        return functools.partial(fn, recompute=True)
+    return functools.partial(checkpoint, fn, use_reentrant=False)
 
 
 class GroupedExperts(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, backend: str = "torch"):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, backend: str = "torch",
+                 recompute: bool = False):
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"expert backend {backend!r} is not one of {sorted(BACKENDS)}")
-        self.backend = backend
+        self._mlp = expert_mlp(backend, recompute)
+        self.backend, self.recompute = backend, recompute
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x_TH, topk_ids_TK, topk_weights_TK, counts_E=None):
         """counts_E [E]: slots per expert over all T tokens, when the router has counted them (the
         backends then skip their own count); None lets the backend count."""
-        w = topk_weights_TK.to(x_TH.dtype) if self.backend == "triton" else topk_weights_TK
-        return BACKENDS[self.backend](x_TH, self.w_gate_up, self.w_down, topk_ids_TK, w, counts_E)
+        # The weights stay fp32 (the router's): every backend combines in fp32, and a cast to the
+        # activation dtype would cost a launch forward and one back.
+        return self._mlp(x_TH, self.w_gate_up, self.w_down, topk_ids_TK, topk_weights_TK, counts_E)

@@ -220,7 +220,8 @@ class MoEBlock(nn.Module):
         self.gate = TopKRouter(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob,
                                cfg.score_function, cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor,
                                expert_bias=cfg.moe_router_enable_expert_bias, fp32_logits=cfg.router_dtype == "fp32")
-        self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.expert_backend)
+        self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.expert_backend,
+                                      cfg.expert_recompute)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts, cfg.use_bias)
                                if cfg.num_shared_experts > 0 else None)
 

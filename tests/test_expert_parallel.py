@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import torch._dynamo.utils
 
 from tests.trainer_utils import free_port
 
@@ -93,9 +94,10 @@ def _model_cfg(E: int, backend: str, v2: bool = False):
                             aux_loss_type="global", aux_loss_alpha=0.01, z_loss_coef=1e-3)
 
 
-def _model_check(world, ep, backend, dp_group, ep_group, v2=False):
+def _model_check(world, ep, backend, dp_group, ep_group, v2=False, compiled=False):
     """The whole model: loss (CE over the global batch + global-batch balance loss + z-loss), expert
-    counts and every parameter's gradient against one process on the global batch."""
+    counts and every parameter's gradient against one process on the global batch. ``compiled``:
+    each EP decoder block compiled (aot_eager), which must trace as one graph (no graph break)."""
     import torch.distributed as dist
 
     from moe import BailingMoeForCausalLM
@@ -123,6 +125,12 @@ def _model_check(world, ep, backend, dp_group, ep_group, v2=False):
     ep_model = copy.deepcopy(model)
     ep_model.zero_grad(set_to_none=True)
     apply_expert_parallel(ep_model, group=ep_group)
+    if compiled:  # as trainer/parallel.shard_model does for compiled blocks with EP
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        for layer in ep_model.model.layers:
+            layer.compile(backend="aot_eager")
 
     def all_ranks_counts(c):
         c = c.clone()
@@ -151,6 +159,8 @@ def _model_check(world, ep, backend, dp_group, ep_group, v2=False):
             dist.all_reduce(g)
             want = ref[k]
         errs[k] = float((g - want).abs().max())
+    if compiled:
+        errs["graph_breaks"] = float(sum(torch._dynamo.utils.counters["graph_break"].values()))
     return errs
 
 
@@ -165,7 +175,8 @@ def _worker(rank, world, port, plans, out):
             if what == "module":
                 errs = _module_check(world, ep, backend, case, dp_group, ep_group)
             else:
-                errs = _model_check(world, ep, backend, dp_group, ep_group, v2=what == "model_v2")
+                errs = _model_check(world, ep, backend, dp_group, ep_group, v2=what == "model_v2",
+                                    compiled=what == "compiled")
             out[(rank, ep, what, backend, case)] = errs
     finally:
         dist.destroy_process_group()
@@ -191,6 +202,7 @@ def test_two_ranks_ep2_equal_one_process():
     plans = [(2, "module", b, c) for b in ("loop", "torch", "triton") for c in CASES]
     plans += [(2, "model", b, "") for b in ("loop", "torch")]
     plans += [(2, "model_v2", "torch", "")]  # Ling-mini-2.0's experts: E=256, K=8, I=512
+    plans += [(2, "compiled", b, "") for b in ("torch", "triton")]
     _run(2, plans)
 
 

@@ -112,10 +112,11 @@ def test_kernels_use_no_atomics():
     # and, below, that the result does not depend on the order programs are launched in.
     import inspect
 
-    from kernels import _grouped_gemm
+    from kernels import _glue, _grouped_gemm
 
-    src = inspect.getsource(_grouped_gemm)
-    assert "@triton.jit" in src and "tl.atomic" not in src
+    for module in (_grouped_gemm, _glue):
+        src = inspect.getsource(module)
+        assert "@triton.jit" in src and "tl.atomic" not in src, module.__name__
 
 
 def test_launch_order_changes_nothing_but_the_order(monkeypatch):
@@ -173,6 +174,38 @@ def test_routing_against_sort_reference(T, E, K, bm, ids_dtype):
     assert list(zip(te, tr))[:len(tiles)] == tiles
     assert te[len(tiles):] == [-1] * (n_max - len(tiles))
     assert r.num_tiles.item() == len(tiles)
+
+
+@pytest.mark.parametrize("T,E,K,bm,ids_dtype", [(37, 7, 3, 4, torch.int32), (50, 9, 1, 8, torch.int64),
+                                                (1, 3, 2, 16, torch.int32), (9, 130, 4, 16, torch.int64)])
+@pytest.mark.parametrize("given", [False, True], ids=["counted", "given"])
+def test_one_launch_routing_equals_the_reference(T, E, K, bm, ids_dtype, given):
+    """The Triton routing kernel against build_routing (itself checked against argsort above): every
+    table equal, bit for bit, with experts that get nothing (expert 0), one token, E past a power of
+    two, and more programs than one (each rereads the rows before its chunk)."""
+    from kernels._glue import build_routing_fused
+
+    gen = torch.Generator().manual_seed(T + E)
+    probs = torch.tensor([0.0] + [1.0 / (e + 1) for e in range(E - 1)])
+    ids = torch.multinomial(probs.expand(T, E), K, replacement=False, generator=gen).to(ids_dtype).to(DEVICE)
+    counts = torch.bincount(ids.reshape(-1).cpu(), minlength=E).to(DEVICE) if given else None
+    got = build_routing_fused(ids, E, bm, counts, interpret=not torch.cuda.is_available())
+    want = build_routing(ids, E, bm)
+    for name, a, b in zip(want._fields, got, want):
+        assert torch.equal(a, b) if name != "block_m" else a == b, name
+
+
+def test_one_launch_routing_spreads_over_programs():
+    # 200 rows under the interpreter: 7 programs of 32 rows (the last one 8), each with a prefix of
+    # whole 32-row histogram blocks; every expert's rows cross program borders, and the tile table is
+    # split over the programs too.
+    from kernels._glue import _routing_blocks, build_routing_fused
+
+    assert _routing_blocks(200, 5, interpret=True) == (8, 16, 32, 32)
+    ids = (torch.arange(100)[:, None] * 7 + torch.arange(2)[None, :]) % 5  # [100, 2]
+    got = build_routing_fused(ids.to(DEVICE), 5, 4, interpret=not torch.cuda.is_available())
+    want = build_routing(ids.to(DEVICE), 5, 4)
+    assert all(torch.equal(a, b) for a, b in zip(got[:-1], want[:-1]))
 
 
 @pytest.mark.parametrize("fn", ["triton", "grouped_mm"])
@@ -344,4 +377,32 @@ def test_bf16_tiles_compile_for_sm90_without_spills(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     built = [line for line in p.stdout.splitlines() if line.startswith("ok ")]
-    assert len(built) == 16 and all(" LDL 0 STL 0" in line and " HGMMA 0 " not in line for line in built)
+    # 8 GEMM builds per tile bucket, and the routing and combine kernels (2 builds each; no matmul in them)
+    gemms = [line for line in built if "_routing_kernel" not in line and "_combine_kernel" not in line]
+    assert len(built) == 24 and len(gemms) == 16
+    assert all(" LDL 0 STL 0" in line for line in built) and all(" HGMMA 0 " not in line for line in gemms)
+
+
+@pytest.mark.slow  # ~10 s: opcheck runs each op several times (schema, fake, autograd, AOT dispatch)
+def test_custom_ops_pass_torch_library_opcheck():
+    """The ops' fake rules give the real outputs' shapes, dtypes and strides (inductor asserts them),
+    their schemas say truly that nothing is mutated, and the autograd rule is registered where it must be."""
+    import kernels.moe_mlp as ops
+
+    T, H, I, E, K = 6, 16, 16, 3, 2
+    x, w_gu, w_d, ids, tw, dy = _make(T, H, I, E, K, seed=4)
+    x, w_gu, w_d, tw = (t.requires_grad_() for t in (x, w_gu, w_d, tw))
+    counts = torch.bincount(ids.reshape(-1).cpu(), minlength=E).to(DEVICE)
+    bm = ops.routing_block_m(T * K, E, x.dtype)
+    checks = [(ops.moe_routing, (ids, counts, E, bm)), (ops.moe_routing, (ids, None, E, bm))]
+    tables = ops.moe_routing(ids, counts, E, bm)
+    checks.append((ops.moe_mlp_fwd, (x, w_gu, w_d, tw, tables, bm, True)))
+    _, gu = ops.moe_mlp_fwd(x, w_gu, w_d, tw, tables, bm, True)
+    plain = [t.detach() for t in (x, w_gu, w_d, tw, gu)]
+    checks.append((ops.moe_mlp_bwd, (dy, *plain, tables, bm, True, True, True, True)))
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    xs = torch.randn(T * K, H, device=DEVICE, requires_grad=True)
+    checks.append((reference.grouped_matmul_op, (xs, w_gu.detach().transpose(1, 2).requires_grad_(), counts, offs)))
+    for op, args in checks:
+        result = torch.library.opcheck(op, args)
+        assert set(result.values()) == {"SUCCESS"}, (op, result)

@@ -60,6 +60,15 @@ def test_a_bad_value_is_refused_before_anything_is_written(option, value, tmp_pa
     _refused("sft", option, value, tmp_path / "run", capsys)
 
 
+def test_compile_with_activation_checkpointing_is_refused(tmp_path, capsys):
+    # Taken, it crashed in the first forward (dynamo cannot trace the checkpoint's routing replay).
+    with refused(capsys, "model.compile true cannot be combined with model.activation_checkpointing",
+                 EXIT_BAD_INPUT):
+        run_inproc("sft", QUICK + ["--model.compile", "true", "--model.activation_checkpointing", "true",
+                                   "--output-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("option, value", [("dpo.beta", "0"), ("dpo.nll_coef", "-1")])
 def test_a_bad_dpo_value_is_refused_before_anything_is_written(option, value, tmp_path, capsys):
     # beta 0: ipo divides by it, sigmoid and hinge have no gradient; a negative NLL weight pushes the

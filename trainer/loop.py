@@ -119,7 +119,8 @@ def resolve_backend(name: str, device: torch.device) -> str:
 def model_overrides(opts: Options, device: torch.device) -> dict:
     """The BailingMoeConfig fields the training options set on top of a preset or a checkpoint's config."""
     m = opts.model
-    out = dict(expert_backend=resolve_backend(m.expert_backend, device), aux_loss_type=m.aux_loss_type,
+    out = dict(expert_backend=resolve_backend(m.expert_backend, device), expert_recompute=m.expert_recompute,
+               aux_loss_type=m.aux_loss_type,
                z_loss_coef=m.z_loss_coef, aux_loss_alpha=0.0 if m.aux_loss_type == "none" else m.aux_loss_alpha,
                mtp_enabled=m.mtp)
     if m.expert_bias_update_rate > 0:  # a model without a bias (v1) gets a zero one to move

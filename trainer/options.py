@@ -79,7 +79,11 @@ class ModelOptions:
     mtp: bool = opt(True, "train the model's MTP layers (num_nextn_predict_layers) with their loss x "
                           "mtp_loss_scaling_factor in SFT; false = they are not run and stay as loaded")
     activation_checkpointing: bool = opt(False, "recompute each decoder block in backward (routing replayed, not re-decided)")
-    compile: bool = opt(False, "torch.compile each decoder block")
+    compile: bool = opt(False, "torch.compile each decoder block whole (the routed experts are custom ops inside "
+                               "the graph); not with activation_checkpointing")
+    expert_recompute: bool = opt(False, "keep no gate/up activations of the routed experts for backward ([T*K, 2I] "
+                                        "per MoE layer) and recompute them there: one more gate/up GEMM (the triton "
+                                        "backend), or the whole expert MLP (torch, loop)")
     param_dtype: ParamDtype = opt("bf16", "parameter/compute dtype on GPU (FSDP2 mixed precision; grads reduced in "
                                           "fp32); CPU always computes in fp32")
 
@@ -217,7 +221,8 @@ class DPORunOptions(Options):
 _BOUND_TESTS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"),
                 "le": (operator.le, "<="), "lt": (operator.lt, "<")}
 # BailingMoeConfig fields that model.* options set: an override of one would be given twice.
-_SET_BY_MODEL_OPTIONS = ("expert_backend", "aux_loss_type", "aux_loss_alpha", "z_loss_coef", "mtp_enabled")
+_SET_BY_MODEL_OPTIONS = ("expert_backend", "expert_recompute", "aux_loss_type", "aux_loss_alpha", "z_loss_coef",
+                         "mtp_enabled")
 
 
 def _one_of(allowed) -> str:
@@ -277,6 +282,12 @@ def _check_combinations(opts: Options, origin: Callable[[str], str]) -> None:
     if not 0 <= train.profile_step <= train.steps:
         raise OptionsError(f"{origin('train.profile_step')}: train.profile_step must be a step in 1..train.steps "
                            f"({train.steps}), or 0 for none; got {train.profile_step}")
+    if model.compile and model.activation_checkpointing:
+        # Dynamo cannot trace the checkpoint's context_fn (routing recorded, then replayed), and a block
+        # compiled inside the checkpoint recomputes through a second graph that saves other tensors.
+        raise OptionsError(f"{origin('model.compile')}: model.compile true cannot be combined with "
+                           f"model.activation_checkpointing true yet; turn one of them off "
+                           f"(model.expert_recompute true saves the experts' activations instead)")
     known = {f.name for f in dataclasses.fields(BailingMoeConfig)} - {"extra_hf", *_SET_BY_MODEL_OPTIONS}
     for key in model.overrides:
         if key in _SET_BY_MODEL_OPTIONS:

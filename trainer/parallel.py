@@ -167,6 +167,10 @@ def shard_model(model: nn.Module, mesh, param_dtype: torch.dtype | None, compile
     dimension (moe.expert_parallel) and FSDP-sharded over "edp" as their own unit."""
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+    if compile_blocks and ep_mesh is not None:
+        # The EP experts op returns the rows this rank received, a count known only at run time; dynamo
+        # breaks the graph at such an op unless told to capture it (nothing else in a block has one).
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
     if ep_mesh is not None:
 
         apply_expert_parallel(model, mesh=ep_mesh["ep"])

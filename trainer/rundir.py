@@ -42,7 +42,7 @@ CHANGEABLE = {
     "train": {"steps", "log_every", "max_bad_steps", "peak_tflops", "ceiling_tflops", "progress", "profile_step"},
     "checkpoint": {"every", "keep_last", "resume", "export_hf", "save_final"},
     "log": {"wandb_project", "wandb_run_name"},
-    "model": {"expert_backend", "activation_checkpointing", "compile"},  # how, not what, is computed
+    "model": {"expert_backend", "expert_recompute", "activation_checkpointing", "compile"},  # how, not what, is computed
     "data": {"cache_dir"},  # the prepared data are keyed by content wherever they are cached
     "parallel": {"ep"},  # the experts' layout: DCP reshards them, the numbers are the same (tested)
 }
