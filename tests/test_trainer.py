@@ -159,7 +159,8 @@ def _cli(args, timeout=120):
 # A valid value other than the default for string options with a fixed set of values.
 _OTHER_CHOICE = {("model", "preset"): "ling-lite", ("model", "expert_backend"): "torch",
                  ("model", "aux_loss_type"): "micro", ("model", "param_dtype"): "fp32", ("train", "device"): "cpu",
-                 ("dpo", "loss_type"): "ipo", ("dpo", "reference"): "live", ("dpo", "nll_average"): "token"}
+                 ("dpo", "loss_type"): "ipo", ("dpo", "reference"): "live", ("dpo", "nll_average"): "token",
+                 ("parallel", "one_rank"): "fsdp"}
 # Options that only go with another one.
 _COMPANIONS = {("checkpoint", "save_final"): ["--checkpoint.export_hf", "false"]}
 

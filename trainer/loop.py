@@ -50,6 +50,7 @@ from trainer.errors import TrainerError
 from trainer.metrics import RunLogger, format_metrics
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.options import Options, dump_yaml
+from trainer.precision import MasterWeights
 from trainer.profiling import StepProfiler
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (without sparsity), per GPU. MFU is model
@@ -125,27 +126,49 @@ def model_config_from_options(opts: Options, device: torch.device) -> tuple[Bail
     return ckpt.cfg, lambda name, p, rows: ckpt.get_native(name, rows=rows)
 
 
-def build_model(opts: Options, info: parallel.DistInfo, task: Task) -> tuple[BailingMoeForCausalLM, BailingMoeConfig]:
+def compute_dtype(opts: Options, device: torch.device) -> torch.dtype | None:
+    """The dtype the model computes in: model.param_dtype on GPU; None (the fp32 weights as they are) on CPU."""
+    if device.type != "cuda":
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[opts.model.param_dtype]
+
+
+def plain_one_rank(opts: Options, info: parallel.DistInfo) -> bool:
+    """A run of one rank without FSDP (parallel.one_rank 'plain'; trainer/precision.py says why)."""
+    return info.world_size == 1 and opts.parallel.one_rank == "plain"
+
+
+def build_model(opts: Options, info: parallel.DistInfo, task: Task, frozen: bool = False
+                ) -> tuple[BailingMoeForCausalLM, BailingMoeConfig, MasterWeights]:
+    """The model, its config and the weights an optimizer steps (``weights.module``: the model itself
+    under FSDP or in fp32; its fp32 masters when one rank computes in bf16 without FSDP). ``frozen``:
+    nothing trains (a DPO reference), so no masters are kept."""
     cfg, get_full = model_config_from_options(opts, info.device)
     cfg = task.adjust_model_config(opts, cfg, info)
     with torch.device("meta"):
         model = BailingMoeForCausalLM(cfg)
     if opts.model.activation_checkpointing:
         parallel.apply_activation_checkpointing(model)
-    param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[opts.model.param_dtype] \
-        if info.device.type == "cuda" else None
+    dtype = compute_dtype(opts, info.device)
+    plain = plain_one_rank(opts, info)
     ep = opts.parallel.ep
     if ep > 1 and cfg.num_experts % ep:
         raise TrainerError(f"parallel.ep ({ep}) must divide the model's {cfg.num_experts} routed experts")
     ep_mesh = parallel.expert_mesh(info.device.type, info.world_size, ep) if ep > 1 else None
-    parallel.shard_model(model, info.mesh, param_dtype, compile_blocks=opts.model.compile, ep_mesh=ep_mesh)
+    if plain:
+        if opts.model.compile:
+            parallel.compile_each_block(model)
+    else:
+        parallel.shard_model(model, info.mesh, dtype, compile_blocks=opts.model.compile, ep_mesh=ep_mesh)
     if get_full is None:
         seed = opts.train.seed
         def get_full(name, p, rows):
             full = initial_value(name, tuple(p.shape), cfg, seed)
             return full if rows is None else full[rows[0]:rows[1]]
     parallel.materialize(model, info.device, get_full)
-    return model, cfg
+    if frozen:
+        model.requires_grad_(False)
+    return model, cfg, MasterWeights(model, dtype if plain else None)
 
 
 def flops_per_token(cfg: BailingMoeConfig, seq_len: int) -> float:
@@ -260,7 +283,7 @@ class Trainer:
         self.resume_from = latest_checkpoint(self.ckpt_root) if opts.checkpoint.resume else None
         resume_step = int(os.path.basename(self.resume_from).split("_")[1]) if self.resume_from else 0
 
-        self.model, self.cfg = build_model(opts, info, self.task)
+        self.model, self.cfg, self.weights = build_model(opts, info, self.task)
         self.logger = RunLogger(info.is_main, opts.output_dir, opts.log.wandb_project, opts.log.wandb_run_name,
                                 opts.to_dict(), resume_step, resumed=opts.checkpoint.resume)
         for note in notes:
@@ -275,7 +298,8 @@ class Trainer:
                 f.write(dump_yaml(opts))
         self.loader = self.task.build_loader(opts, info, self.accum, cfg)
         o = opts.optim
-        self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps, info.device)
+        self.optimizer = build_optimizer(self.weights.module, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps,
+                                         info.device)
         self.scheduler = self._schedule(done_steps=0)
         self.checkpointer = Checkpointer(self.ckpt_root, info.rank, opts.checkpoint.keep_last)
         self.ctx = StepContext(opts, info, self.model, cfg, self.accum, self.logger)
@@ -326,7 +350,8 @@ class Trainer:
     def resume(self) -> str | None:
         """Restore model, optimizer, schedule, data position and RNG from the latest complete checkpoint."""
         if self.resume_from:
-            tstate, rstate = self.checkpointer.load(self.resume_from, self.model, self.optimizer)
+            tstate, rstate = self.checkpointer.load(self.resume_from, self.weights.module, self.optimizer)
+            self.weights.push()
             self.state = TrainState(step=tstate["step"], bad_in_a_row=tstate["bad_in_a_row"])
             self._apply_schedule_options(done_steps=tstate["scheduler"]["last_epoch"])
             self.loader.load_state_dict(rstate["loader"])
@@ -357,7 +382,7 @@ class Trainer:
         def local(t):
             t = getattr(t, "_local_tensor", t)
             return t.numel() * t.element_size()
-        n = sum(local(p) for p in self.model.parameters())
+        n = sum(local(p) for p in self.weights.module.parameters())
         n += sum(local(v) for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v))
         if dist.is_initialized() and self.info.world_size > 1:
             t = torch.tensor([float(n)], device=self.info.device)
@@ -371,8 +396,8 @@ class Trainer:
         tstate = {**dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict(),
                   "world_size": self.info.world_size}
         rstate = {"loader": self.loader.state_dict(), "rng": torch.get_rng_state()}
-        path = self.checkpointer.save(self.state.step, self.model, self.optimizer, tstate, rstate, self.cfg.to_dict(),
-                                      dump_yaml(self.opts))
+        path = self.checkpointer.save(self.state.step, self.weights.module, self.optimizer, tstate, rstate,
+                                      self.cfg.to_dict(), dump_yaml(self.opts))
         self.saved_at = self.state.step
         self.logger.info(f"saved checkpoint {path}")
         return path
@@ -427,7 +452,7 @@ class Trainer:
             out = self.task.micro_step(ctx, {k: v.to(dev, non_blocking=True) for k, v in b.items()})
             out.loss.backward()
             _add_micro_step(sums, out)
-        grad_norm = _grad_norm(self.model, self.opts.optim.grad_clip).item()
+        grad_norm = _grad_norm(self.weights.module, self.opts.optim.grad_clip).item()
         metrics, reduced = self._reduce(sums)
         finite = math.isfinite(grad_norm) and all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
         lr_used = self._update(finite)
@@ -458,6 +483,7 @@ class Trainer:
         """The optimizer step, or its skip when the loss or gradient is not finite; returns the lr used."""
         if finite:
             self.optimizer.step()
+            self.weights.push()
             self.state.bad_in_a_row = 0
         else:
             self.state.bad_in_a_row += 1
@@ -542,6 +568,9 @@ class Trainer:
         """Let go of everything that references the process group (model, optimizer state, meshes,
         the task's reference model), so that shutting the group down joins its threads
         (parallel.shutdown_distributed says why that matters at exit)."""
+        weights = self.__dict__.pop("weights", None)
+        if weights is not None:
+            weights.remove()
         for name in ("model", "optimizer", "scheduler", "checkpointer", "ctx", "loader"):
             self.__dict__.pop(name, None)
         self.info = dataclasses.replace(self.info, mesh=None)

@@ -45,6 +45,7 @@ Device = Literal["auto", "cuda", "cpu"]
 DPOLossType = Literal["sigmoid", "ipo", "hinge"]
 DPOReference = Literal["precomputed", "live"]
 DPONllAverage = Literal["sequence", "token"]
+OneRank = Literal["plain", "fsdp"]
 DPO_LOSS_TYPES = get_args(DPOLossType)
 
 MAX_SEED = 2 ** 32 - 1  # numpy's and the synthetic rows' seed arithmetic stay in range below this
@@ -127,6 +128,11 @@ class ParallelOptions:
     ep: int = opt(1, "expert parallelism: each group of ep consecutive ranks splits the routed experts (E/ep "
                      "whole experts per rank, tokens sent by all-to-all); expert weights are FSDP-sharded over the "
                      "other world/ep ranks, everything else over all ranks. 1 = no expert parallelism", ge=1)
+    one_rank: OneRank = opt("plain", "how a run of one rank trains: 'plain' (no FSDP: the model computes in "
+                                     "model.param_dtype from its own parameters and the optimizer steps fp32 master "
+                                     "weights, with no parameter copies per micro-batch) or 'fsdp' (FSDP2 as on many "
+                                     "ranks, which casts and copies every parameter per micro-batch; for comparison). "
+                                     "Numerically the same; ignored with more than one rank")
 
 
 @dataclass

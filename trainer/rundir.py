@@ -44,7 +44,7 @@ CHANGEABLE = {
     "log": {"wandb_project", "wandb_run_name"},
     "model": {"expert_backend", "activation_checkpointing", "compile"},  # how, not what, is computed
     "data": {"cache_dir"},  # the prepared data are keyed by content wherever they are cached
-    "parallel": {"ep"},  # the experts' layout: DCP reshards them, the numbers are the same (tested)
+    "parallel": {"ep", "one_rank"},  # layouts: DCP reshards between them, the numbers are the same (tested)
 }
 
 
