@@ -187,7 +187,7 @@ def test_every_option_in_help_is_accepted_and_changes_the_resolved_config(script
     import re
 
     from trainer import dpo, sft
-    from trainer.options import DPORunOptions, Options, OptionsError, build_parser, parse_options
+    from trainer.options import DPORunOptions, Options, OptionsError, build_parser, option_key, parse_options
 
     options, defaults, doc = ((Options, None, sft.__doc__) if script == "sft"
                               else (DPORunOptions, dpo.DPO_DEFAULTS, dpo.__doc__))
@@ -198,7 +198,7 @@ def test_every_option_in_help_is_accepted_and_changes_the_resolved_config(script
 
     help_text = build_parser(script, options, doc, defaults).format_help()
     listed = set(re.findall(r"^\s+--(\w+)\.(\w+) V\b", help_text, flags=re.M))  # the option lines
-    assert listed == {(sec, f.name) for sec, cls in sections.items() for f in dataclasses.fields(cls)}
+    assert listed == {(sec, option_key(f)) for sec, cls in sections.items() for f in dataclasses.fields(cls)}
     base = resolve([])
     for sec, key in sorted(listed):
         companions = _COMPANIONS.get((sec, key), [])

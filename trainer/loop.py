@@ -267,6 +267,7 @@ class Trainer:
         self.stop_requested = False
         self.last_metrics: dict = {}
         self.saved_at = -1
+        self.write_ended = False
 
     # ------------------------------------------------------------------ build
     def build(self) -> None:
@@ -301,7 +302,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.weights.module, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps,
                                          info.device)
         self.scheduler = self._schedule(done_steps=0)
-        self.checkpointer = Checkpointer(self.ckpt_root, info.rank, opts.checkpoint.keep_last)
+        self.checkpointer = Checkpointer(self.ckpt_root, info.rank, opts.checkpoint.keep_last,
+                                         background=opts.checkpoint.async_, pin_memory=info.device.type == "cuda")
         self.ctx = StepContext(opts, info, self.model, cfg, self.accum, self.logger)
         if cfg.aux_loss_type == "global":
             self.ctx.balance_counts_fn = CarriedCounts(parallel.all_reduce_sum)
@@ -390,17 +392,35 @@ class Trainer:
             n = int(t.item())
         return n
 
-    def save(self) -> str:
+    def save(self, background: bool = False) -> str:
+        """A checkpoint of this step; ``background`` (checkpoint.async): staged to host memory and written
+        by a thread, published by _finish_write once every rank's write is done."""
+        self._finish_write()  # one write at a time, and the space check below sees what it took
+        t0 = time.perf_counter()
         nbytes = self._state_bytes()
         rundir.on_rank0(lambda: require_space(self.ckpt_root, nbytes, f"checkpoint step {self.state.step}"))
         tstate = {**dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict(),
                   "world_size": self.info.world_size}
         rstate = {"loader": self.loader.state_dict(), "rng": torch.get_rng_state()}
         path = self.checkpointer.save(self.state.step, self.weights.module, self.optimizer, tstate, rstate,
-                                      self.cfg.to_dict(), dump_yaml(self.opts))
+                                      self.cfg.to_dict(), dump_yaml(self.opts), background=background)
         self.saved_at = self.state.step
-        self.logger.info(f"saved checkpoint {path}")
+        if background:
+            self.logger.info(f"checkpoint {path}: state copied in {time.perf_counter() - t0:.2f} s, "
+                             f"writing in the background")
+        else:
+            self.logger.info(f"saved checkpoint {path} ({time.perf_counter() - t0:.2f} s)")
         return path
+
+    def _finish_write(self, barrier: bool = True) -> None:
+        """Wait for the background write in flight, if any, and publish it (COMPLETE, rename, pruning)."""
+        pending = self.checkpointer.pending
+        if pending is None:
+            return
+        t0 = time.perf_counter()
+        path = self.checkpointer.finish(barrier)
+        self.logger.info(f"saved checkpoint {path} (written in the background; waited "
+                         f"{time.perf_counter() - t0:.2f} s for it)")
 
     def export(self, checkpoint: str) -> str:
         """The HF safetensors export of ``checkpoint`` to <output-dir>/hf, written by rank 0."""
@@ -466,9 +486,11 @@ class Trainer:
         task's metrics (plus aux_loss, data counters, expert load) and all reduced values."""
         counters = getattr(self.loader, "counters", {})
         sums = dict(sums, data_truncated=counters.get("truncated", 0), data_dropped=counters.get("dropped", 0),
-                    stop_requested=float(self.stop.requested))
+                    stop_requested=float(self.stop.requested), checkpoint_written=float(self.checkpointer.written()))
         reduced = _host_floats(parallel.all_reduce_by_name(sums, self.info.device))
         self.stop_requested = reduced["stop_requested"] > 0
+        # Every rank's background write has ended: all ranks publish it after this step, together.
+        self.write_ended = reduced["checkpoint_written"] >= self.info.world_size
         aux_loss = reduced.get("aux", 0.0) / (self.accum * self.info.world_size)
         task_sums = {k: v for k, v in reduced.items() if k not in _TRAINER_SUMS}
         metrics = self.task.metrics(task_sums, _host_floats(self.ctx.totals), aux_loss)
@@ -531,15 +553,22 @@ class Trainer:
                 if self.state.bad_in_a_row >= opts.train.max_bad_steps:
                     raise TrainerError(f"{self.state.bad_in_a_row} consecutive steps with a non-finite loss or "
                                        f"gradient; stopping (the last good checkpoint is kept)")
+                if self.write_ended:
+                    self._finish_write()
                 if opts.checkpoint.every and step % opts.checkpoint.every == 0 and step < total:
-                    self.save()
+                    self.save(background=opts.checkpoint.async_)
                 if self.stop_requested:
+                    if self.checkpointer.pending is not None:
+                        self.logger.info(f"SIGTERM received: waiting for the checkpoint of step "
+                                         f"{self.checkpointer.pending.step} being written")
+                        self._finish_write()
                     if self.saved_at == step:
                         self.logger.info(f"SIGTERM received: step {step} is already saved; exiting")
                     else:
                         self.logger.info(f"SIGTERM received: saving at step {step} and exiting")
                         self.save()
                     return {"metrics": self.last_metrics, "step": step, "stopped": True}
+        self._finish_write()
         result = {"metrics": self.last_metrics, "step": self.state.step, "checkpoint": None}
         if opts.checkpoint.save_final:
             result["checkpoint"] = self.save() if self.saved_at != self.state.step else latest_checkpoint(self.ckpt_root)
@@ -556,6 +585,7 @@ class Trainer:
 
     def close(self, shutdown: bool = True) -> None:
         self.stop.uninstall()
+        self._settle_write()  # before the lock goes: a next run would sweep a directory still being written
         if self.logger is not None:
             self.logger.close()
         if self.lock is not None:
@@ -564,6 +594,22 @@ class Trainer:
             self.release()
             parallel.shutdown_distributed()
 
+    def _settle_write(self) -> None:
+        """A run that ends on an error with a background write in flight: the write is waited for (the
+        interpreter would wait for its thread anyway) and published if it succeeded, by rank 0 alone
+        (another rank may be gone: no collective). If it failed, the earlier checkpoints stand."""
+        checkpointer = self.__dict__.get("checkpointer")
+        if checkpointer is None or checkpointer.pending is None:
+            return
+        if self.logger is not None:
+            self.logger.info(f"waiting for the checkpoint of step {checkpointer.pending.step} being written "
+                             f"before exiting")
+        try:
+            self._finish_write(barrier=False)
+        except Exception as e:  # the run's own error is the one to report
+            if self.logger is not None:
+                self.logger.info(f"the checkpoint being written was not completed: {e}")
+
     def release(self) -> None:
         """Let go of everything that references the process group (model, optimizer state, meshes,
         the task's reference model), so that shutting the group down joins its threads
@@ -571,6 +617,9 @@ class Trainer:
         weights = self.__dict__.pop("weights", None)
         if weights is not None:
             weights.remove()
+        checkpointer = self.__dict__.get("checkpointer")
+        if checkpointer is not None:
+            checkpointer.close()
         for name in ("model", "optimizer", "scheduler", "checkpointer", "ctx", "loader"):
             self.__dict__.pop(name, None)
         self.info = dataclasses.replace(self.info, mesh=None)
@@ -588,7 +637,8 @@ def _sum_by_name(dicts) -> dict[str, torch.Tensor]:
 
 
 # Sums the trainer adds beside the task's (the task's metrics() never sees them).
-_TRAINER_SUMS = ("aux", "_tokens", "_expert_counts", "data_truncated", "data_dropped", "stop_requested")
+_TRAINER_SUMS = ("aux", "_tokens", "_expert_counts", "data_truncated", "data_dropped", "stop_requested",
+                 "checkpoint_written")
 
 
 def _add_micro_step(sums: dict, out: MicroStep) -> None:
