@@ -17,6 +17,11 @@
 #                                           # host waits, and a Chrome trace (3 files per micro-batch size) (~4 min)
 #   bash benchmarks/gpu_session.sh flex     # packed 16k rows, 2 documents: flex vs SDPA dense mask  (~3 min)
 #   bash benchmarks/gpu_session.sh aftersave  # 2 Ling-Lite layers, step time before/after a mid-run save (~3 min)
+#   bash benchmarks/gpu_session.sh onerank  # issue 26 item 2: one GPU without FSDP (parallel.one_rank plain) against
+#                                           # FSDP2 at world size 1, 3 Ling-Lite layers, micro-batches of 1/2/4 rows
+#                                           # (fsdp at 1 and 4); the micro-batch-1 pair profiled (~3 min)
+#   bash benchmarks/gpu_session.sh asyncsave  # issue 26 item 3: 1 Ling-Lite layer (13 GB checkpoint), saves after
+#                                           # steps 4 and 8, ordinary against --checkpoint.async true (~2 min)
 #
 # Liger-Kernel, when wanted, is installed first from wheels carried in .whl/ (device README).
 # Results go to $OUT (the device tool's output folder) or benchmarks/gpu_out; copy them into
@@ -102,8 +107,24 @@ for stage in "$@"; do
       timeout 300 python3 benchmarks/train_step.py $(ceiling) --backends triton --layers 2 --steps 8 --warmup 2 --save-at 6 \
         --json "$out/train_step_aftersave.json" 2>&1 | tee "$out/aftersave.log"
       ;;
+    onerank)
+      # 3 layers, not 'auto': the two paths differ in memory (plain holds a bf16 copy, 2 bytes a parameter),
+      # and the comparison needs the same model. 5 trainer processes, ~35 s each once triton's cache is warm.
+      for run in plain:1 fsdp:1 plain:2 plain:4 fsdp:4; do
+        mode=${run%:*} mb=${run#*:}
+        prof=""; [ "$mb" = 1 ] && prof="--profile"
+        timeout 100 python3 benchmarks/train_step.py $(ceiling) --backends triton --layers "${ONERANK_LAYERS:-3}" \
+          --micro-batch "$mb" --one-rank "$mode" --steps 4 --warmup 2 --save-at 0 $prof \
+          --json "$out/onerank_${mode}_mb$mb.json" 2>&1 | tee "$out/onerank_${mode}_mb$mb.log"
+      done
+      ;;
+    asyncsave)
+      timeout 200 python3 benchmarks/save_stall.py --preset ling-lite --layers 1 --seq-len 4096 --micro-batch 1 \
+        --global-batch 8 --save-every 4 --steps 11 --json "$out/save_stall.json" 2>&1 | tee "$out/asyncsave.log"
+      ;;
     *)
-      echo "unknown stage $stage: check kernels quick qwen3 profile tune suite train trainprof flex aftersave" >&2
+      echo "unknown stage $stage: check kernels quick qwen3 profile tune suite train trainprof flex aftersave" \
+        "onerank asyncsave" >&2
       exit 2
       ;;
   esac
