@@ -140,6 +140,7 @@ def main(argv=None) -> dict:
     workdir = args.workdir or tempfile.mkdtemp(prefix="lingmoe-save-stall-")
     os.makedirs(workdir, exist_ok=True)
     rows = []
+    load_before = os.getloadavg()  # others' work on a shared machine moves every interval: recorded
     for mode in args.modes:
         res = run_mode(mode, args, workdir)
         if not res["ok"]:
@@ -156,7 +157,8 @@ def main(argv=None) -> dict:
               "trainer_args": trainer_args, "preset": args.preset, "overrides": overrides,
               "params": BailingMoeConfig.preset(args.preset, **overrides).num_params(),
               "seq_len": args.seq_len, "micro_batch": args.micro_batch, "global_batch": args.global_batch,
-              "steps": args.steps, "warmup": args.warmup, "save_every": args.save_every, "rows": rows}
+              "steps": args.steps, "warmup": args.warmup, "save_every": args.save_every,
+              "load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()}, "rows": rows}
     tmp = args.json + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)

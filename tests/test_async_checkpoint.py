@@ -219,3 +219,28 @@ def test_sigkill_during_the_background_write_leaves_the_previous_checkpoint(tmp_
     run_inproc("sft", args)
     _same_run(reference, out)
     assert _ckpts(out) == [6] and not [n for n in os.listdir(out / "checkpoints") if n.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_two_ranks_write_in_the_background_and_resume_exactly(tmp_path):
+    """Two gloo ranks: DCP's exchanges run in the writing thread on a group of their own while the step's
+    collectives go on, and the write is published at the same step on both ranks."""
+    from tests.trainer_utils import run_torchrun
+
+    out = tmp_path / "run"
+    args = TINY + ["--data.synthetic", "true", "--train.global_batch_size", "4", "--data.micro_batch_size", "1",
+                   "--checkpoint.every", "2", "--train.steps", "6", "--checkpoint.keep_last", "3", *ASYNC,
+                   "--output-dir", str(out)]
+    run_torchrun("sft", args)
+    assert _ckpts(out) == [2, 4, 6] and all(_complete(out, s) for s in (2, 4, 6))
+    assert sorted(n for n in os.listdir(out / "checkpoints" / "step_00000004") if n.endswith(".distcp")) == \
+        ["__0_0.distcp", "__1_0.distcp"]
+    first, first_export = metrics(out), exported(out)
+    shutil.rmtree(out / "checkpoints" / "step_00000006")
+    shutil.rmtree(out / "hf")
+    run_torchrun("sft", args)
+    again = metrics(out)
+    assert [(m["step"], m["loss"], m["grad_norm"]) for m in again] == \
+        [(m["step"], m["loss"], m["grad_norm"]) for m in first]
+    export = exported(out)
+    assert all(torch.equal(export[k], first_export[k]) for k in first_export)
