@@ -1,5 +1,6 @@
 """How long checkpoint saves stop training: ordinary saves against --checkpoint.async true.
 
+    python benchmarks/save_stall.py --steps 25 --save-every 8 --warmup 3 --threads 0 1   # CPU, the committed run
     python benchmarks/save_stall.py                        # CPU: a 59M-parameter model (0.7 GB checkpoint)
     python benchmarks/save_stall.py --preset ling-lite --layers 1 --save-every 4 --steps 11   # GPU
 
@@ -73,8 +74,8 @@ def save_times(log: str, mode: str, n: int) -> list[dict]:
     return [{"call_s": c, "wait_s": w} for c, w in zip(calls[:n], waits[:n])]
 
 
-def run_mode(mode: str, args, workdir: str) -> dict:
-    out_dir = os.path.join(workdir, mode)
+def run_mode(mode: str, args, workdir: str, threads: int = 0) -> dict:
+    out_dir = os.path.join(workdir, f"{mode}-{threads}")
     shutil.rmtree(out_dir, ignore_errors=True)
     overrides = json.loads(args.overrides)
     if args.layers:
@@ -86,8 +87,9 @@ def run_mode(mode: str, args, workdir: str) -> dict:
            "--train.steps", str(args.steps), "--train.progress", "false", "--checkpoint.every", str(args.save_every),
            "--checkpoint.keep_last", "1", "--checkpoint.save_final", "false", "--checkpoint.export_hf", "false",
            "--checkpoint.async", "true" if mode == "async" else "false", "--output-dir", out_dir, *args.trainer_args]
-    print(f"[{mode}] " + " ".join(cmd[1:]), flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    print(f"[{mode}, {threads or 'default'} threads] " + " ".join(cmd[1:]), flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"ok": False, "log_tail": (proc.stdout + proc.stderr)[-3000:]}
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
@@ -131,6 +133,10 @@ def main(argv=None) -> dict:
     p.add_argument("--save-every", type=int, default=6, help="save after every N steps (default 6: steps 6, 12)")
     p.add_argument("--during", type=int, default=3,
                    help="steps after the save's that are counted as 'during the write' (default 3)")
+    p.add_argument("--threads", type=int, nargs="+", default=[0],
+                   help="OMP_NUM_THREADS of the trainer, one run of each mode per value; 0 = torch's default "
+                        "(all cores). Fewer threads than cores leave the writing thread a core, as on a GPU "
+                        "node whose host mostly waits for the GPU (default: 0)")
     p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "save_stall_cpu.json"))
     p.add_argument("--workdir", default="", help="where the run directories go (default: a temporary directory)")
     args = p.parse_args(argv)
@@ -141,11 +147,12 @@ def main(argv=None) -> dict:
     os.makedirs(workdir, exist_ok=True)
     rows = []
     load_before = os.getloadavg()  # others' work on a shared machine moves every interval: recorded
-    for mode in args.modes:
-        res = run_mode(mode, args, workdir)
-        if not res["ok"]:
-            print(f"[{mode}] failed:\n{res['log_tail']}", file=sys.stderr)
-        rows.append({"mode": mode, **res})
+    for threads in args.threads:
+        for mode in args.modes:
+            res = run_mode(mode, args, workdir, threads)
+            if not res["ok"]:
+                print(f"[{mode}] failed:\n{res['log_tail']}", file=sys.stderr)
+            rows.append({"mode": mode, "threads": threads, **res})
     from moe.config import BailingMoeConfig
     from trainer.tools.kernel_bench import run_metadata
 
@@ -173,16 +180,16 @@ def main(argv=None) -> dict:
 def format_table(result: dict) -> str:
     lines = [f"checkpoint save stall on {result['device']}: {result['params'] / 1e6:.1f}M parameters, a save every "
              f"{result['save_every']} steps",
-             "| mode | save after step | checkpoint GB | save call s (trainer's log) | waited later s | step ms "
+             "| mode | threads | save after step | checkpoint GB | save call s (trainer's log) | waited later s | step ms "
              "| step with the save ms | stall ms | during the write ms | after ms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in result["rows"]:
         if not r.get("ok"):
-            lines.append(f"| {r['mode']} | failed | | | | | | | | |")
+            lines.append(f"| {r['mode']} | {r.get('threads') or 'all'} | failed | | | | | | | | |")
             continue
         for s in r["saves"]:
-            lines.append(f"| {r['mode']} | {s['step']} | {r['checkpoint_bytes'] / 1e9:.2f} | "
+            lines.append(f"| {r['mode']} | {r.get('threads') or 'all'} | {s['step']} | {r['checkpoint_bytes'] / 1e9:.2f} | "
                          f"{num(s.get('call_s'), '.2f')} | {num(s.get('wait_s'), '.2f')} | {r['step_ms']:.0f} | "
                          f"{s['step_with_save_ms']:.0f} | {s['stall_ms']:.0f} | {num(s['during_write_ms'], '.0f')} | "
                          f"{num(s['after_ms'], '.0f')} |")
