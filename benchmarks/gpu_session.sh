@@ -23,6 +23,11 @@
 #                                           # and combine kernels against the torch ops they replaced, and training
 #                                           # steps, eager and compiled (~4-5 min)
 #   bash benchmarks/gpu_session.sh issue26mem  # expert recompute at micro-batch 2 (~1.5 min)
+#   bash benchmarks/gpu_session.sh onerank  # issue 26 item 2: one GPU without FSDP (parallel.one_rank plain) against
+#                                           # FSDP2 at world size 1, 3 Ling-Lite layers, micro-batches of 1/2/4 rows
+#                                           # (fsdp at 1 and 4); the micro-batch-1 pair profiled (~3 min)
+#   bash benchmarks/gpu_session.sh asyncsave  # issue 26 item 3: 1 Ling-Lite layer (13 GB checkpoint), saves after
+#                                           # steps 4 and 8, ordinary against --checkpoint.async true (~2 min)
 #
 # Liger-Kernel, when wanted, is installed first from wheels carried in .whl/ (device README).
 # Results go to $OUT (the device tool's output folder) or benchmarks/gpu_out; copy them into
@@ -140,8 +145,24 @@ for stage in "$@"; do
     issue26mem)
       issue26mem_stage
       ;;
+    onerank)
+      # 3 layers, not 'auto': the two paths differ in memory (plain holds a bf16 copy, 2 bytes a parameter),
+      # and the comparison needs the same model. 5 trainer processes, ~35 s each once triton's cache is warm.
+      for run in plain:1 fsdp:1 plain:2 plain:4 fsdp:4; do
+        mode=${run%:*} mb=${run#*:}
+        prof=""; [ "$mb" = 1 ] && prof="--profile"
+        timeout 100 python3 benchmarks/train_step.py $(ceiling) --backends triton --layers "${ONERANK_LAYERS:-3}" \
+          --micro-batch "$mb" --one-rank "$mode" --steps 4 --warmup 2 --save-at 0 $prof \
+          --json "$out/onerank_${mode}_mb$mb.json" 2>&1 | tee "$out/onerank_${mode}_mb$mb.log"
+      done
+      ;;
+    asyncsave)
+      timeout 200 python3 benchmarks/save_stall.py --preset ling-lite --layers 1 --seq-len 4096 --micro-batch 1 \
+        --global-batch 8 --save-every 4 --steps 11 --json "$out/save_stall.json" 2>&1 | tee "$out/asyncsave.log"
+      ;;
     *)
-      echo "unknown stage $stage: check kernels quick qwen3 profile tune suite train trainprof flex aftersave issue26 issue26mem" >&2
+      echo "unknown stage $stage: check kernels quick qwen3 profile tune suite train trainprof flex aftersave" \
+        "issue26 issue26mem onerank asyncsave lingmini2" >&2
       exit 2
       ;;
   esac

@@ -46,14 +46,15 @@ def model_config(preset: str, layers: int):
     return dataclasses.replace(cfg, num_hidden_layers=layers)
 
 
-def layers_that_fit(preset: str, seq_len: int, micro_batch: int, free_bytes: int) -> int:
+def layers_that_fit(preset: str, seq_len: int, micro_batch: int, free_bytes: int, state_bytes: int = 18) -> int:
     """A first guess at the deepest model whose training state and activations fit in ``free_bytes``
-    of one GPU: 16 bytes per parameter (fp32 weight, fp32 gradient, two AdamW moments), ~90 KB of saved
+    of one GPU: ``state_bytes`` per parameter (fp32 master, fp32 gradient, two AdamW moments: 16; and
+    the bf16 copy the model computes from without FSDP, parallel.one_rank plain: 18), ~90 KB of saved
     activations per token and layer (bf16, no activation checkpointing) and the logits' fp32 copies.
     The caller backs off by one layer per out-of-memory failure, so the guess may be a little high."""
     one, two = model_config(preset, 1), model_config(preset, 2)
-    per_layer = 16 * (two.num_params() - one.num_params()) + 90_000 * seq_len * micro_batch
-    fixed = 16 * (one.num_params() - (two.num_params() - one.num_params()))
+    per_layer = state_bytes * (two.num_params() - one.num_params()) + 90_000 * seq_len * micro_batch
+    fixed = state_bytes * (one.num_params() - (two.num_params() - one.num_params()))
     fixed += 3 * 4 * one.vocab_size * seq_len * micro_batch + (2 << 30)  # logits, their grad, CUDA context
     return max(1, int((0.92 * free_bytes - fixed) // per_layer))
 
@@ -101,7 +102,7 @@ def run_backend(backend: str, args, layers: int, trainer_args: list[str], workdi
            "--train.global_batch_size", str(args.global_batch), "--train.steps", str(n_steps),
            "--train.progress", "false", "--checkpoint.every", str(save_at), "--checkpoint.keep_last", "1",
            "--checkpoint.resume", "false", "--checkpoint.save_final", "false", "--checkpoint.export_hf", "false",
-           "--output-dir", out_dir]
+           "--parallel.one_rank", args.one_rank, "--output-dir", out_dir]
     if args.peak_tflops:
         cmd += ["--train.peak_tflops", str(args.peak_tflops)]
     if args.ceiling_tflops:
@@ -194,6 +195,10 @@ def main(argv=None) -> dict:
     p.add_argument("--ceiling-tflops", type=float, default=0.0,
                    help="dense bf16 matmul rate measured on this device (benchmarks/ceilings.py's dense_bf16_tflops); "
                         "when set, rows also report mfu_vs_measured_peak (default: 0, not reported)")
+    p.add_argument("--one-rank", choices=["plain", "fsdp"], default="plain",
+                   help="the trainer's parallel.one_rank: 'plain' (no FSDP, bf16 copies of fp32 master weights) "
+                        "or 'fsdp' (FSDP2 at world size 1, which casts and copies every parameter per micro-batch) "
+                        "(default: plain)")
     p.add_argument("--save-at", default="auto",
                    help="save a checkpoint after this step and report the median step time before and after it; "
                         "'auto' = half-way through the timed steps, 0 = no save (default: auto)")
@@ -222,7 +227,8 @@ def main(argv=None) -> dict:
     if args.layers == "auto":
         if gpu:
             free, _ = torch.cuda.mem_get_info()
-            layers = layers_that_fit(args.preset, args.seq_len, args.micro_batch, free)
+            layers = layers_that_fit(args.preset, args.seq_len, args.micro_batch, free,
+                                     state_bytes=18 if args.one_rank == "plain" else 16)
         else:
             layers = 2
     else:
@@ -258,7 +264,7 @@ def main(argv=None) -> dict:
         fpt = flops_per_token(cfg, args.seq_len)
         row = {"backend": backend, "impl": BACKEND_NAMES[backend], "pass": "train_step", "layers": n,
                "seq_len": args.seq_len, "docs_per_row": args.docs_per_row, "attn": args.attn,
-               "micro_batch": args.micro_batch, "global_batch": args.global_batch,
+               "micro_batch": args.micro_batch, "global_batch": args.global_batch, "one_rank": args.one_rank,
                "T": args.seq_len * args.global_batch,
                "E": cfg.num_experts, "K": cfg.num_experts_per_tok, "H": cfg.hidden_size,
                "I": cfg.moe_intermediate_size, "dtype": "bf16" if gpu else "fp32",
@@ -273,6 +279,7 @@ def main(argv=None) -> dict:
         **run_metadata(torch.device("cuda" if gpu else "cpu")),
         "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "trainer_args": trainer_args, "preset": args.preset, "warmup": args.warmup, "steps": args.steps,
+        "one_rank": args.one_rank, "micro_batch": args.micro_batch,
         "rows": rows,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -289,7 +296,8 @@ def main(argv=None) -> dict:
 
 def format_table(result: dict) -> str:
     lines = [f"training step on {result['device']} (torch {result['torch']}, triton {result['triton']}), "
-             f"median of {result['steps']} steps after {result['warmup']} warm-up",
+             f"median of {result['steps']} steps after {result['warmup']} warm-up; micro-batch "
+             f"{result.get('micro_batch', '?')} rows, one rank {result.get('one_rank', 'fsdp')}",
              "| backend | attention | layers | seq x docs | tokens/step | step ms | ms before / after save | "
              "tokens/s | model TFLOP/s | MFU | peak GiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -187,7 +187,7 @@ def _cli(args, timeout=120):
 _OTHER_CHOICE = {("model", "preset"): "ling-lite", ("model", "expert_backend"): "torch",
                  ("model", "aux_loss_type"): "micro", ("model", "param_dtype"): "fp32", ("train", "device"): "cpu",
                  ("dpo", "loss_type"): "ipo", ("dpo", "reference"): "live", ("dpo", "nll_average"): "token",
-                 ("data", "template"): "bailing_v2"}
+                 ("data", "template"): "bailing_v2", ("parallel", "one_rank"): "fsdp"}
 # Options that only go with another one.
 _COMPANIONS = {("checkpoint", "save_final"): ["--checkpoint.export_hf", "false"]}
 
@@ -214,7 +214,7 @@ def test_every_option_in_help_is_accepted_and_changes_the_resolved_config(script
     import re
 
     from trainer import dpo, sft
-    from trainer.options import DPORunOptions, Options, OptionsError, build_parser, parse_options
+    from trainer.options import DPORunOptions, Options, OptionsError, build_parser, option_key, parse_options
 
     options, defaults, doc = ((Options, None, sft.__doc__) if script == "sft"
                               else (DPORunOptions, dpo.DPO_DEFAULTS, dpo.__doc__))
@@ -225,7 +225,7 @@ def test_every_option_in_help_is_accepted_and_changes_the_resolved_config(script
 
     help_text = build_parser(script, options, doc, defaults).format_help()
     listed = set(re.findall(r"^\s+--(\w+)\.(\w+) V\b", help_text, flags=re.M))  # the option lines
-    assert listed == {(sec, f.name) for sec, cls in sections.items() for f in dataclasses.fields(cls)}
+    assert listed == {(sec, option_key(f)) for sec, cls in sections.items() for f in dataclasses.fields(cls)}
     base = resolve([])
     for sec, key in sorted(listed):
         companions = _COMPANIONS.get((sec, key), [])

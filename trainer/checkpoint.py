@@ -7,15 +7,25 @@ written last, COMPLETE.
 
 A save goes to step_N.tmp/ and is renamed to step_N/ by rank 0 once every rank has finished, so a
 crash mid-save leaves the previous checkpoint whole and the partial one ignored (and removed later).
+
+A background save (``save(..., background=True)``, the trainer's --checkpoint.async) copies the
+state to host memory (pinned on CUDA), starts DCP's write of that copy in a thread and returns;
+training goes on. ``finish()`` waits for the write and only then writes COMPLETE, renames and
+prunes, exactly as a save does; a failed write removes step_N.tmp/ and raises as a save would. One
+write at a time: a save first finishes the write in flight. The trainer calls ``finish()`` once
+every rank's write is done (``written()``, summed in the step's all-reduce), before SIGTERM's save
+and before the final save.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import uuid
 import warnings
+from concurrent import futures
 
 import torch
 import torch.distributed as dist
@@ -58,12 +68,45 @@ def _quiet_single_process():
         yield
 
 
+@dataclasses.dataclass
+class _Write:
+    """A background write in flight."""
+    step: int
+    tmp: str
+    final: str
+    future: object  # concurrent.futures.Future of dcp.async_save
+
+
+def _host_stager(pin_memory: bool):
+    """DCP's stager, kept for the run: it copies the state into host buffers it allocates once (pinned
+    for fast device-to-host copies on CUDA) and reuses at every later save."""
+    try:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    except ImportError:
+        raise TrainerError(f"checkpoint.async needs torch.distributed.checkpoint.staging.DefaultStager "
+                           f"(torch >= 2.9); this is torch {torch.__version__}") from None
+    return DefaultStager(StagingOptions(use_pinned_memory=pin_memory, use_shared_memory=False,
+                                        use_async_staging=False, use_non_blocking_copy=False))
+
+
 class Checkpointer:
-    def __init__(self, root: str, rank: int, keep_last: int = 2):
+    def __init__(self, root: str, rank: int, keep_last: int = 2, background: bool = False, pin_memory: bool = False):
         self.root, self.rank, self.keep_last = root, rank, keep_last
+        self.pending: _Write | None = None
+        self._stager = self._group = self._launched = None
+        if background:
+            self._stager = _host_stager(pin_memory)
+            if _single_process():  # DCP's writing thread says so at every save, outside _quiet_single_process
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to save", category=UserWarning)
+            else:
+                # DCP exchanges plans and results between ranks from the writing thread: on a gloo group
+                # of its own, so that they never interleave with the training step's collectives.
+                self._group = dist.new_group(backend="gloo")
 
     def save(self, step: int, model, optimizer, trainer_state: dict, rank_state: dict,
-             model_config: dict, config_yaml: str) -> str:
+             model_config: dict, config_yaml: str, background: bool = False) -> str:
+        """The checkpoint of ``step``; with ``background`` only started (see the module docstring)."""
+        self.finish()  # one write at a time
         final = os.path.join(self.root, step_dir_name(step))
         tmp = final + ".tmp"
         if os.path.exists(os.path.join(final, COMPLETE)):
@@ -71,10 +114,49 @@ class Checkpointer:
             # so no moment exists at which it is gone. (Every rank sees the same directory.)
             _barrier()
             return final
+        with self._nothing_left_on_failure(tmp):
+            self._launched = None
+            try:
+                self._write(step, tmp, model, optimizer, trainer_state, rank_state, model_config, config_yaml,
+                            background)
+            except BaseException:
+                if self._launched is not None:  # its thread still writes into tmp: let it end before removing
+                    futures.wait([self._launched])
+                raise
+        if background:
+            self.pending = _Write(step, tmp, final, self._launched)
+            return final
+        self._publish(step, tmp, final)
+        return final
+
+    def written(self) -> bool:
+        """Whether this rank's background write, if one is in flight, has ended (well or not)."""
+        return self.pending is not None and self.pending.future.done()
+
+    def finish(self, barrier: bool = True) -> str | None:
+        """Wait for the background write in flight (if any), then publish it as save() publishes: COMPLETE,
+        the rename, pruning. Returns its directory. A failed write leaves nothing and raises as save()
+        does. ``barrier=False`` for a run ending on an error, when another rank may be gone: rank 0's
+        write ends only after every rank's has (DCP gathers their results), so it publishes alone."""
+        w, self.pending = self.pending, None
+        if w is None:
+            return None
+        with self._nothing_left_on_failure(w.tmp):
+            w.future.result()  # what the writing thread raised, raised here
+        self._publish(w.step, w.tmp, w.final, barrier)
+        return w.final
+
+    def close(self) -> None:
+        if self._stager is not None:
+            self._stager.close()
+        self._stager = self._group = None
+
+    @contextlib.contextmanager
+    def _nothing_left_on_failure(self, tmp: str):
         try:
             with writing(tmp):
                 try:
-                    self._write(step, tmp, model, optimizer, trainer_state, rank_state, model_config, config_yaml)
+                    yield
                 except CheckpointException as e:  # DCP gathers every rank's write error into one of these
                     errors = [exc for exc, _ in e.failures.values()]
                     no_space = next((exc for exc in errors if is_no_space(exc, tmp)), None)
@@ -85,6 +167,9 @@ class Checkpointer:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise NoSpaceError(f"{e}; the earlier checkpoints are untouched") from None
+
+    def _publish(self, step: int, tmp: str, final: str, barrier: bool = True) -> None:
+        """Rank 0, once every rank's files are in ``tmp``: COMPLETE, the rename, pruning."""
         if self.rank == 0:
             with open(os.path.join(tmp, COMPLETE), "w") as f:
                 f.write(f"{step}\n")
@@ -93,10 +178,11 @@ class Checkpointer:
             os.replace(tmp, final)
             fsync_dir(self.root)
             self._prune(step)
-        _barrier()
-        return final
+        if barrier:
+            _barrier()
 
-    def _write(self, step, tmp, model, optimizer, trainer_state, rank_state, model_config, config_yaml) -> None:
+    def _write(self, step, tmp, model, optimizer, trainer_state, rank_state, model_config, config_yaml,
+               background=False) -> None:
         if self.rank == 0:
             os.makedirs(self.root, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -104,7 +190,12 @@ class Checkpointer:
         _barrier()
         msd, osd = get_state_dict(model, optimizer)
         with _quiet_single_process():
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp, no_dist=_single_process())
+            if background:  # the copy to host memory is made here; the thread writes the copy
+                self._launched = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=tmp,
+                                                no_dist=_single_process(), process_group=self._group,
+                                                async_stager=self._stager)
+            else:
+                dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp, no_dist=_single_process())
         torch.save(rank_state, os.path.join(tmp, rank_state_name(self.rank)))
         if self.rank == 0:
             with open(os.path.join(tmp, TRAINER_STATE), "w") as f:  # save_id: checkpoint_identity's

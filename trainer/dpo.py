@@ -222,8 +222,7 @@ class DPOTask:
 
     def before_training(self, ctx: StepContext) -> None:
         if ctx.opts.dpo.reference == "live":
-            ref, _ = build_model(ctx.opts, ctx.info, self)
-            ref.requires_grad_(False)
+            ref, _, _ = build_model(ctx.opts, ctx.info, self, frozen=True)
             ref.eval()
             self.ref = ref
             return

@@ -51,6 +51,7 @@ from trainer.errors import TrainerError
 from trainer.metrics import RunLogger, format_metrics
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.options import Options, dump_yaml
+from trainer.precision import MasterWeights
 from trainer.profiling import StepProfiler
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (without sparsity), per GPU. MFU is model
@@ -140,27 +141,49 @@ def model_config_from_options(opts: Options, device: torch.device) -> tuple[Bail
     return ckpt.cfg, lambda name, p, rows: ckpt.get_native(name, rows=rows)
 
 
-def build_model(opts: Options, info: parallel.DistInfo, task: Task) -> tuple[BailingMoeForCausalLM, BailingMoeConfig]:
+def compute_dtype(opts: Options, device: torch.device) -> torch.dtype | None:
+    """The dtype the model computes in: model.param_dtype on GPU; None (the fp32 weights as they are) on CPU."""
+    if device.type != "cuda":
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[opts.model.param_dtype]
+
+
+def plain_one_rank(opts: Options, info: parallel.DistInfo) -> bool:
+    """A run of one rank without FSDP (parallel.one_rank 'plain'; trainer/precision.py says why)."""
+    return info.world_size == 1 and opts.parallel.one_rank == "plain"
+
+
+def build_model(opts: Options, info: parallel.DistInfo, task: Task, frozen: bool = False
+                ) -> tuple[BailingMoeForCausalLM, BailingMoeConfig, MasterWeights]:
+    """The model, its config and the weights an optimizer steps (``weights.module``: the model itself
+    under FSDP or in fp32; its fp32 masters when one rank computes in bf16 without FSDP). ``frozen``:
+    nothing trains (a DPO reference), so no masters are kept."""
     cfg, get_full = model_config_from_options(opts, info.device)
     cfg = task.adjust_model_config(opts, cfg, info)
     with torch.device("meta"):
         model = BailingMoeForCausalLM(cfg)
     if opts.model.activation_checkpointing:
         parallel.apply_activation_checkpointing(model)
-    param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[opts.model.param_dtype] \
-        if info.device.type == "cuda" else None
+    dtype = compute_dtype(opts, info.device)
+    plain = plain_one_rank(opts, info)
     ep = opts.parallel.ep
     if ep > 1 and cfg.num_experts % ep:
         raise TrainerError(f"parallel.ep ({ep}) must divide the model's {cfg.num_experts} routed experts")
     ep_mesh = parallel.expert_mesh(info.device.type, info.world_size, ep) if ep > 1 else None
-    parallel.shard_model(model, info.mesh, param_dtype, compile_blocks=opts.model.compile, ep_mesh=ep_mesh)
+    if plain:
+        if opts.model.compile:
+            parallel.compile_each_block(model)
+    else:
+        parallel.shard_model(model, info.mesh, dtype, compile_blocks=opts.model.compile, ep_mesh=ep_mesh)
     if get_full is None:
         seed = opts.train.seed
         def get_full(name, p, rows):
             full = initial_value(name, tuple(p.shape), cfg, seed)
             return full if rows is None else full[rows[0]:rows[1]]
     parallel.materialize(model, info.device, get_full)
-    return model, cfg
+    if frozen:
+        model.requires_grad_(False)
+    return model, cfg, MasterWeights(model, dtype if plain else None)
 
 
 def flops_per_token(cfg: BailingMoeConfig, seq_len: int) -> float:
@@ -259,6 +282,7 @@ class Trainer:
         self.stop_requested = False
         self.last_metrics: dict = {}
         self.saved_at = -1
+        self.write_ended = False
 
     # ------------------------------------------------------------------ build
     def build(self) -> None:
@@ -275,7 +299,7 @@ class Trainer:
         self.resume_from = latest_checkpoint(self.ckpt_root) if opts.checkpoint.resume else None
         resume_step = int(os.path.basename(self.resume_from).split("_")[1]) if self.resume_from else 0
 
-        self.model, self.cfg = build_model(opts, info, self.task)
+        self.model, self.cfg, self.weights = build_model(opts, info, self.task)
         # The expert biases as initialised (the checkpoint's, or zero): the drift metrics measure from
         # these, so a resumed run reports the same numbers as an uninterrupted one.
         self.bias_start = {i: b.detach().clone() for i, b in expert_biases(self.model).items()}
@@ -294,9 +318,11 @@ class Trainer:
                 f.write(dump_yaml(opts))
         self.loader = self.task.build_loader(opts, info, self.accum, cfg)
         o = opts.optim
-        self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps, info.device)
+        self.optimizer = build_optimizer(self.weights.module, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps,
+                                         info.device)
         self.scheduler = self._schedule(done_steps=0)
-        self.checkpointer = Checkpointer(self.ckpt_root, info.rank, opts.checkpoint.keep_last)
+        self.checkpointer = Checkpointer(self.ckpt_root, info.rank, opts.checkpoint.keep_last,
+                                         background=opts.checkpoint.async_, pin_memory=info.device.type == "cuda")
         self.ctx = StepContext(opts, info, self.model, cfg, self.accum, self.logger)
         if cfg.aux_loss_type == "global":
             self.ctx.balance_counts_fn = CarriedCounts(parallel.all_reduce_sum)
@@ -346,7 +372,8 @@ class Trainer:
     def resume(self) -> str | None:
         """Restore model, optimizer, schedule, data position and RNG from the latest complete checkpoint."""
         if self.resume_from:
-            tstate, rstate = self.checkpointer.load(self.resume_from, self.model, self.optimizer)
+            tstate, rstate = self.checkpointer.load(self.resume_from, self.weights.module, self.optimizer)
+            self.weights.push()
             self.state = TrainState(step=tstate["step"], bad_in_a_row=tstate["bad_in_a_row"])
             self._apply_schedule_options(done_steps=tstate["scheduler"]["last_epoch"])
             try:
@@ -384,7 +411,7 @@ class Trainer:
         def local(t):
             t = getattr(t, "_local_tensor", t)
             return t.numel() * t.element_size()
-        tensors = list(self.model.parameters())
+        tensors = list(self.weights.module.parameters())
         tensors += [v for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
         n = sum(local(t) for t in tensors) + DCP_BYTES_PER_TENSOR * len(tensors) + DCP_BYTES_PER_RANK
         if dist.is_initialized() and self.info.world_size > 1:
@@ -393,17 +420,35 @@ class Trainer:
             n = int(t.item())
         return n
 
-    def save(self) -> str:
+    def save(self, background: bool = False) -> str:
+        """A checkpoint of this step; ``background`` (checkpoint.async): staged to host memory and written
+        by a thread, published by _finish_write once every rank's write is done."""
+        self._finish_write()  # one write at a time, and the space check below sees what it took
+        t0 = time.perf_counter()
         nbytes = self._state_bytes()
         rundir.on_rank0(lambda: require_space(self.ckpt_root, nbytes, f"checkpoint step {self.state.step}"))
         tstate = {**dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict(),
                   "world_size": self.info.world_size}
         rstate = {"loader": self.loader.state_dict(), "rng": torch.get_rng_state()}
-        path = self.checkpointer.save(self.state.step, self.model, self.optimizer, tstate, rstate, self.cfg.to_dict(),
-                                      dump_yaml(self.opts))
+        path = self.checkpointer.save(self.state.step, self.weights.module, self.optimizer, tstate, rstate,
+                                      self.cfg.to_dict(), dump_yaml(self.opts), background=background)
         self.saved_at = self.state.step
-        self.logger.info(f"saved checkpoint {path}")
+        if background:
+            self.logger.info(f"checkpoint {path}: state copied in {time.perf_counter() - t0:.2f} s, "
+                             f"writing in the background")
+        else:
+            self.logger.info(f"saved checkpoint {path} ({time.perf_counter() - t0:.2f} s)")
         return path
+
+    def _finish_write(self, barrier: bool = True) -> None:
+        """Wait for the background write in flight, if any, and publish it (COMPLETE, rename, pruning)."""
+        pending = self.checkpointer.pending
+        if pending is None:
+            return
+        t0 = time.perf_counter()
+        path = self.checkpointer.finish(barrier)
+        self.logger.info(f"saved checkpoint {path} (written in the background; waited "
+                         f"{time.perf_counter() - t0:.2f} s for it)")
 
     def export(self, checkpoint: str) -> str:
         """The HF safetensors export of ``checkpoint`` to <output-dir>/hf, written by rank 0."""
@@ -454,7 +499,7 @@ class Trainer:
             out.loss.backward()
             _add_micro_step(sums, out)
             self.expert_layers = out.expert_layers
-        grad_norm = _grad_norm(self.model, self.opts.optim.grad_clip).item()
+        grad_norm = _grad_norm(self.weights.module, self.opts.optim.grad_clip).item()
         metrics, reduced = self._reduce(sums)
         finite = math.isfinite(grad_norm) and all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
         lr_used = self._update(finite)
@@ -472,9 +517,11 @@ class Trainer:
         task's metrics (plus aux_loss, data counters, expert load) and all reduced values."""
         counters = getattr(self.loader, "counters", {})
         sums = dict(sums, data_truncated=counters.get("truncated", 0), data_dropped=counters.get("dropped", 0),
-                    stop_requested=float(self.stop.requested))
+                    stop_requested=float(self.stop.requested), checkpoint_written=float(self.checkpointer.written()))
         reduced = _host_floats(parallel.all_reduce_by_name(sums, self.info.device))
         self.stop_requested = reduced["stop_requested"] > 0
+        # Every rank's background write has ended: all ranks publish it after this step, together.
+        self.write_ended = reduced["checkpoint_written"] >= self.info.world_size
         aux_loss = reduced.get("aux", 0.0) / (self.accum * self.info.world_size)
         task_sums = {k: v for k, v in reduced.items() if k not in _TRAINER_SUMS}
         metrics = self.task.metrics(task_sums, _host_floats(self.ctx.totals), aux_loss)
@@ -489,6 +536,7 @@ class Trainer:
         """The optimizer step, or its skip when the loss or gradient is not finite; returns the lr used."""
         if finite:
             self.optimizer.step()
+            self.weights.push()
             self.state.bad_in_a_row = 0
         else:
             self.state.bad_in_a_row += 1
@@ -557,18 +605,26 @@ class Trainer:
                 if self.state.bad_in_a_row >= opts.train.max_bad_steps:
                     raise TrainerError(f"{self.state.bad_in_a_row} consecutive steps with a non-finite loss or "
                                        f"gradient; stopping (the last good checkpoint is kept)")
+                if self.write_ended:
+                    self._finish_write()
                 if opts.checkpoint.every and step % opts.checkpoint.every == 0 and step < total:
-                    self.save()
+                    self.save(background=opts.checkpoint.async_)
                     # A SIGTERM that came during the save (a long one, under torchrun's grace period)
-                    # finds this step saved: exit now rather than train a step and save again.
+                    # finds this step saved (or being written): exit now rather than train a step and
+                    # save again.
                     self.stop_requested = self.stop_requested or self._stop_requested_anywhere()
                 if self.stop_requested:
+                    if self.checkpointer.pending is not None:
+                        self.logger.info(f"SIGTERM received: waiting for the checkpoint of step "
+                                         f"{self.checkpointer.pending.step} being written")
+                        self._finish_write()
                     if self.saved_at == step:
                         self.logger.info(f"SIGTERM received: step {step} is already saved; exiting")
                     else:
                         self.logger.info(f"SIGTERM received: saving at step {step} and exiting")
                         self.save()
                     return {"metrics": self.last_metrics, "step": step, "stopped": True}
+        self._finish_write()
         result = {"metrics": self.last_metrics, "step": self.state.step, "checkpoint": None}
         if opts.checkpoint.save_final:
             result["checkpoint"] = self.save() if self.saved_at != self.state.step else latest_checkpoint(self.ckpt_root)
@@ -590,6 +646,7 @@ class Trainer:
 
     def close(self, shutdown: bool = True) -> None:
         self.stop.uninstall()
+        self._settle_write()  # before the lock goes: a next run would sweep a directory still being written
         if self.logger is not None:
             self.logger.close()
         if self.lock is not None:
@@ -598,10 +655,32 @@ class Trainer:
             self.release()
             parallel.shutdown_distributed()
 
+    def _settle_write(self) -> None:
+        """A run that ends on an error with a background write in flight: the write is waited for (the
+        interpreter would wait for its thread anyway) and published if it succeeded, by rank 0 alone
+        (another rank may be gone: no collective). If it failed, the earlier checkpoints stand."""
+        checkpointer = self.__dict__.get("checkpointer")
+        if checkpointer is None or checkpointer.pending is None:
+            return
+        if self.logger is not None:
+            self.logger.info(f"waiting for the checkpoint of step {checkpointer.pending.step} being written "
+                             f"before exiting")
+        try:
+            self._finish_write(barrier=False)
+        except Exception as e:  # the run's own error is the one to report
+            if self.logger is not None:
+                self.logger.info(f"the checkpoint being written was not completed: {e}")
+
     def release(self) -> None:
         """Let go of everything that references the process group (model, optimizer state, meshes,
         the task's reference model), so that shutting the group down joins its threads
         (parallel.shutdown_distributed says why that matters at exit)."""
+        weights = self.__dict__.pop("weights", None)
+        if weights is not None:
+            weights.remove()
+        checkpointer = self.__dict__.get("checkpointer")
+        if checkpointer is not None:
+            checkpointer.close()
         for name in ("model", "optimizer", "scheduler", "checkpointer", "ctx", "loader"):
             self.__dict__.pop(name, None)
         self.info = dataclasses.replace(self.info, mesh=None)
@@ -619,7 +698,8 @@ def _sum_by_name(dicts) -> dict[str, torch.Tensor]:
 
 
 # Sums the trainer adds beside the task's (the task's metrics() never sees them).
-_TRAINER_SUMS = ("aux", "_tokens", "_expert_counts", "data_truncated", "data_dropped", "stop_requested")
+_TRAINER_SUMS = ("aux", "_tokens", "_expert_counts", "data_truncated", "data_dropped", "stop_requested",
+                 "checkpoint_written")
 
 
 def _add_micro_step(sums: dict, out: MicroStep) -> None:

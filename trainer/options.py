@@ -16,6 +16,7 @@ bounds from ``opt(..., ge=, gt=, le=, lt=)``, floats finite, then the rules that
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import operator
@@ -31,13 +32,30 @@ from moe.config import AuxLossType, BailingMoeConfig, ExpertBackend, PresetName
 from trainer.errors import TrainerError
 
 
-def opt(default, help: str, *, ge=None, gt=None, le=None, lt=None):
-    """A field with its --help text and the bounds ``validate`` holds its value to."""
+def opt(default, help: str, *, key: str | None = None, ge=None, gt=None, le=None, lt=None):
+    """A field with its --help text and the bounds ``validate`` holds its value to. ``key``: the
+    option's name on the command line, in recipes and in config.yaml when the field's own name
+    cannot be it (``async`` is a Python keyword: the field is ``async_``)."""
     bounds = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
-    meta = {"help": help, "bounds": bounds}
+    meta = {"help": help, "bounds": bounds, **({"key": key} if key else {})}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def option_key(f: dataclasses.Field) -> str:
+    """The name users give a field (``opt``'s key, else the field's name)."""
+    return f.metadata.get("key", f.name)
+
+
+def _section_dict(section) -> dict:
+    return {option_key(f): copy.deepcopy(getattr(section, f.name)) for f in dataclasses.fields(section)}
+
+
+def _section(cls: type, values: dict):
+    """``cls`` built from values keyed by option_key."""
+    names = {option_key(f): f.name for f in dataclasses.fields(cls)}
+    return cls(**{names[k]: v for k, v in values.items()})
 
 
 ParamDtype = Literal["bf16", "fp16", "fp32"]
@@ -45,6 +63,7 @@ Device = Literal["auto", "cuda", "cpu"]
 DPOLossType = Literal["sigmoid", "ipo", "hinge"]
 DPOReference = Literal["precomputed", "live"]
 DPONllAverage = Literal["sequence", "token", "trl"]
+OneRank = Literal["plain", "fsdp"]
 DPO_LOSS_TYPES = get_args(DPOLossType)
 
 MAX_SEED = 2 ** 32 - 1  # numpy's and the synthetic rows' seed arithmetic stay in range below this
@@ -147,6 +166,11 @@ class ParallelOptions:
     ep: int = opt(1, "expert parallelism: each group of ep consecutive ranks splits the routed experts (E/ep "
                      "whole experts per rank, tokens sent by all-to-all); expert weights are FSDP-sharded over the "
                      "other world/ep ranks, everything else over all ranks. 1 = no expert parallelism", ge=1)
+    one_rank: OneRank = opt("plain", "how a run of one rank trains: 'plain' (no FSDP: the model computes in "
+                                     "model.param_dtype from its own parameters and the optimizer steps fp32 master "
+                                     "weights, with no parameter copies per micro-batch) or 'fsdp' (FSDP2 as on many "
+                                     "ranks, which casts and copies every parameter per micro-batch; for comparison). "
+                                     "Numerically the same; ignored with more than one rank")
 
 
 @dataclass
@@ -157,6 +181,11 @@ class CheckpointOptions:
     export_hf: bool = opt(True, "write an HF safetensors export to <output-dir>/hf at the end")
     save_final: bool = opt(True, "save a checkpoint when training ends; false only for throughput "
                                  "benchmarks (nothing is kept, so it needs export_hf false)")
+    async_: bool = opt(False, "write periodic checkpoints in the background: the state is copied to host memory "
+                              "(pinned on CUDA) at the save and written by a thread while training goes on; "
+                              "COMPLETE, the rename and pruning follow once every rank has written. One write at "
+                              "a time (the next save, SIGTERM and the end wait for it); needs host memory for a "
+                              "copy of each rank's state", key="async")
 
 
 @dataclass
@@ -204,7 +233,7 @@ class Options:
         return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
 
     def to_dict(self) -> dict:
-        d = {name: dataclasses.asdict(getattr(self, name)) for name in self.sections()}
+        d = {name: _section_dict(getattr(self, name)) for name in self.sections()}
         d["output_dir"] = self.output_dir
         return d
 
@@ -266,7 +295,7 @@ def validate(opts: Options, origin: Callable[[str], str] = lambda name: "options
     for sec, cls in type(opts).sections().items():
         section, hints = getattr(opts, sec), typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            name = f"{sec}.{f.name}"
+            name = f"{sec}.{option_key(f)}"
             v = _typed(name, hints[f.name], getattr(section, f.name), origin(name))
             _check_bounds(name, v, f.metadata.get("bounds", {}), origin(name))
             setattr(section, f.name, v)
@@ -313,7 +342,7 @@ def _merge(sections: dict[str, type], values: dict, where: str, into: dict[str, 
             raise OptionsError(f"{where}: unknown section {sec!r}; valid sections: {sorted(sections)} and output_dir")
         if not isinstance(body, dict):
             raise OptionsError(f"{where}: section {sec!r} must be a mapping of keys to values")
-        valid = {f.name for f in dataclasses.fields(sections[sec])}
+        valid = {option_key(f) for f in dataclasses.fields(sections[sec])}
         for k, v in body.items():
             if k not in valid:
                 raise OptionsError(f"{where}: unknown key {sec}.{k}; valid keys in {sec}: {sorted(valid)}")
@@ -334,8 +363,9 @@ def build_parser(prog: str, options: type[Options], description: str,
         g = p.add_argument_group(f"{sec} options")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            default = (defaults or {}).get(sec, {}).get(f.name, default)
-            g.add_argument(f"--{sec}.{f.name}", dest=f"{sec}.{f.name}", default=None, metavar="V",
+            key = option_key(f)
+            default = (defaults or {}).get(sec, {}).get(key, default)
+            g.add_argument(f"--{sec}.{key}", dest=f"{sec}.{key}", default=None, metavar="V",
                            help=f"{f.metadata.get('help', '')} (default: {default!r})")
     return p
 
@@ -365,7 +395,7 @@ def parse_options(argv: list[str] | None, prog: str, options: type[Options], des
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         bad = [u for u in unknown if u.startswith("--")]
-        valid = sorted(f"--{s}.{f.name}" for s, c in sections.items() for f in dataclasses.fields(c))
+        valid = sorted(f"--{s}.{option_key(f)}" for s, c in sections.items() for f in dataclasses.fields(c))
         parser.error(f"unknown option(s) {bad or unknown}; valid options: --config, --output-dir, " + ", ".join(valid))
     values: dict[str, dict] = {sec: dict(body) for sec, body in (defaults or {}).items()}
     origin = {f"{sec}.{k}": f"{prog} defaults" for sec, body in values.items() for k in body}
@@ -383,7 +413,7 @@ def parse_options(argv: list[str] | None, prog: str, options: type[Options], des
         origin[key] = "command line"
     out = args.output_dir or values.get("_", {}).get("output_dir") or default_output
     origin["output_dir"] = "command line" if args.output_dir else args.config or "defaults"
-    opts = options(**{sec: cls(**values.get(sec, {})) for sec, cls in sections.items()},
+    opts = options(**{sec: _section(cls, values.get(sec, {})) for sec, cls in sections.items()},
                    output_dir=out, overwrite=args.overwrite)
     return validate(opts, lambda name: origin.get(name, "defaults"))
 

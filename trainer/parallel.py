@@ -4,6 +4,7 @@ The model itself knows nothing of distribution; everything here is applied from 
   init_distributed(device)    gloo on CPU, nccl on GPU; a one-rank group when not under torchrun
   apply_activation_checkpointing(model)   per decoder block, routing recorded then replayed
   shard_model(model, ...)     fully_shard per decoder block, then the root (FSDP2)
+  compile_each_block(model)   torch.compile each decoder block (shard_model's, or a one-rank run's)
   materialize(model, get_value)  each rank reads or generates only its own shard of each parameter
   all_reduce_by_name(values)  sums of named values over ranks, one collective
 """
@@ -174,9 +175,9 @@ def shard_model(model: nn.Module, mesh, param_dtype: torch.dtype | None, compile
     if ep_mesh is not None:
 
         apply_expert_parallel(model, mesh=ep_mesh["ep"])
+    if compile_blocks:
+        compile_each_block(model)
     for layer in model.model.layers:
-        if compile_blocks:
-            layer.compile()
         experts = getattr(layer.mlp, "experts", None)
         if ep_mesh is not None and isinstance(experts, ExpertParallelExperts):
             fully_shard(experts, mesh=ep_mesh["edp"], mp_policy=mp)
@@ -186,6 +187,11 @@ def shard_model(model: nn.Module, mesh, param_dtype: torch.dtype | None, compile
             experts.grad_scale = 1.0 / ep_mesh["ep"].size()
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+def compile_each_block(model: nn.Module) -> None:
+    for layer in model.model.layers:
+        layer.compile()
 
 
 @torch.no_grad()

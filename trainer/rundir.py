@@ -40,11 +40,11 @@ RUN_STATE = ("checkpoints", "metrics.jsonl", "config.yaml", CHANGES_NAME, "hf", 
 CHANGEABLE = {
     "optim": {"lr", "min_lr_ratio", "warmup_steps", "warmup_ratio", "weight_decay", "grad_clip"},
     "train": {"steps", "log_every", "max_bad_steps", "peak_tflops", "ceiling_tflops", "progress", "profile_step"},
-    "checkpoint": {"every", "keep_last", "resume", "export_hf", "save_final"},
+    "checkpoint": {"every", "keep_last", "resume", "export_hf", "save_final", "async"},
     "log": {"wandb_project", "wandb_run_name"},
     "model": {"expert_backend", "expert_recompute", "activation_checkpointing", "compile"},  # how, not what, is computed
     "data": {"cache_dir"},  # the prepared data are keyed by content wherever they are cached
-    "parallel": {"ep"},  # the experts' layout: DCP reshards them, the numbers are the same (tested)
+    "parallel": {"ep", "one_rank"},  # layouts: DCP reshards between them, the numbers are the same (tested)
 }
 
 
