@@ -111,7 +111,8 @@ class SafetensorsReader:
 
     _READ_CHUNK = 256 << 20
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, single_name: str = SINGLE_NAME):
+        """``single_name``: the one file read when there is no index (PEFT's adapter_model.safetensors)."""
         self.path = os.fspath(path)
         self._files: dict[str, object] = {}
         self._headers: dict[str, dict] = {}
@@ -129,11 +130,11 @@ class SafetensorsReader:
             for name, fname in weight_map.items():
                 self._check_inside(index, name, fname)
             self.weight_map: dict[str, str] = weight_map
-        elif os.path.exists(os.path.join(self.path, SINGLE_NAME)):
+        elif os.path.exists(os.path.join(self.path, single_name)):
             self.weight_map = {}
-            self.weight_map = {k: SINGLE_NAME for k in self._open(SINGLE_NAME) if k != "__metadata__"}
+            self.weight_map = {k: single_name for k in self._open(single_name) if k != "__metadata__"}
         else:
-            raise CheckpointError(f"{self.path}: neither {INDEX_NAME} nor {SINGLE_NAME} found")
+            raise CheckpointError(f"{self.path}: neither {INDEX_NAME} nor {single_name} found")
         for fname in sorted(set(self.weight_map.values())):
             if not os.path.isfile(os.path.join(self.path, fname)):
                 raise MissingCheckpointError(f"{os.path.join(self.path, fname)}: shard named in {INDEX_NAME} is missing")
