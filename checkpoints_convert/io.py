@@ -17,6 +17,7 @@ built on this module.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -259,6 +260,31 @@ class SafetensorsReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def fingerprint_weights(directory: str, content_limit: int = 1 << 30) -> str:
+    """A hash of a weights directory that changes when any file in it is rewritten, even in place: of
+    every file's content when they hold ``content_limit`` bytes or fewer in all, else of each file's
+    size, mtime, inode and (for safetensors) header, which any rewrite or re-save changes."""
+    files = []
+    for root, dirs, names in os.walk(directory):
+        dirs.sort()
+        files += [os.path.join(root, n) for n in sorted(names)]
+    stats = [os.stat(p) for p in files]
+    by_content = sum(st.st_size for st in stats) <= content_limit
+    h = hashlib.sha256()
+    for p, st in zip(files, stats):
+        h.update(f"{os.path.relpath(p, directory)}|{st.st_size}|".encode())
+        with open(p, "rb") as f:
+            if by_content:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+                continue
+            h.update(f"{st.st_mtime_ns}|{st.st_ino}|".encode())
+            if p.endswith(".safetensors"):
+                n = int.from_bytes(f.read(8), "little")
+                h.update(f.read(min(n, 100 << 20)))  # dtypes, shapes, offsets, metadata
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- write

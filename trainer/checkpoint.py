@@ -7,6 +7,9 @@ written last, COMPLETE.
 
 A save goes to step_N.tmp/ and is renamed to step_N/ by rank 0 once every rank has finished, so a
 crash mid-save leaves the previous checkpoint whole and the partial one ignored (and removed later).
+
+``trained_only`` (LoRA runs): the model state holds the parameters that train (the adapters), not
+the frozen ones, which the run rebuilds from its base; the optimizer state is all of it either way.
 """
 from __future__ import annotations
 
@@ -58,11 +61,16 @@ def _quiet_single_process():
 
 
 class Checkpointer:
-    def __init__(self, root: str, rank: int, keep_last: int = 2):
+    def __init__(self, root: str, rank: int, keep_last: int = 2, trained_only: bool = False):
         self.root, self.rank, self.keep_last = root, rank, keep_last
+        self.trained_only = trained_only
+
+    def _state_dict_options(self, **kw) -> StateDictOptions:
+        return StateDictOptions(ignore_frozen_params=self.trained_only, **kw)
 
     def save(self, step: int, model, optimizer, trainer_state: dict, rank_state: dict,
-             model_config: dict, config_yaml: str) -> str:
+             model_config: dict, config_yaml: str, extra_json: dict | None = None) -> str:
+        """``extra_json``: {file name: object} written beside trainer.json by rank 0 (LoRA's lora.json)."""
         final = os.path.join(self.root, step_dir_name(step))
         tmp = final + ".tmp"
         if os.path.exists(os.path.join(final, COMPLETE)):
@@ -73,7 +81,8 @@ class Checkpointer:
         try:
             with writing(tmp):
                 try:
-                    self._write(step, tmp, model, optimizer, trainer_state, rank_state, model_config, config_yaml)
+                    self._write(step, tmp, model, optimizer, trainer_state, rank_state, model_config, config_yaml,
+                                extra_json or {})
                 except CheckpointException as e:  # DCP gathers every rank's write error into one of these
                     errors = [exc for exc, _ in e.failures.values()]
                     no_space = next((exc for exc in errors if is_no_space(exc)), None)
@@ -95,13 +104,14 @@ class Checkpointer:
         _barrier()
         return final
 
-    def _write(self, step, tmp, model, optimizer, trainer_state, rank_state, model_config, config_yaml) -> None:
+    def _write(self, step, tmp, model, optimizer, trainer_state, rank_state, model_config, config_yaml,
+               extra_json) -> None:
         if self.rank == 0:
             os.makedirs(self.root, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         _barrier()
-        msd, osd = get_state_dict(model, optimizer)
+        msd, osd = get_state_dict(model, optimizer, options=self._state_dict_options())
         with _quiet_single_process():
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp, no_dist=_single_process())
         torch.save(rank_state, os.path.join(tmp, rank_state_name(self.rank)))
@@ -112,6 +122,9 @@ class Checkpointer:
                 json.dump(model_config, f, indent=2)
             with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
                 f.write(config_yaml)
+            for name, obj in extra_json.items():
+                with open(os.path.join(tmp, name), "w") as f:
+                    json.dump(obj, f, indent=2)
         _barrier()
 
     def _prune(self, saved: int) -> None:
@@ -126,11 +139,17 @@ class Checkpointer:
 
     def load(self, path: str, model, optimizer) -> tuple[dict, dict]:
         """Restore model and optimizer in place; returns (trainer_state, this rank's rank_state)."""
-        msd, osd = get_state_dict(model, optimizer)
+        msd, osd = get_state_dict(model, optimizer, options=self._state_dict_options())
         state = {"model": msd, "optim": osd}
         dcp_read.load(state, path, no_dist=_single_process())  # data only: no pickle from the checkpoint runs
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=StateDictOptions(strict=True))
+        # Without the frozen parameters, load_state_dict's strict check would count them as missing:
+        # DCP has already loaded every key of msd (it fails on an absent one), so nothing is.
+        keys = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                              options=self._state_dict_options(strict=not self.trained_only))
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        unexpected = [k for k in getattr(keys, "missing_keys", []) if k not in frozen]
+        if unexpected:
+            raise TrainerError(f"{path}: the checkpoint does not hold {unexpected[:5]}")
         with open(os.path.join(path, TRAINER_STATE)) as f:
             trainer_state = json.load(f)
         rank_file = os.path.join(path, rank_state_name(self.rank))

@@ -37,13 +37,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from checkpoints_convert import CheckpointError, open_checkpoint
-from checkpoints_convert.dcp_layout import read_model_config
-from checkpoints_convert.dcp_to_hf import dcp_to_hf
+from checkpoints_convert.dcp_layout import LORA_RECORD, read_lora_record, read_model_config
+from checkpoints_convert.dcp_to_hf import dcp_to_hf, export_adapter
 from data.errors import NoSpaceError
 from data.files import require_space, writing
 from moe.config import BailingMoeConfig
 from moe.losses import CarriedCounts
 from moe.model import BailingMoeForCausalLM, initial_value
+from trainer import lora as run_lora
 from trainer import parallel, rundir
 from trainer.checkpoint import Checkpointer, latest_checkpoint
 from trainer.errors import TrainerError
@@ -99,16 +100,20 @@ class TrainState:
     bad_in_a_row: int = 0
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
+def resolve_backend(name: str, device: torch.device, expert_lora: bool = False) -> str:
+    """'auto': triton on CUDA, torch on CPU; and torch for LoRA on the routed experts, whose adapters
+    the triton backend does not compute yet."""
     if name == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and not expert_lora else "torch"
     return name
 
 
 def model_overrides(opts: Options, device: torch.device) -> dict:
     """The BailingMoeConfig fields the training options set on top of a preset or a checkpoint's config."""
     m = opts.model
-    return dict(expert_backend=resolve_backend(m.expert_backend, device), aux_loss_type=m.aux_loss_type,
+    spec = run_lora.lora_spec(opts)
+    backend = resolve_backend(m.expert_backend, device, spec is not None and "experts" in spec.targets)
+    return dict(expert_backend=backend, aux_loss_type=m.aux_loss_type,
                 z_loss_coef=m.z_loss_coef, aux_loss_alpha=0.0 if m.aux_loss_type == "none" else m.aux_loss_alpha,
                 **m.overrides)
 
@@ -130,21 +135,29 @@ def build_model(opts: Options, info: parallel.DistInfo, task: Task) -> tuple[Bai
     cfg = task.adjust_model_config(opts, cfg, info)
     with torch.device("meta"):
         model = BailingMoeForCausalLM(cfg)
-    if opts.model.activation_checkpointing:
-        parallel.apply_activation_checkpointing(model)
     param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[opts.model.param_dtype] \
         if info.device.type == "cuda" else None
+    spec = run_lora.lora_spec(opts)
+    if spec is not None:  # before checkpointing and sharding see the modules: the frozen weights stored in bf16
+        run_lora.prepare(model, spec, frozen_dtype=param_dtype)
+    if opts.model.activation_checkpointing:
+        parallel.apply_activation_checkpointing(model)
     ep = opts.parallel.ep
     if ep > 1 and cfg.num_experts % ep:
         raise TrainerError(f"parallel.ep ({ep}) must divide the model's {cfg.num_experts} routed experts")
     ep_mesh = parallel.expert_mesh(info.device.type, info.world_size, ep) if ep > 1 else None
-    parallel.shard_model(model, info.mesh, param_dtype, compile_blocks=opts.model.compile, ep_mesh=ep_mesh)
+    offload_all = opts.parallel.offload == "all"
+    parallel.shard_model(model, info.mesh, param_dtype, compile_blocks=opts.model.compile, ep_mesh=ep_mesh,
+                         offload=offload_all)
     if get_full is None:
         seed = opts.train.seed
         def get_full(name, p, rows):
             full = initial_value(name, tuple(p.shape), cfg, seed)
             return full if rows is None else full[rows[0]:rows[1]]
-    parallel.materialize(model, info.device, get_full)
+    if spec is not None:
+        get_full = run_lora.with_initial_adapters(get_full, opts.train.seed)
+    # FSDP2's CPU offload keeps the sharded parameters in host memory: they are made there.
+    parallel.materialize(model, torch.device("cpu") if offload_all else info.device, get_full)
     return model, cfg
 
 
@@ -260,6 +273,7 @@ class Trainer:
         self.resume_from = latest_checkpoint(self.ckpt_root) if opts.checkpoint.resume else None
         resume_step = int(os.path.basename(self.resume_from).split("_")[1]) if self.resume_from else 0
 
+        self.lora = run_lora.lora_spec(opts)
         self.model, self.cfg = build_model(opts, info, self.task)
         self.logger = RunLogger(info.is_main, opts.output_dir, opts.log.wandb_project, opts.log.wandb_run_name,
                                 opts.to_dict(), resume_step, resumed=opts.checkpoint.resume)
@@ -270,14 +284,19 @@ class Trainer:
                          f"params ({cfg.num_params(active_only=True) / 1e6:.1f}M active), experts via "
                          f"{cfg.expert_backend!r}, global batch {opts.train.global_batch_size} = {B} x {W} ranks x "
                          f"{self.accum} accumulation")
+        if self.lora is not None:
+            self.logger.info(run_lora.describe(self.model, self.lora))
         if info.is_main:
             with open(os.path.join(opts.output_dir, "config.yaml"), "w") as f:
                 f.write(dump_yaml(opts))
         self.loader = self.task.build_loader(opts, info, self.accum, cfg)
         o = opts.optim
-        self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps, info.device)
+        self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps,
+                                         torch.device("cpu") if opts.parallel.offload == "all" else info.device,
+                                         host_state=opts.parallel.offload == "optimizer")
         self.scheduler = self._schedule(done_steps=0)
-        self.checkpointer = Checkpointer(self.ckpt_root, info.rank, opts.checkpoint.keep_last)
+        self.checkpointer = Checkpointer(self.ckpt_root, info.rank, opts.checkpoint.keep_last,
+                                         trained_only=self.lora is not None)
         self.ctx = StepContext(opts, info, self.model, cfg, self.accum, self.logger)
         if cfg.aux_loss_type == "global":
             self.ctx.balance_counts_fn = CarriedCounts(parallel.all_reduce_sum)
@@ -326,6 +345,9 @@ class Trainer:
     def resume(self) -> str | None:
         """Restore model, optimizer, schedule, data position and RNG from the latest complete checkpoint."""
         if self.resume_from:
+            if self.lora is not None:  # the base comes from model.init_from: the one the adapters were trained on
+                rundir.on_rank0(lambda: run_lora.check_base(read_lora_record(self.resume_from),
+                                                            self.opts.model.init_from, self.resume_from))
             tstate, rstate = self.checkpointer.load(self.resume_from, self.model, self.optimizer)
             self.state = TrainState(step=tstate["step"], bad_in_a_row=tstate["bad_in_a_row"])
             self._apply_schedule_options(done_steps=tstate["scheduler"]["last_epoch"])
@@ -357,7 +379,7 @@ class Trainer:
         def local(t):
             t = getattr(t, "_local_tensor", t)
             return t.numel() * t.element_size()
-        n = sum(local(p) for p in self.model.parameters())
+        n = sum(local(p) for p in self.model.parameters() if p.requires_grad or self.lora is None)
         n += sum(local(v) for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v))
         if dist.is_initialized() and self.info.world_size > 1:
             t = torch.tensor([float(n)], device=self.info.device)
@@ -371,14 +393,16 @@ class Trainer:
         tstate = {**dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict(),
                   "world_size": self.info.world_size}
         rstate = {"loader": self.loader.state_dict(), "rng": torch.get_rng_state()}
+        extra = {} if self.lora is None else {LORA_RECORD: run_lora.record(self.lora, self.opts.model.init_from)}
         path = self.checkpointer.save(self.state.step, self.model, self.optimizer, tstate, rstate, self.cfg.to_dict(),
-                                      dump_yaml(self.opts))
+                                      dump_yaml(self.opts), extra_json=extra)
         self.saved_at = self.state.step
         self.logger.info(f"saved checkpoint {path}")
         return path
 
     def export(self, checkpoint: str) -> str:
-        """The HF safetensors export of ``checkpoint`` to <output-dir>/hf, written by rank 0."""
+        """The HF safetensors export of ``checkpoint`` to <output-dir>/hf, written by rank 0 (a LoRA
+        run's: the base merged with its adapters, and the adapters alone in <output-dir>/adapter)."""
         hf_dir = os.path.join(self.opts.output_dir, "hf")
         rundir.on_rank0(lambda: self._export_rank0(checkpoint, hf_dir))
         return hf_dir
@@ -392,7 +416,8 @@ class Trainer:
                 done = json.load(f).get("checkpoint") == os.path.basename(checkpoint)
         except (OSError, ValueError):
             done = False
-        if done and os.path.isdir(hf_dir):
+        adapter_dir = os.path.join(self.opts.output_dir, "adapter")
+        if done and os.path.isdir(hf_dir) and (self.lora is None or os.path.isdir(adapter_dir)):
             self.logger.info(f"Hugging Face export {hf_dir} of {checkpoint} is already there")
             return
         if os.path.exists(record):
@@ -400,6 +425,9 @@ class Trainer:
         cfg = read_model_config(checkpoint)
         width = 4 if cfg.torch_dtype == "float32" else 2
         try:
+            if self.lora is not None:  # small beside the merged model; written whole before it
+                export_adapter(checkpoint, adapter_dir, overwrite=True)
+                self.logger.info(f"exported the LoRA adapter (PEFT's format) to {adapter_dir}")
             require_space(hf_dir, cfg.num_params() * width, "the Hugging Face export")
             with writing(hf_dir):
                 # What travels beside the weights is read from the checkpoint's config.yaml, the one
