@@ -2,6 +2,9 @@
 
     PYTHONPATH=. python benchmarks/plan_vs_measured.py [--out benchmarks/plan_vs_measured_cpu.json]
 
+Cases: full training without and with activation checkpointing, and LoRA of rank 8 on every target
+(frozen weights, adapters from PEFT's initial values, AdamW over the adapters only) likewise.
+
 Each case runs in a fresh process: peak resident memory (ru_maxrss) after two AdamW steps of the
 model, minus the resident memory after importing torch and before building the model, against the
 planner's terms for one GPU in fp32 (no FSDP: nothing is gathered, so the planner's gathered term
@@ -20,9 +23,17 @@ CFG = dict(vocab_size=8192, hidden_size=512, num_hidden_layers=4, num_attention_
            intermediate_size=1024, moe_intermediate_size=256, num_experts=16, num_experts_per_tok=4,
            num_shared_experts=1, first_k_dense_replace=1, torch_dtype="float32", expert_backend="torch")
 SEQ, BATCH = 512, 2
+CASES = ("no_ac", "ac", "lora_no_ac", "lora_ac")
 
 
-def _measure(ac: bool) -> dict:
+def _ac(case: str) -> bool:
+    return case in ("ac", "lora_ac")
+
+
+LORA_RANK = 8
+
+
+def _measure(ac: bool, lora: bool = False) -> dict:
     import resource
 
     import torch
@@ -36,12 +47,22 @@ def _measure(ac: bool) -> dict:
     from torch.utils.checkpoint import checkpoint
 
     model = BailingMoeForCausalLM(BailingMoeConfig(**CFG))
+    if lora:
+        from moe.lora import LoraSpec, apply_lora, initial_adapter_value, is_adapter_name, set_trainable
+
+        spec = LoraSpec(rank=LORA_RANK)
+        apply_lora(model, spec)
+        set_trainable(model, spec)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if is_adapter_name(n):
+                    p.copy_(initial_adapter_value(n, tuple(p.shape), seed=0))
     if ac:
         for layer in model.model.layers:
             inner = layer.forward
             layer.forward = (lambda *a, _i=inner, _l=layer, **k: checkpoint(
                 _i, *a, use_reentrant=False, context_fn=lambda: checkpoint_context_fn(_l), **k))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, CFG["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     for _ in range(2):
         out = model(ids, labels=ids, head=CrossEntropy(chunk_size=CHUNK_TOKENS))
@@ -55,21 +76,23 @@ def _measure(ac: bool) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "plan_vs_measured_cpu.json"))
-    p.add_argument("--case", choices=["ac", "no_ac"], help=argparse.SUPPRESS)
+    p.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.case:  # child process
-        print(json.dumps(_measure(a.case == "ac")))
+        print(json.dumps(_measure(_ac(a.case), lora=a.case.startswith("lora"))))
         return
     from moe.config import BailingMoeConfig
+    from moe.lora import LoraSpec
     from trainer.tools.plan import plan
 
     cfg = BailingMoeConfig(**CFG)
     rows = []
-    for case in ("no_ac", "ac"):
+    for case in CASES:
         got = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True, check=True)
         measured = json.loads(got.stdout.strip().splitlines()[-1])["measured_gib"]
         lay = plan(cfg, gpus=1, gpu_memory_gib=1e9, seq_len=SEQ, micro_batch=BATCH,
-                   activation_checkpointing=case == "ac", compute_bytes=4)
+                   activation_checkpointing=_ac(case), compute_bytes=4,
+                   lora=LoraSpec(rank=LORA_RANK) if case.startswith("lora") else None)
         est = lay.total_gib - lay.gathered_gib
         rows.append(dict(case=case, measured_gib=round(measured, 4), estimated_gib=round(est, 4),
                          ratio=round(est / measured, 3), params_gib=lay.params_gib, grads_gib=lay.grads_gib,
