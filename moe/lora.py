@@ -117,7 +117,9 @@ class LoraLinear(nn.Linear, _Adapted):
         y = F.linear(x, self.weight, self.bias)
         if not self.adapter_enabled:
             return y
-        u = F.linear(F.dropout(x, self.lora_dropout, self.training), self.lora_A)
+        if self.training and self.lora_dropout > 0:  # (dropout of p=0 would still copy x and keep a mask)
+            x = F.dropout(x, self.lora_dropout)
+        u = F.linear(x, self.lora_A)
         return y + F.linear(u, self.lora_B) * self.scale
 
 
