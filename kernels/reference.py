@@ -84,8 +84,10 @@ def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
         return False
     # The first call can come from inside a checkpointed block: identity saved-tensor hooks keep the
     # probe's tensors out of the checkpoint's record (else the recompute, which skips the probe,
-    # would save fewer tensors than the forward did), and grad is forced on for its backward.
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), torch.enable_grad():
+    # would save fewer tensors than the forward did), and grad is forced on for its backward, even
+    # under inference_mode (decoding runs there; a failed probe would stay cached for the process).
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), torch.inference_mode(False), \
+            torch.enable_grad():
         try:
             a = torch.randn(32, 16, device=device_type, dtype=dtype, requires_grad=True)
             b = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
