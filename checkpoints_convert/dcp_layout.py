@@ -10,6 +10,9 @@ so it is named once, here, below both:
       rank_00000.pt ...         per-rank state: data loader position, RNG
       model_config.json         the model's BailingMoeConfig
       config.yaml               the resolved training configuration
+      lora.json                 LoRA runs only: the adapters' spec and the base model they adapt;
+                                the model state then holds the trained tensors only (adapters, and
+                                the routers when trained): the base weights are the base's
       COMPLETE                  written last: a directory without it is not a checkpoint
 
 Reading needs no process group: tensors come out of the sharded files one decoder layer at a time.
@@ -30,6 +33,7 @@ from moe.config import BailingMoeConfig
 TRAINER_STATE = "trainer.json"
 MODEL_CONFIG = "model_config.json"
 RUN_CONFIG = "config.yaml"
+LORA_RECORD = "lora.json"
 COMPLETE = "COMPLETE"
 MODEL_DTYPES = {TORCH_DTYPES[st] for st in MODEL_ST_DTYPES}
 _STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -91,6 +95,34 @@ def read_model_config(step_dir: str) -> BailingMoeConfig:
         return BailingMoeConfig.from_dict(json.load(f))
 
 
+def read_lora_record(step_dir: str) -> dict | None:
+    """A LoRA run's record ({"spec": ..., "base": ..., "base_fingerprint": ...}), None for a full run."""
+    path = os.path.join(step_dir, LORA_RECORD)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("spec"), dict):
+        raise CheckpointError(f"{path}: not a LoRA record")
+    return record
+
+
+def read_model_tensors(step_dir: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named model tensors of a checkpoint, whole, in one DCP read (data only)."""
+    meta = _metadata(step_dir)
+    want = {}
+    for n in names:
+        if f"model.{n}" not in meta:
+            raise CheckpointError(f"{step_dir}: checkpoint has no tensor {n!r}")
+        md = meta[f"model.{n}"]
+        want[n] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+    dcp_read.load({"model": want}, step_dir, no_dist=True)
+    return want
+
+
 def _metadata(step_dir: str):
     return dcp_read.read_metadata(step_dir).state_dict_metadata
 
@@ -118,25 +150,25 @@ def stored_dtypes(step_dir: str, cfg: BailingMoeConfig) -> dict[str, torch.dtype
     return out
 
 
-def iter_native_tensors(step_dir: str, cfg: BailingMoeConfig):
-    """Yield (native_name, tensor) in model order, loading one layer's tensors per DCP read."""
-    meta = _metadata(step_dir)
+def layer_groups(names) -> list[list[str]]:
+    """Names in runs of one decoder layer each (names outside the layers each on their own)."""
     groups: list[list[str]] = []
     last = None
-    for name in adapter.native_shapes(cfg):
+    for name in names:
         m = _LAYER_RE.match(name)
         key = m.group(1) if m else name
         if key != last:
             groups.append([])
             last = key
         groups[-1].append(name)
-    for names in groups:
-        want = {}
-        for n in names:
-            k = f"model.{n}"
-            if k not in meta:
-                raise CheckpointError(f"{step_dir}: checkpoint has no tensor {n!r}")
-            md = meta[k]
-            want[n] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-        dcp_read.load({"model": want}, step_dir, no_dist=True)
-        yield from want.items()
+    return groups
+
+
+def iter_native_tensors(step_dir: str, cfg: BailingMoeConfig):
+    """Yield (native_name, tensor) in model order, loading one layer's tensors per DCP read."""
+    meta = _metadata(step_dir)
+    for names in layer_groups(adapter.native_shapes(cfg)):
+        missing = [n for n in names if f"model.{n}" not in meta]
+        if missing:
+            raise CheckpointError(f"{step_dir}: checkpoint has no tensor {missing[0]!r}")
+        yield from read_model_tensors(step_dir, names).items()

@@ -12,6 +12,10 @@ generation_config.json and, when the run started from an HF directory, that dire
 (see checkpoints_convert/export_files.py). Which tokenizer and source the run used is read from
 the step's config.yaml (data.tokenizer, model.init_from; relative paths resolve from the current
 directory); --tokenizer and --source-hf override it.
+
+A LoRA run's checkpoint holds its adapters only (lora.json names the base): the export is then the
+base model merged with them (checkpoints_convert.peft), streaming the base one tensor at a time,
+after checking that the base is the one the adapters were trained on (its fingerprint).
 """
 from __future__ import annotations
 
@@ -23,12 +27,14 @@ import torch
 import yaml
 
 from checkpoints_convert import _cli, dcp_read, export_files
-from checkpoints_convert.checkpoint import write_hf_from_native
-from checkpoints_convert.dcp_layout import (RUN_CONFIG, iter_native_tensors, read_model_config, resolve_step_dir,
-                                            stored_dtypes)
-from checkpoints_convert.io import CheckpointError, parse_dtype
+from checkpoints_convert.checkpoint import open_checkpoint, write_hf_from_native
+from checkpoints_convert.dcp_layout import (RUN_CONFIG, iter_native_tensors, layer_groups, read_lora_record,
+                                            read_model_config, read_model_tensors, resolve_step_dir, stored_dtypes)
+from checkpoints_convert.io import CheckpointError, MissingCheckpointError, fingerprint_weights, parse_dtype
+from checkpoints_convert.peft import adapter_shapes, write_adapter, write_merged
 from data.errors import run_cli
 from data.template import TEMPLATES, resolve_template
+from moe.lora import LoraSpec
 
 
 def run_sources(step_dir: str, family: str = "bailing_moe") -> dict:
@@ -64,14 +70,62 @@ def dcp_to_hf(ckpt: str, out: str, dtype: torch.dtype | str = "auto", shard_size
     tokenizer, source_hf = tokenizer or None, source_hf or None  # '' = none
     export_files.check_sources(source_hf, tokenizer)  # before any weight is written
     dcp_read.check_storage(ckpt, dcp_read.read_metadata(ckpt))  # every data file there, and whole in size
-    source_dtypes = stored_dtypes(ckpt, cfg)  # and every tensor the config implies, at its shape
 
     def extra_files(tmp):
         export_files.write_export_files(tmp, model_dir=source_hf, tokenizer_dir=tokenizer,
                                         template=template,
                                         model_max_length=cfg.max_position_embeddings)
+    lora = read_lora_record(ckpt)
+    if lora is not None:  # the adapters only: the base's tensors come from the base
+        spec, base = lora_base(ckpt, lora)
+        with open_checkpoint(base) as base_ckpt:
+            write_merged(base_ckpt, adapter_reader(ckpt, base_ckpt.cfg, spec), spec, out, dtype, shard_size, progress,
+                         overwrite, extra_files)
+        return ckpt
+    source_dtypes = stored_dtypes(ckpt, cfg)  # every tensor the config implies there, at its shape
     write_hf_from_native(iter_native_tensors(ckpt, cfg), cfg, out, shard_size, dtype, overwrite,
                          source_dtypes=source_dtypes, progress=progress, extra_files=extra_files)
+    return ckpt
+
+
+def lora_base(step_dir: str, record: dict) -> tuple[LoraSpec, str]:
+    """A LoRA step's spec and base directory, the base checked to be the one it was trained on."""
+    s = record["spec"]
+    spec = LoraSpec(rank=s["rank"], alpha=s["alpha"], dropout=s["dropout"], targets=tuple(s["targets"]),
+                    train_router=s["train_router"])
+    base = record.get("base") or ""
+    if not os.path.isdir(base):
+        raise MissingCheckpointError(f"{base}: the base model of the LoRA checkpoint {step_dir} is not there "
+                                     f"(relative paths resolve from the current directory)")
+    if record.get("base_fingerprint") and fingerprint_weights(base) != record["base_fingerprint"]:
+        raise CheckpointError(f"{base} changed since the LoRA checkpoint {step_dir} was trained on it (its files' "
+                              f"fingerprint differs): adapters apply only to the weights they were trained with")
+    return spec, base
+
+
+def adapter_reader(step_dir: str, cfg, spec: LoraSpec):
+    """``get(name)`` of a LoRA step's trained tensors, read one decoder layer's at a time."""
+    groups = {n: names for names in layer_groups(adapter_shapes(cfg, spec)) for n in names}
+    held: dict[str, torch.Tensor] = {}
+
+    def get(name: str) -> torch.Tensor:
+        if name not in held:
+            held.clear()
+            held.update(read_model_tensors(step_dir, groups[name]))
+        return held[name].float()
+    return get
+
+
+def export_adapter(ckpt: str, out: str, overwrite: bool = False) -> str:
+    """A LoRA step's adapters as a PEFT adapter directory at ``out`` (base_model_name_or_path: the base)."""
+    ckpt = resolve_step_dir(ckpt)
+    record = read_lora_record(ckpt)
+    if record is None:
+        raise CheckpointError(f"{ckpt}: not a LoRA checkpoint (no lora.json): it holds the whole model")
+    spec, base = lora_base(ckpt, record)
+    cfg = read_model_config(ckpt)
+    get = adapter_reader(ckpt, cfg, spec)
+    write_adapter(out, ((n, get(n)) for n in adapter_shapes(cfg, spec)), cfg, spec, base, overwrite=overwrite)
     return ckpt
 
 

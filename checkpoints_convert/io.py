@@ -17,6 +17,7 @@ built on this module.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -111,7 +112,8 @@ class SafetensorsReader:
 
     _READ_CHUNK = 256 << 20
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, single_name: str = SINGLE_NAME):
+        """``single_name``: the one file read when there is no index (PEFT's adapter_model.safetensors)."""
         self.path = os.fspath(path)
         self._files: dict[str, object] = {}
         self._headers: dict[str, dict] = {}
@@ -129,11 +131,11 @@ class SafetensorsReader:
             for name, fname in weight_map.items():
                 self._check_inside(index, name, fname)
             self.weight_map: dict[str, str] = weight_map
-        elif os.path.exists(os.path.join(self.path, SINGLE_NAME)):
+        elif os.path.exists(os.path.join(self.path, single_name)):
             self.weight_map = {}
-            self.weight_map = {k: SINGLE_NAME for k in self._open(SINGLE_NAME) if k != "__metadata__"}
+            self.weight_map = {k: single_name for k in self._open(single_name) if k != "__metadata__"}
         else:
-            raise CheckpointError(f"{self.path}: neither {INDEX_NAME} nor {SINGLE_NAME} found")
+            raise CheckpointError(f"{self.path}: neither {INDEX_NAME} nor {single_name} found")
         for fname in sorted(set(self.weight_map.values())):
             if not os.path.isfile(os.path.join(self.path, fname)):
                 raise MissingCheckpointError(f"{os.path.join(self.path, fname)}: shard named in {INDEX_NAME} is missing")
@@ -258,6 +260,31 @@ class SafetensorsReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def fingerprint_weights(directory: str, content_limit: int = 1 << 30) -> str:
+    """A hash of a weights directory that changes when any file in it is rewritten, even in place: of
+    every file's content when they hold ``content_limit`` bytes or fewer in all, else of each file's
+    size, mtime, inode and (for safetensors) header, which any rewrite or re-save changes."""
+    files = []
+    for root, dirs, names in os.walk(directory):
+        dirs.sort()
+        files += [os.path.join(root, n) for n in sorted(names)]
+    stats = [os.stat(p) for p in files]
+    by_content = sum(st.st_size for st in stats) <= content_limit
+    h = hashlib.sha256()
+    for p, st in zip(files, stats):
+        h.update(f"{os.path.relpath(p, directory)}|{st.st_size}|".encode())
+        with open(p, "rb") as f:
+            if by_content:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+                continue
+            h.update(f"{st.st_mtime_ns}|{st.st_ino}|".encode())
+            if p.endswith(".safetensors"):
+                n = int.from_bytes(f.read(8), "little")
+                h.update(f.read(min(n, 100 << 20)))  # dtypes, shapes, offsets, metadata
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- write

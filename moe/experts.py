@@ -18,6 +18,10 @@ bench times exactly these functions while kernels/ stays a leaf.
 ``recompute`` (the config's expert_recompute) keeps less for backward: the triton backend drops its
 gate/up pre-activation [T*K, 2I] and recomputes it with one GEMM in backward; the torch and loop
 backends run under torch.utils.checkpoint (their whole MLP is recomputed, keeping only its inputs).
+
+LoRA (moe/lora.py) adds low-rank adapters beside the frozen stacked weights: ``adapters()`` then
+returns a kernels.lora.ExpertLoRA and the backend computes them on its sorted rows. The loop and
+torch backends do; the triton backend's adapter path is not written yet and refuses.
 """
 from __future__ import annotations
 
@@ -27,10 +31,22 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from data.errors import BadInputError
 from kernels.reference import grouped_mm_moe_mlp, loop_moe_mlp
 
 
-def _triton_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK, counts_E=None, recompute=False):
+class BackendError(BadInputError):
+    """An expert backend asked for something it cannot compute."""
+
+
+TRITON_LORA_MISSING = ("LoRA on the routed experts is not yet computed by the triton expert backend; use "
+                       "expert_backend 'torch' (grouped GEMMs, no host sync) or 'loop'")
+
+
+def _triton_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK, counts_E=None, recompute=False,
+                    lora=None):
+    if lora is not None:
+        raise BackendError(TRITON_LORA_MISSING)
     # Imported on first use: only this backend needs Triton. The op is a set of torch.library custom
     # ops, so a compiled block traces through it with no graph break (kernels/moe_mlp.py).
     from kernels.moe_mlp import triton_moe_mlp
@@ -62,9 +78,16 @@ class GroupedExperts(nn.Module):
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
+    def adapters(self):
+        """The experts' LoRA adapters (kernels.lora.ExpertLoRA) to add, or None (moe.lora overrides it)."""
+        return None
+
     def forward(self, x_TH, topk_ids_TK, topk_weights_TK, counts_E=None):
         """counts_E [E]: slots per expert over all T tokens, when the router has counted them (the
         backends then skip their own count); None lets the backend count."""
         # The weights stay fp32 (the router's): every backend combines in fp32, and a cast to the
         # activation dtype would cost a launch forward and one back.
-        return self._mlp(x_TH, self.w_gate_up, self.w_down, topk_ids_TK, topk_weights_TK, counts_E)
+        lora = self.adapters()
+        if lora is None:
+            return self._mlp(x_TH, self.w_gate_up, self.w_down, topk_ids_TK, topk_weights_TK, counts_E)
+        return self._mlp(x_TH, self.w_gate_up, self.w_down, topk_ids_TK, topk_weights_TK, counts_E, lora=lora)

@@ -227,11 +227,15 @@ def test_config_hf_round_trip_and_bad_model_type(tmp_path):
         BailingMoeConfig.from_hf(tmp_path)
 
 
-def test_grouped_mm_probe_is_not_fooled_by_no_grad():
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_grouped_mm_probe_is_not_fooled_by_no_grad(mode):
     from kernels.reference import grouped_mm_available
 
     grouped_mm_available.cache_clear()
-    with torch.no_grad():  # e.g. a reference-model pass runs first
+    # e.g. a reference-model pass, or generation (moe.generate runs under inference_mode), runs first:
+    # a probe that failed there stayed cached, and the torch backend fell back to per-expert matmuls
+    # (with a host sync each) for the rest of the process
+    with getattr(torch, mode)():
         first = grouped_mm_available("cpu", torch.float32)
     grouped_mm_available.cache_clear()
     assert first == grouped_mm_available("cpu", torch.float32) == hasattr(torch, "_grouped_mm")

@@ -20,7 +20,7 @@ def test_sections_are_typed_fields_and_the_config_keeps_its_shape():
     o = _parse(["--train.steps", "7", "--optim.lr", "2"])
     assert o.train.steps == 7 and type(o.optim.lr) is float and o.optim.lr == 2.0
     # config.yaml (compared on resume by trainer/rundir.py) lists the sections in this order, then output_dir.
-    sft = ["model", "data", "optim", "train", "checkpoint", "log", "parallel"]
+    sft = ["model", "data", "optim", "train", "checkpoint", "log", "parallel", "lora"]
     assert list(yaml.safe_load(dump_yaml(o))) == sft + ["output_dir"]
     assert list(_parse([], DPORunOptions).to_dict()) == sft + ["dpo", "output_dir"]
     assert "overwrite" not in yaml.safe_load(dump_yaml(_parse(["--overwrite"])))

@@ -41,8 +41,10 @@ def test_cli_recommends_a_layout_that_fits(capsys):
     assert printed["recommended"] == res["recommended"]
     best = next(lay for lay in res["layouts"] if lay["name"] == res["recommended"])
     assert best["fits"] and best["total_gib"] <= 72
-    # Too little memory for any layout: none is recommended.
-    assert main(["--model", "ling-lite", "--gpus", "2", "--gpu-memory-gib", "16", "--json"])["recommended"] is None
+    # Too little memory for any layout: none is recommended (without offload; offloading all fits it).
+    assert main(["--model", "ling-lite", "--gpus", "2", "--gpu-memory-gib", "16", "--offload", "none",
+                 "--json"])["recommended"] is None
+    assert "off:all" in main(["--model", "ling-lite", "--gpus", "2", "--gpu-memory-gib", "16", "--json"])["recommended"]
 
 
 def test_ling_2_presets_plan_with_their_published_sizes():
@@ -58,3 +60,43 @@ def test_ling_2_presets_plan_with_their_published_sizes():
                     seq_len=4096, micro_batch=1, ep=8)
     block = activation_bytes_per_token(mini, 19, 2) * 4096 + 2 * 4 * 4096 * mini.vocab_size
     assert with_mtp.activations_gib - lay.activations_gib == pytest.approx(block / 2 ** 30)
+
+
+def test_lora_and_offload_terms_by_hand():
+    from moe.lora import LoraSpec
+    from trainer.tools.plan import lora_counts, recommend
+
+    cfg = BailingMoeConfig(**CFG)
+    spec = LoraSpec(rank=2)
+    # Rank 2 on every target, by hand: attention qkv (2x32 + 64x2) and dense (2x32 + 32x2) per layer;
+    # the dense layer's MLP (width 48): gate and up 2x32 + 48x2, down 2x48 + 32x2; the MoE layer's 8
+    # experts (width 16) and its shared expert (width 16): gate and up 2x32 + 16x2, down 2x16 + 32x2.
+    attention = 2 * (192 + 128)
+    dense = 160 + 160 + 160
+    experts, shared = 8 * (96 + 96 + 96), 96 + 96 + 96
+    lc = lora_counts(cfg, spec)
+    assert lc["total"] == attention + dense + experts + shared == 3712
+    assert lc["per_target"] == {"attention": 640, "shared_experts": 288, "experts": 2304, "dense_mlp": 480}
+    total = param_counts(cfg)["total"]
+    full = plan(cfg, gpus=4, gpu_memory_gib=80, seq_len=64, micro_batch=2)
+    lora = plan(cfg, gpus=4, gpu_memory_gib=80, seq_len=64, micro_batch=2, lora=spec)
+    # Frozen weights in the 2-byte compute dtype; adapters as fp32 with fp32 gradients and two moments.
+    assert lora.params_gib * GIB == pytest.approx((2 * (total - 3712) + 4 * 3712) / 4)
+    assert lora.grads_gib * GIB == pytest.approx(4 * 3712 / 4) and lora.optimizer_gib * GIB == pytest.approx(8 * 3712 / 4)
+    # The reduce-scatter carries the adapters' fp32 gradients only; the all-gathers are full training's.
+    assert (full.fsdp_comm_gib_per_step - lora.fsdp_comm_gib_per_step) * GIB == \
+        pytest.approx(4 * (total - 3712) * 3 / 4, rel=1e-6)
+    off = plan(cfg, gpus=4, gpu_memory_gib=80, seq_len=64, micro_batch=2, offload="optimizer")
+    assert off.host_gib == full.optimizer_gib and off.total_gib == pytest.approx(full.total_gib - full.optimizer_gib)
+    off = plan(cfg, gpus=4, gpu_memory_gib=80, seq_len=64, micro_batch=2, offload="all")
+    assert off.host_gib == pytest.approx(full.params_gib + full.grads_gib + full.optimizer_gib)
+    assert recommend([off, full]).offload == "none"  # offload only when nothing fits without it
+
+
+def test_ling_lite_lora_fits_one_80gb_gpu_and_full_training_needs_offload_on_two(capsys):
+    res = main(["--model", "ling-lite", "--gpus", "1", "--lora-rank", "8", "--json"])
+    assert res["recommended"] == "FSDP LoRA r8"  # without activation checkpointing, at S=4096
+    assert 150e6 < res["lora"]["adapter_params"] < 160e6
+    res = main(["--model", "ling-lite", "--gpus", "2", "--json"])
+    best = next(lay for lay in res["layouts"] if lay["name"] == res["recommended"])
+    assert best["offload"] != "none" and best["total_gib"] <= 72

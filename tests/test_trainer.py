@@ -187,9 +187,11 @@ def _cli(args, timeout=120):
 _OTHER_CHOICE = {("model", "preset"): "ling-lite", ("model", "expert_backend"): "torch",
                  ("model", "aux_loss_type"): "micro", ("model", "param_dtype"): "fp32", ("train", "device"): "cpu",
                  ("dpo", "loss_type"): "ipo", ("dpo", "reference"): "live", ("dpo", "nll_average"): "token",
-                 ("data", "template"): "bailing_v2", ("parallel", "one_rank"): "fsdp"}
+                 ("data", "template"): "bailing_v2", ("parallel", "one_rank"): "fsdp",
+                 ("parallel", "offload"): "optimizer", ("lora", "target"): "attention,experts"}
 # Options that only go with another one.
-_COMPANIONS = {("checkpoint", "save_final"): ["--checkpoint.export_hf", "false"]}
+_COMPANIONS = {("checkpoint", "save_final"): ["--checkpoint.export_hf", "false"],
+               ("lora", "rank"): ["--model.init_from", "some/where"]}
 
 
 def _other_value(sec, key, default):

@@ -15,6 +15,9 @@ prunes, exactly as a save does; a failed write removes step_N.tmp/ and raises as
 write at a time: a save first finishes the write in flight. The trainer calls ``finish()`` once
 every rank's write is done (``written()``, summed in the step's all-reduce), before SIGTERM's save
 and before the final save.
+
+``trained_only`` (LoRA runs): the model state holds the parameters that train (the adapters), not
+the frozen ones, which the run rebuilds from its base; the optimizer state is all of it either way.
 """
 from __future__ import annotations
 
@@ -105,8 +108,10 @@ def _host_stager(pin_memory: bool):
 
 
 class Checkpointer:
-    def __init__(self, root: str, rank: int, keep_last: int = 2, background: bool = False, pin_memory: bool = False):
+    def __init__(self, root: str, rank: int, keep_last: int = 2, background: bool = False, pin_memory: bool = False,
+                 trained_only: bool = False):
         self.root, self.rank, self.keep_last = root, rank, keep_last
+        self.trained_only = trained_only
         self.pending: _Write | None = None
         self._stager = self._group = self._launched = None
         if background:
@@ -118,9 +123,13 @@ class Checkpointer:
                 # of its own, so that they never interleave with the training step's collectives.
                 self._group = dist.new_group(backend="gloo")
 
+    def _state_dict_options(self, **kw) -> StateDictOptions:
+        return StateDictOptions(ignore_frozen_params=self.trained_only, **kw)
+
     def save(self, step: int, model, optimizer, trainer_state: dict, rank_state: dict,
-             model_config: dict, config_yaml: str, background: bool = False) -> str:
-        """The checkpoint of ``step``; with ``background`` only started (see the module docstring)."""
+             model_config: dict, config_yaml: str, background: bool = False, extra_json: dict | None = None) -> str:
+        """The checkpoint of ``step``; with ``background`` only started (see the module docstring).
+        ``extra_json``: {file name: object} written beside trainer.json by rank 0 (LoRA's lora.json)."""
         self.finish()  # one write at a time
         final = os.path.join(self.root, step_dir_name(step))
         tmp = final + ".tmp"
@@ -133,7 +142,7 @@ class Checkpointer:
             self._launched = None
             try:
                 self._write(step, tmp, model, optimizer, trainer_state, rank_state, model_config, config_yaml,
-                            background)
+                            background, extra_json or {})
             except BaseException:
                 if self._launched is not None:  # its thread still writes into tmp: let it end before removing
                     futures.wait([self._launched])
@@ -197,13 +206,13 @@ class Checkpointer:
             _barrier()
 
     def _write(self, step, tmp, model, optimizer, trainer_state, rank_state, model_config, config_yaml,
-               background=False) -> None:
+               background=False, extra_json=None) -> None:
         if self.rank == 0:
             os.makedirs(self.root, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         _barrier()
-        msd, osd = get_state_dict(model, optimizer)
+        msd, osd = get_state_dict(model, optimizer, options=self._state_dict_options())
         with _quiet_single_process():
             if background:  # the copy to host memory is made here; the thread writes the copy
                 self._launched = dcp.async_save({"model": msd, "optim": osd}, storage_writer=_BackgroundWriter(tmp),
@@ -219,6 +228,9 @@ class Checkpointer:
                 json.dump(model_config, f, indent=2)
             with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
                 f.write(config_yaml)
+            for name, obj in extra_json.items():
+                with open(os.path.join(tmp, name), "w") as f:
+                    json.dump(obj, f, indent=2)
         _barrier()
 
     def _prune(self, saved: int) -> None:
@@ -233,11 +245,17 @@ class Checkpointer:
 
     def load(self, path: str, model, optimizer) -> tuple[dict, dict]:
         """Restore model and optimizer in place; returns (trainer_state, this rank's rank_state)."""
-        msd, osd = get_state_dict(model, optimizer)
+        msd, osd = get_state_dict(model, optimizer, options=self._state_dict_options())
         state = {"model": msd, "optim": osd}
         dcp_read.load(state, path, no_dist=_single_process())  # data only: no pickle from the checkpoint runs
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=StateDictOptions(strict=True))
+        # Without the frozen parameters, load_state_dict's strict check would count them as missing:
+        # DCP has already loaded every key of msd (it fails on an absent one), so nothing is.
+        keys = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                              options=self._state_dict_options(strict=not self.trained_only))
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        unexpected = [k for k in getattr(keys, "missing_keys", []) if k not in frozen]
+        if unexpected:
+            raise TrainerError(f"{path}: the checkpoint does not hold {unexpected[:5]}")
         with open(os.path.join(path, TRAINER_STATE)) as f:
             trainer_state = json.load(f)
         rank_file = os.path.join(path, rank_state_name(self.rank))

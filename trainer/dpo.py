@@ -42,10 +42,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from checkpoints_convert.io import fingerprint_weights
 from data import DPOLoader
 from data.errors import exit_on_error
 from data.files import owned_temp_file, sweep_stale_temp_files, writing
 from moe.heads import TokenLogps
+from moe.lora import adapters_disabled, has_adapters
 from trainer import demo, parallel
 from trainer.errors import TrainerError, finish_process
 from trainer.loop import MicroStep, StepContext, build_model, run
@@ -119,29 +121,18 @@ CONTENT_HASH_LIMIT = 1 << 30
 
 def weights_fingerprint(directory: str) -> str:
     """A hash of a weights directory that changes when any file in it is rewritten, even in place."""
-    files = []
-    for root, dirs, names in os.walk(directory):
-        dirs.sort()
-        files += [os.path.join(root, n) for n in sorted(names)]
-    stats = [os.stat(p) for p in files]
-    by_content = sum(st.st_size for st in stats) <= CONTENT_HASH_LIMIT
-    h = hashlib.sha256()
-    for p, st in zip(files, stats):
-        h.update(f"{os.path.relpath(p, directory)}|{st.st_size}|".encode())
-        with open(p, "rb") as f:
-            if by_content:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    h.update(block)
-                continue
-            h.update(f"{st.st_mtime_ns}|{st.st_ino}|".encode())
-            if p.endswith(".safetensors"):
-                n = int.from_bytes(f.read(8), "little")
-                h.update(f.read(min(n, 100 << 20)))  # dtypes, shapes, offsets, metadata
-    return h.hexdigest()
+    return fingerprint_weights(directory, CONTENT_HASH_LIMIT)
+
+
+# self.ref of a LoRA run's live reference: the policy itself with its adapters switched off.
+BASE_OF_POLICY = "the policy's base (adapters off)"
 
 
 class DPOTask:
-    """``default_data``: as SFTTask's (the demo's preference pairs from the entry script)."""
+    """``default_data``: as SFTTask's (the demo's preference pairs from the entry script).
+
+    With LoRA the reference is the policy network with its adapters switched off (moe.lora.
+    adapters_disabled): no second copy of the weights, for the precomputed pass and for 'live'."""
     name = "dpo"
 
     def __init__(self, default_data=None):
@@ -194,13 +185,14 @@ class DPOTask:
         table = torch.full((n, 2), float("nan"), dtype=torch.float64)
         was_training = model.training
         model.eval()
-        for i in range(n_rounds):
-            b = mine[i] if i < len(mine) else (mine[-1] if mine else batches[0])
-            b = {k: v.to(info.device) for k, v in b.items()}
-            lw, ll, _, _, _ = sequence_logps(model, b, self.pad_id, grad=False)
-            if i < len(mine):
-                table[b["index"].cpu(), 0] = lw.double().cpu()
-                table[b["index"].cpu(), 1] = ll.double().cpu()
+        with adapters_disabled(model):  # a LoRA run's reference is its base; a full run has none to switch off
+            for i in range(n_rounds):
+                b = mine[i] if i < len(mine) else (mine[-1] if mine else batches[0])
+                b = {k: v.to(info.device) for k, v in b.items()}
+                lw, ll, _, _, _ = sequence_logps(model, b, self.pad_id, grad=False)
+                if i < len(mine):
+                    table[b["index"].cpu(), 0] = lw.double().cpu()
+                    table[b["index"].cpu(), 1] = ll.double().cpu()
         model.train(was_training)
         if dist.is_initialized() and info.world_size > 1:
             t = table.to(info.device)
@@ -221,6 +213,9 @@ class DPOTask:
         return table
 
     def before_training(self, ctx: StepContext) -> None:
+        if ctx.opts.dpo.reference == "live" and has_adapters(ctx.model):
+            self.ref = BASE_OF_POLICY
+            return
         if ctx.opts.dpo.reference == "live":
             ref, _, _ = build_model(ctx.opts, ctx.info, self, frozen=True)
             ref.eval()
@@ -266,11 +261,14 @@ class DPOTask:
 
     def micro_step(self, ctx: StepContext, b) -> MicroStep:
         o = ctx.opts.dpo
+        if self.ref is BASE_OF_POLICY:  # before the policy's forward: FSDP2 then sees an ordinary step
+            with adapters_disabled(ctx.model):
+                rw, rl, _, _, _ = sequence_logps(ctx.model, b, self.pad_id, grad=False)
         pw, pl, nw, nl, out = sequence_logps(ctx.model, b, self.pad_id, ctx.balance_counts_fn)
         if isinstance(self.ref, torch.Tensor):
             r = self.ref[b["index"].to(self.ref.device)].to(pw.device, pw.dtype)
             rw, rl = r[:, 0], r[:, 1]
-        else:
+        elif self.ref is not BASE_OF_POLICY:
             rw, rl, _, _, _ = sequence_logps(self.ref, b, self.pad_id, grad=False)
         losses, rew_w, rew_l = dpo_loss(pw, pl, rw, rl, nw, nl, o.beta, o.loss_type)
         nll = chosen_nll_sum(pw, nw, o.nll_average)

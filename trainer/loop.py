@@ -37,14 +37,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from checkpoints_convert import CheckpointError, open_checkpoint
-from checkpoints_convert.dcp_layout import checkpoint_identity, read_model_config
-from checkpoints_convert.dcp_to_hf import dcp_to_hf
+from checkpoints_convert.dcp_layout import LORA_RECORD, checkpoint_identity, read_lora_record, read_model_config
+from checkpoints_convert.dcp_to_hf import dcp_to_hf, export_adapter
 from data.errors import NoSpaceError
 from data.files import require_space, writing
 from moe.config import BailingMoeConfig
 from moe.losses import CarriedCounts
 from moe.model import BailingMoeForCausalLM, initial_value
 from moe.router import expert_bias_update
+from trainer import lora as run_lora
 from trainer import parallel, rundir
 from trainer.checkpoint import Checkpointer, latest_checkpoint
 from trainer.errors import TrainerError
@@ -111,17 +112,20 @@ class TrainState:
     bad_in_a_row: int = 0
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
+def resolve_backend(name: str, device: torch.device, expert_lora: bool = False) -> str:
+    """'auto': triton on CUDA, torch on CPU; and torch for LoRA on the routed experts, whose adapters
+    the triton backend does not compute yet."""
     if name == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and not expert_lora else "torch"
     return name
 
 
 def model_overrides(opts: Options, device: torch.device) -> dict:
     """The BailingMoeConfig fields the training options set on top of a preset or a checkpoint's config."""
     m = opts.model
-    out = dict(expert_backend=resolve_backend(m.expert_backend, device), expert_recompute=m.expert_recompute,
-               aux_loss_type=m.aux_loss_type,
+    spec = run_lora.lora_spec(opts)
+    backend = resolve_backend(m.expert_backend, device, spec is not None and "experts" in spec.targets)
+    out = dict(expert_backend=backend, expert_recompute=m.expert_recompute, aux_loss_type=m.aux_loss_type,
                z_loss_coef=m.z_loss_coef, aux_loss_alpha=0.0 if m.aux_loss_type == "none" else m.aux_loss_alpha,
                mtp_enabled=m.mtp)
     if m.expert_bias_update_rate > 0:  # a model without a bias (v1) gets a zero one to move
@@ -149,8 +153,9 @@ def compute_dtype(opts: Options, device: torch.device) -> torch.dtype | None:
 
 
 def plain_one_rank(opts: Options, info: parallel.DistInfo) -> bool:
-    """A run of one rank without FSDP (parallel.one_rank 'plain'; trainer/precision.py says why)."""
-    return info.world_size == 1 and opts.parallel.one_rank == "plain"
+    """A run of one rank without FSDP (parallel.one_rank 'plain'; trainer/precision.py says why).
+    parallel.offload 'all' is FSDP2's offload policy, so such a run keeps FSDP2."""
+    return info.world_size == 1 and opts.parallel.one_rank == "plain" and opts.parallel.offload != "all"
 
 
 def build_model(opts: Options, info: parallel.DistInfo, task: Task, frozen: bool = False
@@ -162,25 +167,33 @@ def build_model(opts: Options, info: parallel.DistInfo, task: Task, frozen: bool
     cfg = task.adjust_model_config(opts, cfg, info)
     with torch.device("meta"):
         model = BailingMoeForCausalLM(cfg)
-    if opts.model.activation_checkpointing:
-        parallel.apply_activation_checkpointing(model)
     dtype = compute_dtype(opts, info.device)
     plain = plain_one_rank(opts, info)
+    spec = run_lora.lora_spec(opts)
+    if spec is not None:  # before checkpointing and sharding see the modules: the frozen weights stored in bf16
+        run_lora.prepare(model, spec, frozen_dtype=dtype)
+    if opts.model.activation_checkpointing:
+        parallel.apply_activation_checkpointing(model)
     ep = opts.parallel.ep
     if ep > 1 and cfg.num_experts % ep:
         raise TrainerError(f"parallel.ep ({ep}) must divide the model's {cfg.num_experts} routed experts")
     ep_mesh = parallel.expert_mesh(info.device.type, info.world_size, ep) if ep > 1 else None
+    offload_all = opts.parallel.offload == "all"
     if plain:
         if opts.model.compile:
             parallel.compile_each_block(model)
     else:
-        parallel.shard_model(model, info.mesh, dtype, compile_blocks=opts.model.compile, ep_mesh=ep_mesh)
+        parallel.shard_model(model, info.mesh, dtype, compile_blocks=opts.model.compile, ep_mesh=ep_mesh,
+                             offload=offload_all)
     if get_full is None:
         seed = opts.train.seed
         def get_full(name, p, rows):
             full = initial_value(name, tuple(p.shape), cfg, seed)
             return full if rows is None else full[rows[0]:rows[1]]
-    parallel.materialize(model, info.device, get_full)
+    if spec is not None:
+        get_full = run_lora.with_initial_adapters(get_full, opts.train.seed)
+    # FSDP2's CPU offload keeps the sharded parameters in host memory: they are made there.
+    parallel.materialize(model, torch.device("cpu") if offload_all else info.device, get_full)
     if frozen:
         model.requires_grad_(False)
     return model, cfg, MasterWeights(model, dtype if plain else None)
@@ -299,6 +312,7 @@ class Trainer:
         self.resume_from = latest_checkpoint(self.ckpt_root) if opts.checkpoint.resume else None
         resume_step = int(os.path.basename(self.resume_from).split("_")[1]) if self.resume_from else 0
 
+        self.lora = run_lora.lora_spec(opts)
         self.model, self.cfg, self.weights = build_model(opts, info, self.task)
         # The expert biases as initialised (the checkpoint's, or zero): the drift metrics measure from
         # these, so a resumed run reports the same numbers as an uninterrupted one.
@@ -313,16 +327,20 @@ class Trainer:
                          f"params ({cfg.num_params(active_only=True) / 1e6:.1f}M active), experts via "
                          f"{cfg.expert_backend!r}, global batch {opts.train.global_batch_size} = {B} x {W} ranks x "
                          f"{self.accum} accumulation")
+        if self.lora is not None:
+            self.logger.info(run_lora.describe(self.model, self.lora))
         if info.is_main:
             with open(os.path.join(opts.output_dir, "config.yaml"), "w") as f:
                 f.write(dump_yaml(opts))
         self.loader = self.task.build_loader(opts, info, self.accum, cfg)
         o = opts.optim
         self.optimizer = build_optimizer(self.weights.module, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps,
-                                         info.device)
+                                         torch.device("cpu") if opts.parallel.offload == "all" else info.device,
+                                         host_state=opts.parallel.offload == "optimizer")
         self.scheduler = self._schedule(done_steps=0)
         self.checkpointer = Checkpointer(self.ckpt_root, info.rank, opts.checkpoint.keep_last,
-                                         background=opts.checkpoint.async_, pin_memory=info.device.type == "cuda")
+                                         background=opts.checkpoint.async_, pin_memory=info.device.type == "cuda",
+                                         trained_only=self.lora is not None)
         self.ctx = StepContext(opts, info, self.model, cfg, self.accum, self.logger)
         if cfg.aux_loss_type == "global":
             self.ctx.balance_counts_fn = CarriedCounts(parallel.all_reduce_sum)
@@ -372,6 +390,9 @@ class Trainer:
     def resume(self) -> str | None:
         """Restore model, optimizer, schedule, data position and RNG from the latest complete checkpoint."""
         if self.resume_from:
+            if self.lora is not None:  # the base comes from model.init_from: the one the adapters were trained on
+                rundir.on_rank0(lambda: run_lora.check_base(read_lora_record(self.resume_from),
+                                                            self.opts.model.init_from, self.resume_from))
             tstate, rstate = self.checkpointer.load(self.resume_from, self.weights.module, self.optimizer)
             self.weights.push()
             self.state = TrainState(step=tstate["step"], bad_in_a_row=tstate["bad_in_a_row"])
@@ -411,7 +432,8 @@ class Trainer:
         def local(t):
             t = getattr(t, "_local_tensor", t)
             return t.numel() * t.element_size()
-        tensors = list(self.weights.module.parameters())
+        # What a checkpoint holds: the trained parameters (all of them without LoRA) and the optimizer state.
+        tensors = [p for p in self.weights.module.parameters() if p.requires_grad or self.lora is None]
         tensors += [v for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
         n = sum(local(t) for t in tensors) + DCP_BYTES_PER_TENSOR * len(tensors) + DCP_BYTES_PER_RANK
         if dist.is_initialized() and self.info.world_size > 1:
@@ -430,8 +452,10 @@ class Trainer:
         tstate = {**dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict(),
                   "world_size": self.info.world_size}
         rstate = {"loader": self.loader.state_dict(), "rng": torch.get_rng_state()}
+        extra = {} if self.lora is None else {LORA_RECORD: run_lora.record(self.lora, self.opts.model.init_from)}
         path = self.checkpointer.save(self.state.step, self.weights.module, self.optimizer, tstate, rstate,
-                                      self.cfg.to_dict(), dump_yaml(self.opts), background=background)
+                                      self.cfg.to_dict(), dump_yaml(self.opts), background=background,
+                                      extra_json=extra)
         self.saved_at = self.state.step
         if background:
             self.logger.info(f"checkpoint {path}: state copied in {time.perf_counter() - t0:.2f} s, "
@@ -451,7 +475,8 @@ class Trainer:
                          f"{time.perf_counter() - t0:.2f} s for it)")
 
     def export(self, checkpoint: str) -> str:
-        """The HF safetensors export of ``checkpoint`` to <output-dir>/hf, written by rank 0."""
+        """The HF safetensors export of ``checkpoint`` to <output-dir>/hf, written by rank 0 (a LoRA
+        run's: the base merged with its adapters, and the adapters alone in <output-dir>/adapter)."""
         hf_dir = os.path.join(self.opts.output_dir, "hf")
         rundir.on_rank0(lambda: self._export_rank0(checkpoint, hf_dir))
         return hf_dir
@@ -463,7 +488,8 @@ class Trainer:
         record = os.path.join(self.opts.output_dir, rundir.HF_RECORD)
         identity = checkpoint_identity(checkpoint)
         done = rundir.export_is_of(record, checkpoint, identity)
-        if done and os.path.isdir(hf_dir):
+        adapter_dir = os.path.join(self.opts.output_dir, "adapter")
+        if done and os.path.isdir(hf_dir) and (self.lora is None or os.path.isdir(adapter_dir)):
             self.logger.info(f"Hugging Face export {hf_dir} of {checkpoint} is already there")
             return
         if os.path.exists(record):
@@ -471,6 +497,9 @@ class Trainer:
         cfg = read_model_config(checkpoint)
         width = 4 if cfg.torch_dtype == "float32" else 2
         try:
+            if self.lora is not None:  # small beside the merged model; written whole before it
+                export_adapter(checkpoint, adapter_dir, overwrite=True)
+                self.logger.info(f"exported the LoRA adapter (PEFT's format) to {adapter_dir}")
             require_space(hf_dir, cfg.num_params() * width, "the Hugging Face export")
             with writing(hf_dir):
                 # What travels beside the weights is read from the checkpoint's config.yaml, the one

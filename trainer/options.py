@@ -29,6 +29,7 @@ import yaml
 
 from data.errors import BadInputError
 from moe.config import AuxLossType, BailingMoeConfig, ExpertBackend, PresetName
+from moe.lora import LoraError, parse_targets
 from trainer.errors import TrainerError
 
 
@@ -64,6 +65,7 @@ DPOLossType = Literal["sigmoid", "ipo", "hinge"]
 DPOReference = Literal["precomputed", "live"]
 DPONllAverage = Literal["sequence", "token", "trl"]
 OneRank = Literal["plain", "fsdp"]
+Offload = Literal["none", "optimizer", "all"]
 DPO_LOSS_TYPES = get_args(DPOLossType)
 
 MAX_SEED = 2 ** 32 - 1  # numpy's and the synthetic rows' seed arithmetic stay in range below this
@@ -171,6 +173,25 @@ class ParallelOptions:
                                      "weights, with no parameter copies per micro-batch) or 'fsdp' (FSDP2 as on many "
                                      "ranks, which casts and copies every parameter per micro-batch; for comparison). "
                                      "Numerically the same; ignored with more than one rank")
+    offload: Offload = opt("none", "host memory for training state, to fit on fewer GPUs: 'optimizer' (AdamW's "
+                                   "two moments live in host memory, brought to the GPU a parameter at a time for "
+                                   "the step), 'all' (FSDP2's CPUOffloadPolicy: the fp32 parameter shards, their "
+                                   "gradients and AdamW's state live in host memory and the step runs on the CPU; "
+                                   "the GPU holds the gathered blocks and activations), or 'none'")
+
+
+@dataclass
+class LoraOptions:
+    rank: int = opt(0, "LoRA rank: low-rank adapters of this rank train beside frozen weights (bf16 on GPU, no "
+                       "gradient, no optimizer state); 0 = full fine-tuning. Needs model.init_from", ge=0)
+    alpha: float = opt(0.0, "LoRA alpha: the adapters' output is scaled by alpha / rank; 0 = 2 x rank "
+                            "(LLaMA-Factory's default)", ge=0)
+    dropout: float = opt(0.0, "dropout on the adapters' input, in training", ge=0, lt=1)
+    target: str = opt("all", "what gets adapters: 'all', or a comma list of attention (query_key_value, dense), "
+                             "shared_experts, experts (the routed experts: an adapter pair per expert, computed "
+                             "inside the grouped GEMMs), dense_mlp")
+    train_router: bool = opt(False, "train the routers' weights in full beside the adapters (exported as PEFT's "
+                                    "modules_to_save); false = frozen, its balance losses still computed and logged")
 
 
 @dataclass
@@ -223,6 +244,7 @@ class Options:
     checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
     log: LogOptions = field(default_factory=LogOptions)
     parallel: ParallelOptions = field(default_factory=ParallelOptions)
+    lora: LoraOptions = field(default_factory=LoraOptions)
     output_dir: str = "runs/sft"
     overwrite: bool = False  # --overwrite: move an earlier run in output_dir aside (not part of the config)
 
@@ -327,8 +349,29 @@ def _check_combinations(opts: Options, origin: Callable[[str], str]) -> None:
     if opts.data.template == "bailing_v2" and opts.data.eos_every_turn:
         raise OptionsError(f"{origin('data.eos_every_turn')}: data.eos_every_turn is a choice of the bailing template: "
                            f"bailing_v2 ends every turn with <|role_end|> already")
+    _check_lora(opts, origin)
     if not isinstance(opts.output_dir, str) or not opts.output_dir:
         raise OptionsError(f"{origin('output_dir')}: output_dir must be a directory name, got {opts.output_dir!r}")
+
+
+def _check_lora(opts: Options, origin: Callable[[str], str]) -> None:
+    lora = opts.lora
+    try:
+        targets = parse_targets(lora.target)
+    except LoraError as e:
+        raise OptionsError(f"{origin('lora.target')}: {e}") from None
+    if lora.rank == 0:
+        return
+    if not opts.model.init_from:
+        raise OptionsError(f"{origin('lora.rank')}: lora.rank {lora.rank} adapts existing weights: set model.init_from "
+                           f"(an HF or native checkpoint), or lora.rank 0 for full training")
+    if opts.parallel.ep > 1:
+        raise OptionsError(f"{origin('parallel.ep')}: LoRA with expert parallelism (parallel.ep {opts.parallel.ep}) "
+                           f"is not supported yet: use parallel.ep 1 (LoRA's frozen experts shard under FSDP alone)")
+    if opts.model.expert_backend == "triton" and "experts" in targets:
+        raise OptionsError(f"{origin('model.expert_backend')}: the triton expert backend does not compute the "
+                           f"routed experts' LoRA adapters yet: use model.expert_backend torch (or auto, which "
+                           f"takes torch for a LoRA run)")
 
 
 # ---------------------------------------------------------------- recipe and command line

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 import torch.nn as nn
@@ -161,32 +161,35 @@ def expert_mesh(device_type: str, world_size: int, ep: int):
 
 
 def shard_model(model: nn.Module, mesh, param_dtype: torch.dtype | None, compile_blocks: bool = False,
-                ep_mesh=None) -> None:
+                ep_mesh=None, offload: bool = False) -> None:
     """FSDP2: each decoder block its own unit (gathered just before use, freed after), then the root
     (embeddings, final norm, lm_head). Mixed precision computes in ``param_dtype`` and reduces
     gradients in fp32. With ``ep_mesh`` (expert_mesh's), the routed experts are split over its "ep"
-    dimension (moe.expert_parallel) and FSDP-sharded over "edp" as their own unit."""
+    dimension (moe.expert_parallel) and FSDP-sharded over "edp" as their own unit. ``offload``:
+    FSDP2's CPUOffloadPolicy, the sharded parameters and their gradients in host memory (pinned on
+    GPU machines; the model must then be materialised on the CPU), copied to the device for each
+    unit's all-gather."""
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
     if compile_blocks and ep_mesh is not None:
         # The EP experts op returns the rows this rank received, a count known only at run time; dynamo
         # breaks the graph at such an op unless told to capture it (nothing else in a block has one).
         torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    policy = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if offload else OffloadPolicy()
     if ep_mesh is not None:
-
         apply_expert_parallel(model, mesh=ep_mesh["ep"])
     if compile_blocks:
         compile_each_block(model)
     for layer in model.model.layers:
         experts = getattr(layer.mlp, "experts", None)
         if ep_mesh is not None and isinstance(experts, ExpertParallelExperts):
-            fully_shard(experts, mesh=ep_mesh["edp"], mp_policy=mp)
+            fully_shard(experts, mesh=ep_mesh["edp"], mp_policy=mp, offload_policy=policy)
             # Each rank's expert gradient already sums the tokens of its whole EP group: FSDP divides
             # by the edp copies, 1/ep more makes it all ranks, as for the rest. (A scale in backward,
             # not FSDP's set_gradient_divide_factor: that needs PREMUL_SUM, which gloo lacks.)
             experts.grad_scale = 1.0 / ep_mesh["ep"].size()
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=policy)
 
 
 def compile_each_block(model: nn.Module) -> None:

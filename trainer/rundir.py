@@ -33,7 +33,7 @@ CHANGES_NAME = "config_changes.jsonl"
 HF_RECORD = "hf_export.json"  # which checkpoint <output-dir>/hf was exported from, written after it
 # What belongs to one run (moved aside together by --overwrite). The prepared-data cache and the DPO
 # reference cache are keyed by their inputs, not by the run, and stay.
-RUN_STATE = ("checkpoints", "metrics.jsonl", "config.yaml", CHANGES_NAME, "hf", HF_RECORD)
+RUN_STATE = ("checkpoints", "metrics.jsonl", "config.yaml", CHANGES_NAME, "hf", "adapter", HF_RECORD)
 
 # Options a resumed run may change; every other option (the model, data, seq_len, batch sizes, seed,
 # the objective, the device) is fixed for the life of a run. The ranks' count is fixed too.
@@ -44,7 +44,8 @@ CHANGEABLE = {
     "log": {"wandb_project", "wandb_run_name"},
     "model": {"expert_backend", "expert_recompute", "activation_checkpointing", "compile"},  # how, not what, is computed
     "data": {"cache_dir"},  # the prepared data are keyed by content wherever they are cached
-    "parallel": {"ep", "one_rank"},  # layouts: DCP reshards between them, the numbers are the same (tested)
+    # layouts and where state lives: DCP reshards between them, the numbers are the same (tested)
+    "parallel": {"ep", "one_rank", "offload"},
 }
 
 
@@ -149,6 +150,8 @@ def existing_run(output_dir: str) -> list[str]:
         found.append(f"{mpath} ({lines} lines)")
     if os.path.isdir(os.path.join(output_dir, "hf")):
         found.append(f"an HF export in {os.path.join(output_dir, 'hf')}")
+    if os.path.isdir(os.path.join(output_dir, "adapter")):
+        found.append(f"a LoRA adapter in {os.path.join(output_dir, 'adapter')}")
     return found
 
 
