@@ -1,6 +1,6 @@
 """How long checkpoint saves stop training: ordinary saves against --checkpoint.async true.
 
-    python benchmarks/save_stall.py --steps 25 --save-every 8 --warmup 3 --threads 0 1   # CPU, the committed run
+    python benchmarks/save_stall.py --steps 49 --save-every 8 --warmup 3 --threads 0 1   # CPU, the committed run
     python benchmarks/save_stall.py                        # CPU: a 59M-parameter model (0.7 GB checkpoint)
     python benchmarks/save_stall.py --preset ling-lite --layers 1 --save-every 4 --steps 11   # GPU
 
