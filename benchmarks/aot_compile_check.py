@@ -26,6 +26,9 @@ import kernels._grouped_gemm as gg  # noqa: E402
 
 target = GPUTarget("cuda", 90, 32)
 
+FLOAT_ARGS = ("lora_scale",)
+
+
 def sig_of(fn, ptr_types, consts):
     sig = {}
     for name in fn.arg_names:
@@ -34,7 +37,7 @@ def sig_of(fn, ptr_types, consts):
         elif name.endswith("_ptr"):
             sig[name] = ptr_types.get(name, "*i32")
         else:
-            sig[name] = "i32"
+            sig[name] = "fp32" if name in FLOAT_ARGS else "i32"
     return sig
 
 
@@ -65,10 +68,10 @@ def build(fn, ptr_types, consts, warps, stages, not_multiple_of_16=()) -> dict:
     # cannot be 16-byte cp.async copies and the report would describe a kernel that never runs.
     # (K=6 and the d topk_w block count 22 are not: those take no hint.)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if n not in consts and n not in not_multiple_of_16}
+             if n not in consts and n not in not_multiple_of_16 and n not in FLOAT_ARGS}
     src = ASTSource(fn, sig_of(fn, ptr_types, consts), constexprs=consts, attrs=attrs)
     k = triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
-    flags = {k_: v for k_, v in consts.items() if k_ not in ("BM", "BN", "BK", "TILE_ORDER")}
+    flags = {k_: v for k_, v in consts.items() if k_ not in ("BM", "BN", "BK", "TILE_ORDER", "RB")}
     tiles = "x".join(str(consts.get(n, "-")) for n in ("BM", "BN", "BK"))
     rep = sass_report(k.asm["cubin"])
     print("ok", fn.__name__, tiles, flags, "smem", k.metadata.shared, rep["text"], flush=True)
@@ -77,6 +80,10 @@ def build(fn, ptr_types, consts, warps, stages, not_multiple_of_16=()) -> dict:
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KERNELS = ("gate_up", "rows", "down_bwd", "wgrad", "routing", "combine")
+# LoRA on the experts at the rank of the Ling repository's LoRA recipes: its narrow products' tiles
+LORA_RANK = 8
+# the LoRA inputs: u [N, R] rows take no 16-multiple hint (R = 8 or 16 is one, but the rank is the user's)
+LORA_ODD = ("stride_lu", "stride_lbe", "stride_lbk", "stride_lbn", "R")
 
 
 def check_config(dtype_name: str, nrows: int, kernels=KERNELS) -> list[dict]:
@@ -88,19 +95,31 @@ def check_config(dtype_name: str, nrows: int, kernels=KERNELS) -> list[dict]:
     W, S = cfg.num_warps, cfg.num_stages
     act = {n: tt for n in ("x_ptr", "w_ptr", "h_ptr", "gu_ptr", "a_ptr", "b_ptr", "out_ptr", "dy_ptr", "dgu_ptr",
                            "hw_ptr")}
-    act.update(tw_ptr="*fp32", dtw_part_ptr="*fp32")
+    act.update(tw_ptr="*fp32", dtw_part_ptr="*fp32", lu_ptr=tt, lb_ptr=tt)
     out = []
+    rb = gg._rank_block(LORA_RANK)
+    narrow = min(cfg.block_n, max(16, triton.next_power_of_2(2 * LORA_RANK)))  # rows_product's BN for u [N, 2R]
+    odd = LORA_ODD
     if "gate_up" in kernels:
-        for save in (True, False):
-            out.append(build(gg._gate_up_fwd_kernel, act, dict(SAVE_GU=save, TILE_ORDER=cfg.tile_order, BM=cfg.block_m, BN=cfg.block_n_gu,
-                                                               BK=cfg.block_k, DOT_PREC=prec), W, S))
+        for save, lora in ((True, False), (False, False), (True, True)):
+            out.append(build(gg._gate_up_fwd_kernel, act, dict(SAVE_GU=save, HAS_LORA=lora, RB=rb, TILE_ORDER=cfg.tile_order,
+                                                               BM=cfg.block_m, BN=cfg.block_n_gu, BK=cfg.block_k,
+                                                               DOT_PREC=prec), W, S, odd))
     if "rows" in kernels:
-        for ag, sc in ((False, True), (False, False), (True, False)):
-            out.append(build(gg._rows_gemm_kernel, act, dict(A_GATHER=ag, SCALE=sc, TILE_ORDER=cfg.tile_order, BM=cfg.block_m, BN=cfg.block_n,
-                                                             BK=cfg.block_k, DOT_PREC=prec), W, S))
+        # down (scaled), dx, and with LoRA: down and dx with the adapter's term, the narrow products
+        # x[tok] A^T (gathered) and h A^T into sorted rows
+        for ag, sc, srt, lora, bn in ((False, True, False, False, cfg.block_n), (False, False, False, False, cfg.block_n),
+                                      (True, False, False, False, cfg.block_n), (False, True, False, True, cfg.block_n),
+                                      (False, False, False, True, cfg.block_n), (True, False, True, False, narrow),
+                                      (False, False, True, False, narrow)):
+            out.append(build(gg._rows_gemm_kernel, act, dict(A_GATHER=ag, SCALE=sc, OUT_SORTED=srt, HAS_LORA=lora, RB=rb,
+                                                             TILE_ORDER=cfg.tile_order, BM=cfg.block_m, BN=bn,
+                                                             BK=cfg.block_k, DOT_PREC=prec), W, S, odd + ("N_OUT",)))
     if "down_bwd" in kernels:
-        out.append(build(gg._down_bwd_kernel, act, dict(STORE_HW=True, TILE_ORDER=cfg.tile_order, BM=cfg.block_m, BN=cfg.block_n_dbwd, BK=cfg.block_k,
-                                                        DOT_PREC=prec), cfg.dbwd_warps or W, S))
+        for lora in (False, True):
+            out.append(build(gg._down_bwd_kernel, act, dict(STORE_HW=True, HAS_LORA=lora, RB=rb, TILE_ORDER=cfg.tile_order,
+                                                            BM=cfg.block_m, BN=cfg.block_n_dbwd, BK=cfg.block_k,
+                                                            DOT_PREC=prec), cfg.dbwd_warps or W, S, odd))
     if "routing" in kernels and dtype_name == "bf16":  # integer kernel: one build per row count suffices
         e_pad, block, block_h, _ = glue._routing_blocks(nrows, 64, interpret=False)
         for have in (True, False):
@@ -112,10 +131,20 @@ def check_config(dtype_name: str, nrows: int, kernels=KERNELS) -> list[dict]:
             out.append(build(glue._combine_kernel, {"o_ptr": tt, "y_ptr": tt, "part_ptr": "*fp32", "dtw_ptr": "*fp32"},
                              dict(HAS_PART=has_part, BT=16, BH=256, NB_PAD=32), 4, 1, not_multiple_of_16=("K", "NB")))
     if "wgrad" in kernels:
-        for flags in ((True, False), (False, True)):
+        # the frozen weights' dW_down and dW_gate_up (unit output column stride: the JIT makes a 1 a constant),
+        # then the adapters' (kernels.moe_mlp), the wide side as M: dB_down [H, R] and dA_gate_up^T [H, 2R]
+        # (dy, x gathered; one build at R = 8, both 16 wide), dB_gate_up's halves and dA_down^T [I, R] (sorted
+        # rows; the transposed ones written through a strided view)
+        r = LORA_RANK
+        for flags, (m, n) in (((True, False), (0, 0)), ((False, True), (0, 0)), ((True, False), (2048, r)),
+                              ((False, False), (1408, r))):
             c = dict(zip(("A_GATHER", "B_GATHER"), flags))
-            c.update(TILE_ORDER=cfg.tile_order, BM=cfg.wg_block_m, BN=cfg.wg_block_n, BK=cfg.wg_block_k, DOT_PREC=prec)
-            out.append(build(gg._expert_wgrad_kernel, act, c, cfg.wg_warps or W, cfg.wg_stages or S))
+            wc = gg.narrow_wgrad_config(cfg, m, n) if m else cfg
+            c.update(TILE_ORDER=cfg.tile_order, BM=wc.wg_block_m, BN=wc.wg_block_n, BK=cfg.wg_block_k, DOT_PREC=prec)
+            if not m:
+                c["stride_on"] = 1
+            out.append(build(gg._expert_wgrad_kernel, act, c, cfg.wg_warps or W, cfg.wg_stages or S,
+                             ("N",) if m else ()))
     return out
 
 

@@ -31,6 +31,7 @@ from .routing import RoutingTables
 __all__ = [
     "KernelConfig", "pick_config", "interpreter_active",
     "gate_up_fwd", "down_fwd", "down_bwd", "gate_up_bwd_dx", "down_wgrad", "gate_up_wgrad",
+    "LowRank", "rows_product", "rows_wgrad", "narrow_wgrad_config",
 ]
 
 
@@ -137,12 +138,34 @@ def _tile_pid(N_TILES, N_COL_BLOCKS, TILE_ORDER: tl.constexpr):
 
 
 @triton.jit
+def _lora_add(acc, lu_ptrs, rmask, lb_ptrs, stride_lbk, cmask, R, scale,
+              RB: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + (scale U) @ B: the low-rank half of a LoRA projection, accumulated into a tile's
+    accumulator before its epilogue. U [BM, R] is a sorted-row activation (lu_ptrs: one pointer per
+    row, [BM, 1]), B [R, BN] the tile's expert's adapter (lb_ptrs: one pointer per output column,
+    [1, BN]; stride_lbk steps the rank). The rank is walked RB at a time, so any rank fits one code
+    path. The scale goes on the narrow U tile (exact for a power of two, as alpha = 2r gives), not on a
+    second [BM, BN] accumulator: that one spilled down_bwd's 128-row tile to local memory on sm_90."""
+    js = tl.arange(0, RB)
+    for j0 in range(0, R, RB):
+        jmask = (j0 + js) < R
+        u = tl.load(lu_ptrs + (j0 + js)[None, :], mask=rmask[:, None] & jmask[None, :], other=0.0)
+        u = (u.to(tl.float32) * scale).to(u.dtype)
+        b = tl.load(lb_ptrs + (j0 + js)[:, None].to(tl.int64) * stride_lbk, mask=jmask[:, None] & cmask[None, :],
+                    other=0.0)
+        acc = tl.dot(u, b, acc=acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
 def _gate_up_fwd_kernel(
     x_ptr, w_ptr, h_ptr, gu_ptr,
     tok_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
     H, I,
     stride_xt, stride_we, stride_wo, stride_h, stride_gu,
     SAVE_GU: tl.constexpr,
+    lu_ptr, lb_ptr, stride_lu, stride_lbe, stride_lbk, stride_lbn, R, lora_scale,
+    HAS_LORA: tl.constexpr, RB: tl.constexpr,
     N_TILES, N_COL_BLOCKS, TILE_ORDER: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -178,6 +201,11 @@ def _gate_up_fwd_kernel(
         a_ptrs += BK
         bg_ptrs += BK
         bu_ptrs += BK
+    if HAS_LORA:  # LoRA: u = x A^T holds gate's R columns, then up's; B [E, 2I, R] rows as W's
+        lu = lu_ptr + rows.to(tl.int64)[:, None] * stride_lu
+        lb = lb_ptr + e.to(tl.int64) * stride_lbe + cols[None, :].to(tl.int64) * stride_lbn
+        acc_g = _lora_add(acc_g, lu, rmask, lb, stride_lbk, cmask, R, lora_scale, RB, DOT_PREC)
+        acc_u = _lora_add(acc_u, lu + R, rmask, lb + I * stride_lbn, stride_lbk, cmask, R, lora_scale, RB, DOT_PREC)
 
     _, silu_g = _silu_parts(acc_g)
     h = silu_g * acc_u
@@ -197,14 +225,18 @@ def _rows_gemm_kernel(
     tok_ptr, flat_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
     N_OUT, K_RED,
     stride_a, stride_be, stride_bk, stride_bn, stride_out,
-    A_GATHER: tl.constexpr, SCALE: tl.constexpr,
+    A_GATHER: tl.constexpr, SCALE: tl.constexpr, OUT_SORTED: tl.constexpr,
+    lu_ptr, lb_ptr, stride_lu, stride_lbe, stride_lbk, stride_lbn, R, lora_scale,
+    HAS_LORA: tl.constexpr, RB: tl.constexpr,
     N_TILES, N_COL_BLOCKS, TILE_ORDER: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """out[flat[r], :] = (scale_r *) A[r or tok[r], :] @ B_e for every routed row r.
+    """out[flat[r], :] = (scale_r *) (A[r or tok[r], :] @ B_e (+ lora_scale * U_r @ LB_e)) for every
+    routed row r; with OUT_SORTED out[r, :] instead (the sorted order, for LoRA's low-rank activations).
 
     B_e[k, n] = b_ptr[e*stride_be + k*stride_bk + n*stride_bn], so the same kernel reads
-    w_down transposed (forward) or w_gate_up as stored (dX backward).
+    w_down transposed (forward) or w_gate_up as stored (dX backward); LB_e likewise with the
+    stride_lb* strides, U [N, R] in sorted rows.
     """
     pid_m, pid_n = _tile_pid(N_TILES, N_COL_BLOCKS, TILE_ORDER)
     e = tl.load(tile_expert_ptr + pid_m)
@@ -232,6 +264,10 @@ def _rows_gemm_kernel(
         acc = tl.dot(a, b, acc=acc, input_precision=DOT_PREC)
         a_ptrs += BK
         b_ptrs += BK * stride_bk
+    if HAS_LORA:
+        lu = lu_ptr + rows.to(tl.int64)[:, None] * stride_lu
+        lb = lb_ptr + e.to(tl.int64) * stride_lbe + cols[None, :].to(tl.int64) * stride_lbn
+        acc = _lora_add(acc, lu, rmask, lb, stride_lbk, cmask, R, lora_scale, RB, DOT_PREC)
 
     flat = tl.load(flat_ptr + rows, mask=rmask, other=0).to(tl.int64)
     if SCALE:
@@ -239,7 +275,10 @@ def _rows_gemm_kernel(
         acc = acc * tw[:, None]
     # Scatter to the flat (t, k) slot: each slot is written once, and the caller's sum over
     # K then runs in a fixed order (deterministic, unlike float atomics on y).
-    o_ptrs = out_ptr + flat[:, None] * stride_out + cols[None, :]
+    if OUT_SORTED:
+        o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+    else:
+        o_ptrs = out_ptr + flat[:, None] * stride_out + cols[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
@@ -250,6 +289,8 @@ def _down_bwd_kernel(
     H, I,
     stride_dy, stride_we, stride_wo, stride_gu, stride_dgu, stride_part, stride_hw,
     STORE_HW: tl.constexpr,
+    lu_ptr, lb_ptr, stride_lu, stride_lbe, stride_lbk, stride_lbn, R, lora_scale,
+    HAS_LORA: tl.constexpr, RB: tl.constexpr,
     N_TILES, N_COL_BLOCKS, TILE_ORDER: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -281,6 +322,10 @@ def _down_bwd_kernel(
         acc = tl.dot(a, b, acc=acc, input_precision=DOT_PREC)
         a_ptrs += BK
         b_ptrs += BK * stride_wo
+    if HAS_LORA:  # dh += scale * (dy B_down) A_down: U = dy[tok] B_down per sorted row, A_down [E, R, I]
+        lu = lu_ptr + rows.to(tl.int64)[:, None] * stride_lu
+        lb = lb_ptr + e.to(tl.int64) * stride_lbe + cols[None, :].to(tl.int64) * stride_lbn
+        acc = _lora_add(acc, lu, rmask, lb, stride_lbk, cmask, R, lora_scale, RB, DOT_PREC)
 
     rows64 = rows.to(tl.int64)
     omask = rmask[:, None] & cmask[None, :]
@@ -310,7 +355,7 @@ def _expert_wgrad_kernel(
     a_ptr, b_ptr, out_ptr,
     tok_ptr, offsets_ptr,
     M, N,
-    stride_a, stride_b, stride_oe, stride_om,
+    stride_a, stride_b, stride_oe, stride_om, stride_on,
     A_GATHER: tl.constexpr, B_GATHER: tl.constexpr,
     N_EXPERTS, M_BLOCKS, N_BLOCKS, TILE_ORDER: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -357,7 +402,8 @@ def _expert_wgrad_kernel(
                       mask=mmask[:, None] & rmask[None, :], other=0.0)
         b = tl.load(b_ptr + brow[:, None] * stride_b + ns[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
         acc = tl.dot(a_t, b, acc=acc, input_precision=DOT_PREC)
-    o_ptrs = out_ptr + e.to(tl.int64) * stride_oe + ms[:, None].to(tl.int64) * stride_om + ns[None, :]
+    o_ptrs = (out_ptr + e.to(tl.int64) * stride_oe + ms[:, None].to(tl.int64) * stride_om
+              + ns[None, :].to(tl.int64) * stride_on)
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
@@ -396,6 +442,41 @@ def _check_interpreter_versions() -> None:
                            f"{numpy.__version__}: install triton>=3.7 (requirements.txt pins 3.7.1) or numpy<2.4")
 
 
+class LowRank(NamedTuple):
+    """LoRA's half of a projection, for a row-tile kernel to add before its epilogue:
+    ``scale * u[r] @ B_e`` for each sorted row r of expert e, where u [N, R] holds the rows' low-rank
+    activations (activation dtype, unit column stride) and B_e[j, n] = b[e] read with the strides
+    ``stride_j`` (over the rank) and ``stride_n`` (over the output columns)."""
+    u: torch.Tensor
+    b: torch.Tensor
+    stride_j: int
+    stride_n: int
+    scale: float
+
+
+def _rank_block(rank: int) -> int:
+    # tl.dot needs 16 at least; past 64 the rank is walked in steps (one code path for any rank).
+    return max(16, min(64, triton.next_power_of_2(max(rank, 1))))
+
+
+def _lora_kwargs(lora: Optional[LowRank], n_rows: int, dtype: torch.dtype, placeholder: torch.Tensor,
+                 parts: int = 1) -> dict:
+    """The kernels' LoRA arguments: the low-rank term, or placeholders that HAS_LORA=False never reads.
+    parts: how many projections' activations u holds side by side (gate_up: 2), each of rank R."""
+    if lora is None:
+        return dict(lu_ptr=placeholder, lb_ptr=placeholder, stride_lu=0, stride_lbe=0, stride_lbk=0, stride_lbn=0,
+                    R=0, lora_scale=0.0, HAS_LORA=False, RB=16)
+    u, b = lora.u, lora.b
+    if u.dim() != 2 or u.shape[0] != n_rows or u.stride(1) != 1:
+        raise ValueError(f"LoRA activations must be [{n_rows}, R] with unit column stride, got {tuple(u.shape)}")
+    if u.dtype != dtype or b.dtype != dtype:
+        raise TypeError(f"LoRA tensors must have the activation dtype {dtype}, got {u.dtype} and {b.dtype}")
+    _check_device(u, b)
+    rank = u.shape[1] // parts
+    return dict(lu_ptr=u, lb_ptr=b, stride_lu=u.stride(0), stride_lbe=b.stride(0), stride_lbk=lora.stride_j,
+                stride_lbn=lora.stride_n, R=rank, lora_scale=float(lora.scale), HAS_LORA=True, RB=_rank_block(rank))
+
+
 def _tile_launch(routing: RoutingTables, n_cols: int, block_n: int, cfg: KernelConfig):
     """The 1-D grid of a row-tile kernel and its order arguments (N_TILES, N_COL_BLOCKS, TILE_ORDER)."""
     n_tiles, n_col_blocks = routing.tile_expert.numel(), triton.cdiv(n_cols, block_n)
@@ -403,9 +484,10 @@ def _tile_launch(routing: RoutingTables, n_cols: int, block_n: int, cfg: KernelC
 
 
 def gate_up_fwd(x_TH: torch.Tensor, w_gate_up_E2IH: torch.Tensor, routing: RoutingTables,
-                cfg: KernelConfig, save_preact: bool):
+                cfg: KernelConfig, save_preact: bool, lora: Optional[LowRank] = None):
     """h_NI = silu(x[tok] @ Wg^T) * (x[tok] @ Wu^T) per sorted row; also gu_N2I = [g | u]
-    when save_preact (the backward needs the pre-activation)."""
+    when save_preact (the backward needs the pre-activation). ``lora``: u [N, 2R] = x[tok] A^T
+    (gate's R columns, then up's) and b = B_gate_up [E, 2I, R], added to g and u before the SwiGLU."""
     x_TH = x_TH.contiguous()
     w = w_gate_up_E2IH.contiguous()
     _check_device(x_TH, w)
@@ -426,7 +508,7 @@ def gate_up_fwd(x_TH: torch.Tensor, w_gate_up_E2IH: torch.Tensor, routing: Routi
         routing.sorted_token_ids, routing.tile_expert, routing.tile_row_start, routing.expert_offsets,
         H, I,
         x_TH.stride(0), w.stride(0), w.stride(1), h_NI.stride(0), gu_N2I.stride(0),
-        SAVE_GU=save_preact, **order,
+        SAVE_GU=save_preact, **_lora_kwargs(lora, n_rows, x_TH.dtype, x_TH, parts=2), **order,
         BM=cfg.block_m, BN=cfg.block_n_gu, BK=cfg.block_k, DOT_PREC=_dot_precision(x_TH.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -434,8 +516,9 @@ def gate_up_fwd(x_TH: torch.Tensor, w_gate_up_E2IH: torch.Tensor, routing: Routi
 
 
 def down_fwd(h_NI: torch.Tensor, w_down_EHI: torch.Tensor, topk_weights_N: torch.Tensor,
-             routing: RoutingTables, cfg: KernelConfig) -> torch.Tensor:
-    """o_NH[flat(r)] = topk_w[flat(r)] * h_r @ W_down[e]^T, in flat (t*K + k) order."""
+             routing: RoutingTables, cfg: KernelConfig, lora: Optional[LowRank] = None) -> torch.Tensor:
+    """o_NH[flat(r)] = topk_w[flat(r)] * h_r @ W_down[e]^T, in flat (t*K + k) order. ``lora``:
+    u [N, R] = h A_down^T and b = B_down [E, H, R], added before the routing weight."""
     h_NI = h_NI.contiguous()
     w = w_down_EHI.contiguous()
     tw = topk_weights_N.contiguous().reshape(-1)
@@ -457,7 +540,7 @@ def down_fwd(h_NI: torch.Tensor, w_down_EHI: torch.Tensor, topk_weights_N: torch
         routing.tile_row_start, routing.expert_offsets,
         H, I,
         h_NI.stride(0), w.stride(0), w.stride(2), w.stride(1), o_NH.stride(0),
-        A_GATHER=False, SCALE=True, **order,
+        A_GATHER=False, SCALE=True, OUT_SORTED=False, **_lora_kwargs(lora, n_rows, h_NI.dtype, h_NI), **order,
         BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, DOT_PREC=_dot_precision(h_NI.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -465,10 +548,13 @@ def down_fwd(h_NI: torch.Tensor, w_down_EHI: torch.Tensor, topk_weights_N: torch
 
 
 def down_bwd(dy_TH: torch.Tensor, w_down_EHI: torch.Tensor, gu_N2I: torch.Tensor,
-             topk_weights_N: torch.Tensor, routing: RoutingTables, cfg: KernelConfig, store_hw: bool = True):
+             topk_weights_N: torch.Tensor, routing: RoutingTables, cfg: KernelConfig, store_hw: bool = True,
+             lora: Optional[LowRank] = None):
     """Returns dgu_N2I (sorted rows, activation dtype), dtw_part_NB (fp32, flat rows, one column per
     I-block; the caller sums the columns in order to get d topk_weights) and hw_NI = topk_w * h
-    (sorted rows, activation dtype; None unless store_hw), the operand of down_wgrad."""
+    (sorted rows, activation dtype; None unless store_hw), the operand of down_wgrad. ``lora``:
+    u [N, R] = dy[tok] B_down and b = A_down [E, R, I]; the unweighted dh then holds the adapter's
+    path too, so d topk_w = <dh, h> is the whole projection's (<dy B, A h> is the adapter's share)."""
     dy_TH = dy_TH.contiguous()
     w = w_down_EHI.contiguous()
     gu_N2I = gu_N2I.contiguous()
@@ -493,7 +579,8 @@ def down_bwd(dy_TH: torch.Tensor, w_down_EHI: torch.Tensor, gu_N2I: torch.Tensor
         routing.tile_row_start, routing.expert_offsets,
         H, I,
         dy_TH.stride(0), w.stride(0), w.stride(1), gu_N2I.stride(0), dgu_N2I.stride(0),
-        dtw_part_NB.stride(0), hw_NI.stride(0), STORE_HW=store_hw, **order,
+        dtw_part_NB.stride(0), hw_NI.stride(0), STORE_HW=store_hw, **_lora_kwargs(lora, n_rows, dy_TH.dtype, dy_TH),
+        **order,
         BM=cfg.block_m, BN=cfg.block_n_dbwd, BK=cfg.block_k, DOT_PREC=_dot_precision(dy_TH.dtype),
         num_warps=cfg.dbwd_warps or cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -501,8 +588,9 @@ def down_bwd(dy_TH: torch.Tensor, w_down_EHI: torch.Tensor, gu_N2I: torch.Tensor
 
 
 def gate_up_bwd_dx(dgu_N2I: torch.Tensor, w_gate_up_E2IH: torch.Tensor, routing: RoutingTables,
-                   cfg: KernelConfig) -> torch.Tensor:
-    """dx_NH[flat(r)] = [dg_r | du_r] @ W_gate_up[e] (reduction over 2I), flat order."""
+                   cfg: KernelConfig, lora: Optional[LowRank] = None) -> torch.Tensor:
+    """dx_NH[flat(r)] = [dg_r | du_r] @ W_gate_up[e] (reduction over 2I), flat order. ``lora``:
+    u [N, 2R] = [dg B_gate | du B_up] and b = A_gate_up [E, 2R, H]."""
     dgu_N2I = dgu_N2I.contiguous()
     w = w_gate_up_E2IH.contiguous()
     _check_device(dgu_N2I, w)
@@ -521,7 +609,8 @@ def gate_up_bwd_dx(dgu_N2I: torch.Tensor, w_gate_up_E2IH: torch.Tensor, routing:
         routing.tile_row_start, routing.expert_offsets,
         H, I2,
         dgu_N2I.stride(0), w.stride(0), w.stride(1), w.stride(2), dx_NH.stride(0),
-        A_GATHER=False, SCALE=False, **order,
+        A_GATHER=False, SCALE=False, OUT_SORTED=False, **_lora_kwargs(lora, n_rows, dgu_N2I.dtype, dgu_N2I),
+        **order,
         BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, DOT_PREC=_dot_precision(w.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -536,7 +625,7 @@ def _wgrad_launch(a, b, out, routing, cfg, M, N, a_gather, b_gather):
         a, b, out,
         routing.sorted_token_ids, routing.expert_offsets,
         M, N,
-        a.stride(0), b.stride(0), out.stride(0), out.stride(1),
+        a.stride(0), b.stride(0), out.stride(0), out.stride(1), out.stride(2),
         A_GATHER=a_gather, B_GATHER=b_gather,
         N_EXPERTS=E, M_BLOCKS=m_blocks, N_BLOCKS=n_blocks, TILE_ORDER=cfg.tile_order,
         BM=cfg.wg_block_m, BN=cfg.wg_block_n, BK=cfg.wg_block_k,
@@ -575,3 +664,62 @@ def gate_up_wgrad(dgu_N2I: torch.Tensor, x_TH: torch.Tensor, routing: RoutingTab
     _check_routing(routing, cfg, dgu_N2I.shape[0])
     out = torch.empty(num_experts, I2, H, dtype=out_dtype or x_TH.dtype, device=x_TH.device)
     return _wgrad_launch(dgu_N2I, x_TH, out, routing, cfg, I2, H, a_gather=False, b_gather=True)
+
+
+def rows_product(a: torch.Tensor, b: torch.Tensor, stride_k: int, stride_n: int, n_out: int,
+                 routing: RoutingTables, cfg: KernelConfig, gather: bool, out: Optional[torch.Tensor] = None):
+    """out[r] = a[tok_r if gather else r] @ B_e for every sorted row r of expert e, in sorted order, where
+    B_e[k, n] = b[e] read with strides stride_k, stride_n: LoRA's narrow products (x A^T, dy B, ...) on
+    the frozen GEMMs' routing tables. a may be a column slice (unit column stride) and out a slice of a
+    wider buffer; out [N, n_out] is allocated when not given."""
+    _check_device(a, b)
+    n_rows = routing.sorted_token_ids.numel()
+    if a.dim() != 2 or a.stride(1) != 1:
+        raise ValueError(f"rows_product: a must be 2-D with unit column stride, got {tuple(a.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"rows_product: dtype mismatch {a.dtype} vs {b.dtype}")
+    if out is None:
+        out = torch.empty(n_rows, n_out, dtype=a.dtype, device=a.device)
+    if out.shape != (n_rows, n_out) or out.stride(1) != 1:
+        raise ValueError(f"rows_product: out must be [{n_rows}, {n_out}] with unit column stride")
+    _check_routing(routing, cfg, n_rows)
+    block_n = min(cfg.block_n, max(16, triton.next_power_of_2(n_out)))
+    grid, order = _tile_launch(routing, n_out, block_n, cfg)
+    _rows_gemm_kernel[grid](
+        a, b, out, a,
+        routing.sorted_token_ids, routing.sorted_flat_ids, routing.tile_expert,
+        routing.tile_row_start, routing.expert_offsets,
+        n_out, a.shape[1],
+        a.stride(0), b.stride(0), stride_k, stride_n, out.stride(0),
+        A_GATHER=gather, SCALE=False, OUT_SORTED=True, **_lora_kwargs(None, n_rows, a.dtype, a), **order,
+        BM=cfg.block_m, BN=block_n, BK=cfg.block_k, DOT_PREC=_dot_precision(a.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def rows_wgrad(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, routing: RoutingTables, cfg: KernelConfig,
+               a_gather: bool = False, b_gather: bool = False) -> torch.Tensor:
+    """out[e] = sum over expert e's sorted rows r of a_r^T b_r ([E, M, N]; a_r, b_r gathered by token when
+    asked): the adapters' gradients. Operands may be column slices (unit column stride); out any view
+    (a transposed one: an [R, I] gradient computed as its [I, R] transpose, so that the wide side is
+    the tile's M, which Hopper's warpgroup MMA needs in multiples of 64)."""
+    _check_device(a, b, out)
+    if a.dtype != b.dtype:
+        raise TypeError(f"rows_wgrad: dtype mismatch {a.dtype} vs {b.dtype}")
+    if a.stride(1) != 1 or b.stride(1) != 1:
+        raise ValueError("rows_wgrad: operands need a unit column stride")
+    M, N = a.shape[1], b.shape[1]
+    if tuple(out.shape[1:]) != (M, N):
+        raise ValueError(f"rows_wgrad: out must be [E, {M}, {N}], got {tuple(out.shape)}")
+    _check_routing(routing, cfg, routing.sorted_token_ids.numel())
+    return _wgrad_launch(a, b, out, routing, narrow_wgrad_config(cfg, M, N), M, N, a_gather=a_gather,
+                         b_gather=b_gather)
+
+
+def narrow_wgrad_config(cfg: KernelConfig, M: int, N: int) -> KernelConfig:
+    """The weight-gradient tiles cut down to a narrow side (an adapter's rank): a 128-wide tile over 8
+    real columns would spend 16 times the matrix unit's work on padding."""
+    def fit(block: int, n: int) -> int:
+        return min(block, max(16, triton.next_power_of_2(n)))
+    return cfg._replace(wg_block_m=fit(cfg.wg_block_m, M), wg_block_n=fit(cfg.wg_block_n, N))

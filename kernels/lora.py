@@ -15,7 +15,8 @@ layout of the frozen weights:
 and each projection computes  W x + scale * B (A dropout(x)),  dropout drawn per routed row and per
 projection (PEFT's gate_proj and up_proj have a dropout each), on the rows the backend already
 sorted for the frozen GEMM. No backend ever forms W + scale * B A: that would cost a weight-sized
-temporary per expert and a weight-sized gradient.
+temporary per expert and a weight-sized gradient. The triton backend (kernels/moe_mlp.py) adds the
+adapters' products inside its grouped GEMMs' accumulators and draws no dropout (it refuses p > 0).
 
 A leaf like the rest of kernels/: torch only.
 """

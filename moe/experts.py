@@ -20,8 +20,9 @@ gate/up pre-activation [T*K, 2I] and recomputes it with one GEMM in backward; th
 backends run under torch.utils.checkpoint (their whole MLP is recomputed, keeping only its inputs).
 
 LoRA (moe/lora.py) adds low-rank adapters beside the frozen stacked weights: ``adapters()`` then
-returns a kernels.lora.ExpertLoRA and the backend computes them on its sorted rows. The loop and
-torch backends do; the triton backend's adapter path is not written yet and refuses.
+returns a kernels.lora.ExpertLoRA and the backend computes them on its sorted rows: the triton
+backend inside its grouped GEMMs' accumulators (kernels/moe_mlp.py), without dropout on the adapters'
+input, which only the loop and torch backends draw.
 """
 from __future__ import annotations
 
@@ -39,19 +40,19 @@ class BackendError(BadInputError):
     """An expert backend asked for something it cannot compute."""
 
 
-TRITON_LORA_MISSING = ("LoRA on the routed experts is not yet computed by the triton expert backend; use "
-                       "expert_backend 'torch' (grouped GEMMs, no host sync) or 'loop'")
+TRITON_LORA_DROPOUT = ("the triton expert backend computes the routed experts' LoRA without dropout (lora.dropout "
+                       "{p}): set lora.dropout 0, or expert_backend 'torch', which draws it")
 
 
 def _triton_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK, counts_E=None, recompute=False,
                     lora=None):
-    if lora is not None:
-        raise BackendError(TRITON_LORA_MISSING)
+    if lora is not None and lora.dropout > 0:
+        raise BackendError(TRITON_LORA_DROPOUT.format(p=lora.dropout))
     # Imported on first use: only this backend needs Triton. The op is a set of torch.library custom
     # ops, so a compiled block traces through it with no graph break (kernels/moe_mlp.py).
     from kernels.moe_mlp import triton_moe_mlp
 
-    return triton_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK, counts_E, recompute)
+    return triton_moe_mlp(x_TH, w_gate_up_E2IH, w_down_EHI, topk_ids_TK, topk_weights_TK, counts_E, recompute, lora)
 
 
 BACKENDS = {"loop": loop_moe_mlp, "torch": grouped_mm_moe_mlp, "triton": _triton_moe_mlp}

@@ -377,9 +377,11 @@ def test_bf16_tiles_compile_for_sm90_without_spills(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     built = [line for line in p.stdout.splitlines() if line.startswith("ok ")]
-    # 8 GEMM builds per tile bucket, and the routing and combine kernels (2 builds each; no matmul in them)
+    # 16 GEMM builds per tile bucket (8 plain, 8 for LoRA on the experts), and the routing and combine kernels
+    # (2 builds each; no matmul in them)
     gemms = [line for line in built if "_routing_kernel" not in line and "_combine_kernel" not in line]
-    assert len(built) == 24 and len(gemms) == 16
+    assert len(built) == 40 and len(gemms) == 32
+    assert sum("'HAS_LORA': True" in line for line in gemms) == 8
     assert all(" LDL 0 STL 0" in line for line in built) and all(" HGMMA 0 " not in line for line in gemms)
 
 
@@ -396,10 +398,20 @@ def test_custom_ops_pass_torch_library_opcheck():
     bm = ops.routing_block_m(T * K, E, x.dtype)
     checks = [(ops.moe_routing, (ids, counts, E, bm)), (ops.moe_routing, (ids, None, E, bm))]
     tables = ops.moe_routing(ids, counts, E, bm)
-    checks.append((ops.moe_mlp_fwd, (x, w_gu, w_d, tw, tables, bm, True)))
-    _, gu = ops.moe_mlp_fwd(x, w_gu, w_d, tw, tables, bm, True)
+    checks.append((ops.moe_mlp_fwd, (x, w_gu, w_d, tw, tables, bm, True, [], 0.0)))
+    _, gu, _, _ = ops.moe_mlp_fwd(x, w_gu, w_d, tw, tables, bm, True, [], 0.0)
     plain = [t.detach() for t in (x, w_gu, w_d, tw, gu)]
     checks.append((ops.moe_mlp_bwd, (dy, *plain, tables, bm, True, True, True, True)))
+    # LoRA on the experts (rank 3): the adapters as the forward's list, their gradients from the backward
+    g = torch.Generator().manual_seed(5)
+    adapters = [(torch.randn(*shape, generator=g) / 4).to(DEVICE).requires_grad_()
+                for shape in ((E, 6, H), (E, 2 * I, 3), (E, 3, I), (E, H, 3))]
+    frozen = [t.detach() for t in (w_gu, w_d)]
+    checks.append((ops.moe_mlp_fwd, (x, *frozen, tw, tables, bm, False, adapters, 2.0)))
+    _, gu, u_gu, u_down = ops.moe_mlp_fwd(x, *frozen, tw, tables, bm, True, adapters, 2.0)
+    lora_args = [t.detach() for t in adapters] + [u_gu.detach(), u_down.detach(), 2.0, True]
+    checks.append((ops.moe_mlp_bwd, (dy, x.detach(), *frozen, tw.detach(), gu.detach(), tables, bm, True, False, False,
+                                      True, *lora_args)))
     offs = torch.cumsum(counts, 0).to(torch.int32)
     xs = torch.randn(T * K, H, device=DEVICE, requires_grad=True)
     checks.append((reference.grouped_matmul_op, (xs, w_gu.detach().transpose(1, 2).requires_grad_(), counts, offs)))

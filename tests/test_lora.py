@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from checkpoints_convert import load_hf
 from checkpoints_convert.peft import (PeftAdapter, adapter_config, adapter_shapes, load_adapter, merge_lora,
                                       to_pieces, write_adapter)
+from kernels import triton_moe_mlp
 from kernels.lora import ExpertLoRA
 from kernels.reference import grouped_mm_available, grouped_mm_moe_mlp, loop_moe_mlp
 from moe.experts import BackendError, GroupedExperts
@@ -21,13 +22,17 @@ from tests.conftest import FIXTURES, TINY_EXPECTED, TINY_HF
 
 LORA_FIXTURE = FIXTURES / "bailing_moe_tiny_lora"
 BACKENDS = {"loop": loop_moe_mlp, "torch": grouped_mm_moe_mlp}
+# the Triton kernels, on CPU through the interpreter (tests/conftest.py), in fp32
+KERNELS = {**BACKENDS, "triton": triton_moe_mlp, "triton_recompute": lambda *a, **k: triton_moe_mlp(*a, recompute=True, **k)}
 
 
-def _expert_problem(rank: int, seed: int = 0, E=4, T=7, H=16, I=8, K=2):
+def _expert_problem(rank: int, seed: int = 0, E=4, T=7, H=16, I=8, K=2, skew=False):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, H, generator=g)
     w_gu, w_d = torch.randn(E, 2 * I, H, generator=g) / 4, torch.randn(E, H, I, generator=g) / 4
     ids = torch.randint(0, E - 1, (T, K), generator=g)  # expert E-1 gets no token
+    if skew:  # every token's first choice is expert 0: more rows than one 16-row tile of the interpreter's kernels
+        ids[:, 0] = 0
     ids[:, 1] = (ids[:, 0] + 1) % (E - 1)  # two distinct experts per token
     tw = torch.rand(T, K, generator=g)
     adapters = [torch.randn(E, 2 * rank, H, generator=g) / 3, torch.randn(E, 2 * I, rank, generator=g) / 3,
@@ -47,7 +52,7 @@ def _merged_reference(x, w_gu, w_d, ids, tw, adapters, scale):
 
 
 @pytest.mark.parametrize("rank", [1, 3, 12])  # 12 > the expert width 8; 1 and 3 need padding for _grouped_mm
-@pytest.mark.parametrize("backend", ["loop", "torch"])
+@pytest.mark.parametrize("backend", ["loop", "torch", "triton"])
 def test_expert_backends_match_the_merged_weights(backend, rank, monkeypatch):
     x, w_gu, w_d, ids, tw, adapters = _expert_problem(rank)
     calls = []
@@ -64,7 +69,7 @@ def test_expert_backends_match_the_merged_weights(backend, rank, monkeypatch):
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
         return y, [xs.grad, tws.grad] + [a.grad for a in ads]
 
-    y, grads = run(lambda xs, tws, ads: BACKENDS[backend](xs, w_gu, w_d, ids, tws, lora=ExpertLoRA(*ads, scale)))
+    y, grads = run(lambda xs, tws, ads: KERNELS[backend](xs, w_gu, w_d, ids, tws, lora=ExpertLoRA(*ads, scale)))
     y_ref, grads_ref = run(lambda xs, tws, ads: _merged_reference(xs, w_gu, w_d, ids, tws, ads, scale))
     # relative to each tensor's largest entry
     errs = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip([y] + grads, [y_ref] + grads_ref)]
@@ -105,15 +110,41 @@ def test_dropout_draws_only_in_training_and_only_on_the_adapters():
         assert torch.allclose(lin(h), h @ lin.weight.T + (h @ lin.lora_A.T) @ lin.lora_B.T * 2, atol=1e-5)
 
 
-def test_the_frozen_stacked_weights_get_no_gradient_and_triton_refuses_for_now():
+@pytest.mark.parametrize("rank,shape", [(70, dict(T=5, H=16, I=8)),  # the kernels walk a rank past 64 in steps
+                                        (4, dict(T=20, H=40, I=24, E=5, K=3, skew=True))])  # ragged, multi-tile
+@pytest.mark.parametrize("backend", ["triton", "triton_recompute"])
+def test_triton_lora_at_more_shapes_and_with_expert_recompute(backend, rank, shape):
+    x, w_gu, w_d, ids, tw, adapters = _expert_problem(rank, seed=5, **shape)
+    dy = torch.randn(x.shape[0], x.shape[1], generator=torch.Generator().manual_seed(2))
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in [x, tw, *adapters]]
+        y = fn(leaves[0], w_gu, w_d, ids, leaves[1], lora=ExpertLoRA(*leaves[2:], 0.5))
+        return [y] + list(torch.autograd.grad(y, leaves, dy))
+
+    got, want = run(KERNELS[backend]), run(lambda *a, lora: _merged_reference(*a, list(lora[:4]), lora.scale))
+    errs = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)]
+    print(backend, rank, shape, [f"{e:.1e}" for e in errs])
+    assert max(errs) < 1e-5
+
+
+def test_the_frozen_stacked_weights_get_no_gradient_and_triton_refuses_dropout():
     x, w_gu, w_d, ids, tw, adapters = _expert_problem(2)
-    lora = ExpertLoRA(*[a.requires_grad_() for a in adapters], 2.0)
-    grouped_mm_moe_mlp(x, w_gu, w_d, ids, tw, lora=lora).sum().backward()
-    assert w_gu.grad is None and w_d.grad is None and all(a.grad is not None for a in adapters)
+    for fn in (grouped_mm_moe_mlp, triton_moe_mlp):
+        ads = [a.clone().requires_grad_() for a in adapters]
+        lora = ExpertLoRA(*ads, 2.0)
+        fn(x, w_gu, w_d, ids, tw, lora=lora).sum().backward()
+        assert w_gu.grad is None and w_d.grad is None and all(a.grad is not None for a in ads)
     experts = GroupedExperts(4, 16, 8, backend="triton")
-    experts.adapters = lambda: lora
-    with pytest.raises(BackendError, match="not yet"):
+    experts.adapters = lambda: ExpertLoRA(*adapters, 2.0, dropout=0.1)
+    with pytest.raises(BackendError, match=r"without dropout \(lora.dropout 0.1\)"):
         experts(x, ids, tw)
+    # the same adapters without dropout (what eval passes): computed
+    experts.adapters = lambda: ExpertLoRA(*adapters, 2.0)
+    with torch.no_grad():
+        experts.w_gate_up.copy_(w_gu)
+        experts.w_down.copy_(w_d)
+        assert torch.allclose(experts(x, ids, tw), _merged_reference(x, w_gu, w_d, ids, tw, adapters, 2.0), atol=1e-5)
     with pytest.raises(ValueError, match="a_down must be"):
         loop_moe_mlp(x, w_gu, w_d, ids, tw, lora=ExpertLoRA(adapters[0], adapters[1], adapters[2][:, :, :3],
                                                             adapters[3], 1.0))
@@ -125,7 +156,7 @@ def _fixture_model(backend: str):
     return model, spec
 
 
-@pytest.mark.parametrize("backend", ["loop", "torch"])
+@pytest.mark.parametrize("backend", ["loop", "torch", "triton"])
 def test_equals_peft_on_the_reference_code(backend):
     """Logits, loss, router outputs and the gradient of all 174 adapter tensors of PEFT 0.13.2 on the
     reference modeling code (fp32), and the base model back with the adapters disabled."""

@@ -174,8 +174,10 @@ def test_what_a_lora_run_cannot_do_is_refused_before_anything_is_written(tmp_pat
         main(COMMON + ["--lora.rank", "4", *out])
     with refused(capsys, r"LoRA with expert parallelism .* not supported yet", EXIT_BAD_INPUT):
         main(COMMON + ["--lora.rank", "4", "--model.init_from", str(base), "--parallel.ep", "2", *out])
-    with refused(capsys, r"triton expert backend does not compute .* yet", EXIT_BAD_INPUT):
-        main(COMMON + ["--lora.rank", "4", "--model.init_from", str(base), "--model.expert_backend", "triton", *out])
+    with refused(capsys, r"triton expert backend computes the routed experts' LoRA without dropout \(lora.dropout 0.1\)",
+                 EXIT_BAD_INPUT):
+        main(COMMON + ["--lora.rank", "4", "--model.init_from", str(base), "--model.expert_backend", "triton",
+                       "--lora.dropout", "0.1", *out])
     with refused(capsys, r"LoRA target 'attn': use 'all' or a comma list of attention", EXIT_BAD_INPUT):
         main(COMMON + ["--lora.rank", "4", "--model.init_from", str(base), "--lora.target", "attn", *out])
     assert not (tmp_path / "run").exists()

@@ -112,11 +112,11 @@ class TrainState:
     bad_in_a_row: int = 0
 
 
-def resolve_backend(name: str, device: torch.device, expert_lora: bool = False) -> str:
-    """'auto': triton on CUDA, torch on CPU; and torch for LoRA on the routed experts, whose adapters
-    the triton backend does not compute yet."""
+def resolve_backend(name: str, device: torch.device, expert_lora_dropout: bool = False) -> str:
+    """'auto': triton on CUDA, torch on CPU; and torch for LoRA with dropout on the routed experts,
+    which the triton kernels do not draw."""
     if name == "auto":
-        return "triton" if device.type == "cuda" and not expert_lora else "torch"
+        return "triton" if device.type == "cuda" and not expert_lora_dropout else "torch"
     return name
 
 
@@ -124,7 +124,8 @@ def model_overrides(opts: Options, device: torch.device) -> dict:
     """The BailingMoeConfig fields the training options set on top of a preset or a checkpoint's config."""
     m = opts.model
     spec = run_lora.lora_spec(opts)
-    backend = resolve_backend(m.expert_backend, device, spec is not None and "experts" in spec.targets)
+    backend = resolve_backend(m.expert_backend, device,
+                              spec is not None and "experts" in spec.targets and spec.dropout > 0)
     out = dict(expert_backend=backend, expert_recompute=m.expert_recompute, aux_loss_type=m.aux_loss_type,
                z_loss_coef=m.z_loss_coef, aux_loss_alpha=0.0 if m.aux_loss_type == "none" else m.aux_loss_alpha,
                mtp_enabled=m.mtp)

@@ -368,10 +368,10 @@ def _check_lora(opts: Options, origin: Callable[[str], str]) -> None:
     if opts.parallel.ep > 1:
         raise OptionsError(f"{origin('parallel.ep')}: LoRA with expert parallelism (parallel.ep {opts.parallel.ep}) "
                            f"is not supported yet: use parallel.ep 1 (LoRA's frozen experts shard under FSDP alone)")
-    if opts.model.expert_backend == "triton" and "experts" in targets:
-        raise OptionsError(f"{origin('model.expert_backend')}: the triton expert backend does not compute the "
-                           f"routed experts' LoRA adapters yet: use model.expert_backend torch (or auto, which "
-                           f"takes torch for a LoRA run)")
+    if opts.model.expert_backend == "triton" and "experts" in targets and lora.dropout > 0:
+        raise OptionsError(f"{origin('model.expert_backend')}: the triton expert backend computes the routed experts' "
+                           f"LoRA without dropout (lora.dropout {lora.dropout}): set lora.dropout 0, or "
+                           f"model.expert_backend torch (or auto, which takes torch then)")
 
 
 # ---------------------------------------------------------------- recipe and command line
