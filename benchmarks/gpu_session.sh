@@ -28,6 +28,10 @@
 #                                           # (fsdp at 1 and 4); the micro-batch-1 pair profiled (~3 min)
 #   bash benchmarks/gpu_session.sh asyncsave  # issue 26 item 3: 1 Ling-Lite layer (13 GB checkpoint), saves after
 #                                           # steps 4 and 8, ordinary against --checkpoint.async true (~2 min)
+#   bash benchmarks/gpu_session.sh lora     # issue 24: tests/test_lora_gpu.py (LoRA and offload on CUDA, the Triton
+#                                           # LoRA kernels against the torch backend), benchmarks/lora_experts.py
+#                                           # (one expert layer with LoRA: triton, torch, loop, and full fine-tuning's
+#                                           # kernels) and benchmarks/lora_cpu.py at 2 Ling-Lite layers (~6 min)
 #
 # Liger-Kernel, when wanted, is installed first from wheels carried in .whl/ (device README).
 # Results go to $OUT (the device tool's output folder) or benchmarks/gpu_out; copy them into
@@ -156,13 +160,19 @@ for stage in "$@"; do
           --json "$out/onerank_${mode}_mb$mb.json" 2>&1 | tee "$out/onerank_${mode}_mb$mb.log"
       done
       ;;
+    lora)
+      { timeout 150 python3 -m pytest -q -rA -p no:cacheprovider tests/test_lora_gpu.py 2>&1 | tail -15
+        timeout 150 python3 benchmarks/lora_experts.py --tokens 4096 8192 --json "$out/lora_experts.json"
+        timeout 200 python3 benchmarks/lora_cpu.py --repeat 1 --steps 12 --json "$out/lora_gpu.json"
+      } 2>&1 | tee "$out/lora.log"
+      ;;
     asyncsave)
       timeout 200 python3 benchmarks/save_stall.py --preset ling-lite --layers 1 --seq-len 4096 --micro-batch 1 \
         --global-batch 8 --save-every 4 --steps 11 --json "$out/save_stall.json" 2>&1 | tee "$out/asyncsave.log"
       ;;
     *)
       echo "unknown stage $stage: check kernels quick qwen3 profile tune suite train trainprof flex aftersave" \
-        "issue26 issue26mem onerank asyncsave lingmini2" >&2
+        "issue26 issue26mem onerank asyncsave lingmini2 lora" >&2
       exit 2
       ;;
   esac
