@@ -75,3 +75,35 @@ def test_a_moe_layer_launches_at_most_this_many():
     print(fwd.total, dict(fwd.aten), bwd.total, dict(bwd.aten))
     assert fwd.total <= 22, dict(fwd.aten)
     assert bwd.total <= 29, dict(bwd.aten)
+
+
+def test_lora_on_the_experts_adds_narrow_launches_and_drops_the_frozen_weight_gradients():
+    """LoRA on the triton backend (kernels/moe_mlp.py): forward, two narrow products (x A_gu^T, h A_down^T)
+    beside the four launches; backward, the two weight-gradient GEMMs of the frozen weights go, and come:
+    v_down = dy B_down, v_gu's two halves and the adapters' five gradient reductions (8 narrow launches),
+    plus a few elementwise ops on [N, r] (the scale and the routing weight on the narrow operands)."""
+    from kernels import triton_moe_mlp
+    from kernels.lora import ExpertLoRA
+
+    g = torch.Generator().manual_seed(0)
+    T, E, K, H, I, r = 16, 6, 2, 32, 16, 4
+    x = torch.randn(T, H, generator=g, requires_grad=True)
+    w_gu, w_d = torch.randn(E, 2 * I, H, generator=g) / 6, torch.randn(E, H, I, generator=g) / 4
+    tw, ids = torch.rand(T, E, generator=g).topk(K, dim=-1)
+    tw.requires_grad_()
+    adapters = [torch.randn(*s, generator=g, requires_grad=True) for s in ((E, 2 * r, H), (E, 2 * I, r), (E, r, I),
+                                                                          (E, H, r))]
+    fwd, bwd = Launches(), Launches()
+    with fwd.watching_triton():
+        y = triton_moe_mlp(x, w_gu, w_d, ids, tw, lora=ExpertLoRA(*adapters, 2.0))
+    dy = torch.randn(y.shape, generator=g)
+    with bwd.watching_triton():
+        y.backward(dy)
+    print(dict(fwd.aten), dict(fwd.triton), dict(bwd.aten), dict(bwd.triton))
+    assert not fwd.aten
+    assert dict(fwd.triton) == {"_routing_kernel": 1, "_combine_kernel": 1, "_gate_up_fwd_kernel": 1,
+                                "_rows_gemm_kernel": 3}
+    assert dict(bwd.triton) == {"_combine_kernel": 1, "_down_bwd_kernel": 1, "_rows_gemm_kernel": 4,
+                                "_expert_wgrad_kernel": 5}
+    assert dict(bwd.aten) == {"mul": 5, "index": 1}  # s v_down, s v_gu, s u_gu; u_down's routing weight: index, 2 mul
+    assert w_gu.grad is None and w_d.grad is None

@@ -296,3 +296,21 @@ def test_a_foreign_or_partial_adapter_is_refused(tmp_path):
     save_file(tensors, str(bad / "adapter_model.safetensors"))
     with pytest.raises(CheckpointError, match="missing 1"):
         PeftAdapter(bad, cfg)
+
+
+def test_the_lora_expert_bench_checks_before_it_times(tmp_path):
+    """benchmarks/lora_experts.py on the interpreter's tiny shape: every LoRA row compared with another
+    implementation first (the GPU run's numbers are only as good as this check)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lora_experts", FIXTURES.parent.parent / "benchmarks" / "lora_experts.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "rows.json"
+    assert bench.main(["--tiny", "--reps", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["triton_lora", "torch_lora", "loop_lora", "triton_full"]
+    assert all("ms_median" in r and "wrong" not in r and "error" not in r for r in rows), rows
+    vs = {r["impl"]: r.get("rel_err_vs") for r in rows}
+    assert vs == {"triton_lora": "torch_lora", "torch_lora": "loop_lora", "loop_lora": "torch_lora", "triton_full": None}
+    assert all(r["max_rel_err"] < 1e-5 for r in rows if r["impl"] != "triton_full")
