@@ -119,7 +119,7 @@ def ep_experts_fwd(x_TH: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Te
         block_m = ops.routing_block_m(R, w_gate_up.shape[0], x_TH.dtype)
         tables = ops.moe_routing(_local_ids(recv_counts, ep, R)[:, None], local_counts, w_gate_up.shape[0], block_m)
         ones = recv_x.new_ones(R, 1, dtype=torch.float32)
-        out, gu = ops.moe_mlp_fwd(recv_x, w_gate_up, w_down, ones, tables, block_m, save_preact)
+        out, gu, _, _ = ops.moe_mlp_fwd(recv_x, w_gate_up, w_down, ones, tables, block_m, save_preact, [], 0.0)
     else:
         out = _local_forward(backend, recv_x, w_gate_up, w_down, recv_counts, ep)
     # 5. back home, unsorted to (token, slot), weighted in fp32 and summed over slots in order
@@ -170,8 +170,8 @@ def ep_experts_bwd(dy_TH: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.T
         tables = ops.moe_routing(_local_ids(recv_counts, ep, R)[:, None], recv_counts.view(ep, -1).sum(0),
                                  w_gate_up.shape[0], block_m)
         ones = recv_x.new_ones(R, 1, dtype=torch.float32)
-        d_recv, dwgu, dwd, _ = ops.moe_mlp_bwd(d_out, recv_x, w_gate_up, w_down, ones, gu, tables, block_m,
-                                               True, True, True, False)
+        d_recv, dwgu, dwd, *_ = ops.moe_mlp_bwd(d_out, recv_x, w_gate_up, w_down, ones, gu, tables, block_m,
+                                                True, True, True, False)
     else:
         with _autograd_inside_an_op():
             leaves = [t.detach().requires_grad_() for t in (recv_x, w_gate_up, w_down)]
