@@ -24,26 +24,13 @@ import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._timing import times_ms  # noqa: E402
 from kernels._glue import build_routing_fused, combine_k  # noqa: E402
 from kernels.routing import build_routing, expert_counts  # noqa: E402
 
 
-def _time_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+def _median_ms(fn, reps: int) -> float:
+    return statistics.median(times_ms(fn, reps))
 
 
 def main(argv=None) -> int:
@@ -67,8 +54,8 @@ def main(argv=None) -> int:
         ref = build_routing(ids, a.experts, a.block_m, counts)
         got = build_routing_fused(ids, a.experts, a.block_m, counts, interpret=interpret)
         assert all(torch.equal(x, y) for x, y in zip(got[:-1], ref[:-1])), "routing tables differ"
-        t_ref = _time_ms(lambda: build_routing(ids, a.experts, a.block_m, counts), a.reps)
-        t_new = _time_ms(lambda: build_routing_fused(ids, a.experts, a.block_m, counts, interpret), a.reps)
+        t_ref = _median_ms(lambda: build_routing(ids, a.experts, a.block_m, counts), a.reps)
+        t_new = _median_ms(lambda: build_routing_fused(ids, a.experts, a.block_m, counts, interpret), a.reps)
         o = torch.randn(T * a.topk, a.hidden, generator=g, device=dev).to(dtype)
 
         def old_combine():
@@ -76,8 +63,8 @@ def main(argv=None) -> int:
 
         err = (combine_k(o, T, dtype, interpret=interpret)[0].float() - old_combine().float()).abs().max().item()
         assert err <= 1e-2 * old_combine().float().abs().max().item(), f"combine differs by {err}"
-        c_ref = _time_ms(old_combine, a.reps)
-        c_new = _time_ms(lambda: combine_k(o, T, dtype, interpret=interpret), a.reps)
+        c_ref = _median_ms(old_combine, a.reps)
+        c_new = _median_ms(lambda: combine_k(o, T, dtype, interpret=interpret), a.reps)
         row = dict(T=T, E=a.experts, K=a.topk, H=a.hidden, routing_torch_ms=t_ref, routing_one_launch_ms=t_new,
                    combine_torch_ms=c_ref, combine_one_launch_ms=c_new)
         rows.append(row)

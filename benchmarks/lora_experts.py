@@ -34,6 +34,7 @@ import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._timing import times_ms  # noqa: E402
 from kernels import triton_moe_mlp  # noqa: E402
 from kernels.lora import ExpertLoRA  # noqa: E402
 from kernels.reference import grouped_mm_moe_mlp, loop_moe_mlp  # noqa: E402
@@ -80,20 +81,7 @@ def _rel(a, b):
 
 
 def _time_ms(fn, reps):
-    fn()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
+    times = times_ms(fn, reps)
     return statistics.median(times), min(times), max(times)
 
 
