@@ -6,6 +6,6 @@ and only when run (tests/test_layering.py allows imports under ``if __name__ == 
 import sys
 
 if __name__ == "__main__":
-    from trainer.tools.kernel_bench import main
+    from trainer.tools.kernel_bench import cli
 
-    sys.exit(0 if main() else 1)
+    sys.exit(cli())

@@ -32,6 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from data.errors import run_cli
 from kernels import reference
 
 IMPLS = ("triton", "liger", "grouped_mm", "loop", "dense")
@@ -525,5 +526,10 @@ def _print_table(rows, device, notes):
     print()
 
 
+def cli(argv=None) -> int:
+    """The command: bad input becomes "error: ..." and its exit code (data/errors.py), as for every tool."""
+    return run_cli(lambda a: 0 if main(a) else 1, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(cli())
