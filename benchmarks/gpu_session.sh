@@ -28,10 +28,20 @@
 #                                           # (fsdp at 1 and 4); the micro-batch-1 pair profiled (~3 min)
 #   bash benchmarks/gpu_session.sh asyncsave  # issue 26 item 3: 1 Ling-Lite layer (13 GB checkpoint), saves after
 #                                           # steps 4 and 8, ordinary against --checkpoint.async true (~2 min)
+#   bash benchmarks/gpu_session.sh window   # issue 27's one 9-minute run: gpucheck trainprof kernels3 suite, in that
+#                                           # order, under one budget (GPU_BUDGET_S, default 520 s; see below)
+#   bash benchmarks/gpu_session.sh gpucheck # versions, the two ceilings, every test marked gpu (kernels, trainer, LoRA,
+#                                           # Ling 2.0) (~2.5 min)
+#   bash benchmarks/gpu_session.sh kernels3 # the bench at T=8192 for Ling-Lite and Ling-mini-2.0, T=32768 for Qwen3-30B-A3B,
+#                                           # then the LoRA expert bench at T=8192 (~4 min)
 #   bash benchmarks/gpu_session.sh lora     # issue 24: tests/test_lora_gpu.py (LoRA and offload on CUDA, the Triton
 #                                           # LoRA kernels against the torch backend), benchmarks/lora_experts.py
 #                                           # (one expert layer with LoRA: triton, torch, loop, and full fine-tuning's
 #                                           # kernels) and benchmarks/lora_cpu.py at 2 Ling-Lite layers (~6 min)
+#
+# With GPU_BUDGET_S set, the stages named share that many seconds: each runs under `timeout` of what is left
+# (its own limits still apply inside), and one with under 30 s left is skipped, said so in the log. So one
+# device call of at most 9 minutes is: GPU_BUDGET_S=520 bash benchmarks/gpu_session.sh STAGE...
 #
 # Liger-Kernel, when wanted, is installed first from wheels carried in .whl/ (device README).
 # Results go to $OUT (the device tool's output folder) or benchmarks/gpu_out; copy them into
@@ -74,7 +84,26 @@ issue26mem_stage() {
     | tee "$out/issue26mem.log"
 }
 
+stages=()
 for stage in "$@"; do
+  if [ "$stage" = window ]; then stages+=(gpucheck trainprof kernels3 suite); else stages+=("$stage"); fi
+done
+[ "${1:-}" = window ] && [ $# -eq 1 ] && : "${GPU_BUDGET_S:=520}"
+if [ -n "${GPU_BUDGET_S:-}" ]; then
+  started=$(date +%s)
+  for stage in "${stages[@]}"; do
+    left=$(( GPU_BUDGET_S - ($(date +%s) - started) ))
+    if [ "$left" -lt 30 ]; then
+      echo "=== stage $stage skipped: $left s of GPU_BUDGET_S=$GPU_BUDGET_S left" | tee -a "$out/budget.log"
+      continue
+    fi
+    echo "=== stage $stage under the budget: $left s left" | tee -a "$out/budget.log"
+    SUITE_LIMIT=$(( left - 10 )) env -u GPU_BUDGET_S timeout -k 5 "$left" bash "$0" "$stage"
+    echo "=== stage $stage ended with status $? after $(( $(date +%s) - started )) s" | tee -a "$out/budget.log"
+  done
+  exit 0
+fi
+for stage in "${stages[@]}"; do
   echo "=== stage $stage: $(date -u +%FT%TZ)"
   case "$stage" in
     check)
@@ -85,6 +114,25 @@ for stage in "$@"; do
         timeout 60 python3 benchmarks/ceilings.py --json "$out/ceilings.json"
         timeout 240 python3 -m pytest -q -rA -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tail -40
       } 2>&1 | tee "$out/check.log"
+      ;;
+    gpucheck)
+      { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
+        python3 -c 'import torch, triton, numpy; print("torch", torch.__version__, "triton", triton.__version__, "numpy", numpy.__version__, "cuda", torch.version.cuda)'
+        python3 -c 'import liger_kernel, importlib.metadata as m; print("liger-kernel", m.version("liger-kernel"))' 2>&1 | tail -1
+        echo "commit ${LINGMOE_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}"; date -u +%FT%TZ
+        timeout 60 python3 benchmarks/ceilings.py --json "$out/ceilings.json"
+        timeout 200 python3 -m pytest -q -rA -p no:cacheprovider --timeout 100 -m gpu tests 2>&1 | tail -60
+      } 2>&1 | tee "$out/gpucheck.log"
+      ;;
+    kernels3)
+      if [ -s "$out/best_config.txt" ]; then export LINGMOE_TRITON_CONFIG="$(tr -d '\n' < "$out/best_config.txt")"; fi
+      { timeout 90 python3 -m kernels.bench --tokens 8192 --reps 10 --json "$out/moe_bench_lingl_8k.json" --no-plot
+        timeout 90 python3 -m kernels.bench --experts 128 --topk 8 --hidden 2048 --inter 768 --tokens 32768 --reps 10 \
+          --impls triton liger grouped_mm dense --json "$out/moe_bench_qwen3_32k.json" --no-plot
+        timeout 90 python3 -m kernels.bench --experts 256 --topk 8 --hidden 2048 --inter 512 --tokens 8192 --reps 10 \
+          --json "$out/moe_bench_lingmini2_8k.json" --no-plot
+        timeout 60 python3 benchmarks/lora_experts.py --tokens 8192 --reps 10 --json "$out/lora_experts.json"
+      } 2>&1 | tee "$out/kernels3.log"
       ;;
     kernels)
       if [ -s "$out/best_config.txt" ]; then export LINGMOE_TRITON_CONFIG="$(tr -d '\n' < "$out/best_config.txt")"; fi
@@ -172,7 +220,7 @@ for stage in "$@"; do
       ;;
     *)
       echo "unknown stage $stage: check kernels quick qwen3 profile tune suite train trainprof flex aftersave" \
-        "issue26 issue26mem onerank asyncsave lingmini2 lora" >&2
+        "issue26 issue26mem onerank asyncsave lingmini2 lora gpucheck kernels3 window" >&2
       exit 2
       ;;
   esac
