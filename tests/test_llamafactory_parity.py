@@ -97,3 +97,20 @@ def test_prepared_data_keeps_llamafactorys_labels(tok, tmp_path):
             ids, labels = ds[i][side]
             want = CASES[n]["encoding"]
             assert (ids.tolist(), labels.tolist()) == (want[f"{side}_input_ids"], want[f"{side}_labels"])
+
+
+def test_mask_history_is_llamafactorys_but_for_its_reversed_loop_quirk(tok):
+    """train_history False against LLaMA-Factory's mask_history=True (sft_e): the same input ids, the last
+    answer and its EOS trained alike. LLaMA-Factory also labels EOS at position 0 (which the causal shift
+    discards) and on turn 2's <role> ("EOS after answer 1"), but not on turn 3's: its loop over reversed
+    turns applies the EOS-at-source rule to every pair but the last (fixture README, "mask_history").
+    Ours trains no EOS of an untrained answer, so exactly those two positions differ."""
+    case, want = CASES["sft_e_three_turns_no_system_mask_history"], CASES["sft_e_three_turns_no_system_mask_history"]
+    want = want["encoding"]
+    for eos_every_turn in (True, False):
+        ids, labels = encode_chat(tok, case["messages_openai"], eos_every_turn=eos_every_turn, train_history=False)
+        assert ids == want["input_ids"]
+        differ = [i for i, (a, b) in enumerate(zip(labels, want["labels"])) if a != b]
+        roles = [i for i, t in enumerate(ids) if t == 1]  # each turn's <role>
+        assert differ == [0, roles[2]] and all(want["labels"][i] == 0 and labels[i] == M for i in differ)
+        assert sum(lab != M for lab in labels) == want["num_trained_tokens"] - 2
