@@ -116,12 +116,19 @@ def normalize_sft(obj):
     validate_messages(messages)
     check_turns(messages)
     domain, tags = _meta(obj)
-    out = {"messages": messages, "domain": domain, "tags": tags}
+    out = {"messages": messages, "domain": domain, "tags": tags, **_thinking(obj)}
     tools = obj.get("tools")
-    if tools is not None:  # function signatures: the bailing_v2 template renders them in its system block
+    if isinstance(tools, str):  # LLaMA-Factory's datasets keep the list as a JSON string, "" for none
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except json.JSONDecodeError as e:
+            raise DataError(f"'tools' is a string but not JSON ({e.msg} at column {e.colno})") from None
+    if tools:  # function signatures: the bailing_v2 template renders them in its system block
         if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
             raise DataError("'tools' must be a list of objects (function signatures)")
         out["tools"] = tools
+    elif tools not in (None, []):
+        raise DataError(f"'tools' must be a list of objects (function signatures), got {type(tools).__name__}")
     return out
 
 
@@ -167,7 +174,17 @@ def normalize_dpo(obj):
     if chosen == rejected:
         raise DataError("'chosen' and 'rejected' are the same answer (the pair teaches nothing)")
     domain, tags = _meta(obj)
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "domain": domain, "tags": tags}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "domain": domain, "tags": tags,
+            **_thinking(obj)}
+
+
+def _thinking(obj):
+    """{"thinking": "on"|"off"} when the record sets the bailing_v2 template's "detailed thinking" line."""
+    if obj.get("thinking") is None:
+        return {}
+    if obj["thinking"] not in ("on", "off"):
+        raise DataError(f"'thinking' must be \"on\" or \"off\", got {obj['thinking']!r}")
+    return {"thinking": obj["thinking"]}
 
 
 def dpo_conversations(ex):
@@ -183,7 +200,7 @@ def encode_dpo_pair(tokenizer, example, template="bailing"):
     encodes pairs. data.eos_every_turn does not apply: nothing of the prompt is trained.
     """
     ex = normalize_dpo(example)
-    return {side: encode_chat(tokenizer, msgs, train_history=False, template=template)
+    return {side: encode_chat(tokenizer, msgs, train_history=False, template=template, thinking=ex.get("thinking"))
             for side, msgs in zip(("chosen", "rejected"), dpo_conversations(ex))}
 
 

@@ -82,12 +82,15 @@ class _Sequences:
         return [self.tokens.close(), self.mask.close(), self.offsets.close()]
 
 
-def _encode_many(tokenizer, conversations, eos_every_turn=False, train_history=True, template="bailing", tools=None):
+def _encode_many(tokenizer, conversations, eos_every_turn=False, train_history=True, template="bailing", tools=None,
+                 thinking=None):
     """encode_chat over many conversations with one batched tokenizer call; ``tools``: each
-    conversation's function signatures (bailing_v2 renders them), or None."""
+    conversation's function signatures (bailing_v2 renders them), or None; ``thinking`` likewise, each
+    conversation's "detailed thinking" line (bailing_v2), or None."""
     tools = tools or [None] * len(conversations)
+    thinking = thinking or [None] * len(conversations)
     seg_lists = [chat_segments(msgs, eos_every_turn=eos_every_turn, train_history=train_history, template=template,
-                               tools=t) for msgs, t in zip(conversations, tools)]
+                               tools=t, thinking=th) for msgs, t, th in zip(conversations, tools, thinking)]
     pieces = iter(tokenizer.encode_batch([seg.text for segs in seg_lists for seg in segs]))
     return [segment_labels(segs, [next(pieces) for _ in segs], tokenizer.eos_id) for segs in seg_lists]
 
@@ -211,12 +214,13 @@ def _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, defa
             return
         if kind == "sft":
             convs = [[r["messages"]] for r in chunk]
-            tools = [r.get("tools") if template == "bailing_v2" else None for r in chunk]
+            tools = [r.get("tools") for r in chunk]
         else:
             convs = [dpo_conversations(r) for r in chunk]
             tools = None
+        thinking = [r.get("thinking") for r in chunk for _ in convs[0]]
         flat = _encode_many(tokenizer, [c for group in convs for c in group], eos_every_turn, kind == "sft",
-                            template, tools)
+                            template, tools, thinking)
         per = len(sides)
         for i, rec in enumerate(chunk):
             encoded = flat[i * per:(i + 1) * per]
@@ -253,7 +257,14 @@ def _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, defa
         for f in files:
             bad_before, records = len(bad), 0
             chunk = []
-            for _, rec in read_jsonl(f, kind=kind, skip_bad=skip_bad, bad=bad):
+            for line, rec in read_jsonl(f, kind=kind, skip_bad=skip_bad, bad=bad):
+                if template != "bailing_v2" and (rec.get("tools") or rec.get("thinking")):
+                    # Fields only the bailing_v2 template renders: refused, not dropped without a word.
+                    field = "tools" if rec.get("tools") else "thinking"
+                    raise DataError(f"'{field}' is rendered by the bailing_v2 template only; this data is "
+                                    f"prepared with the {template} template (choose bailing_v2: data.template in a run, --template "
+                                    f"for python -m data.prepare; or drop the field)"
+                                    ).located(f, line)
                 records += 1
                 chunk.append(rec)
                 if len(chunk) >= _CHUNK:

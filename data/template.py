@@ -147,19 +147,35 @@ def stop_token(template="bailing"):
     return template_v2.ROLE_END if template == "bailing_v2" else EOS_TOKEN
 
 
-def _v2_segments(messages, tools, train_history=True, add_generation_prompt=False):
+def check_thinking(thinking, template):
+    """``thinking`` ("on", "off" or None: the template's default, off) for ``template``: only bailing_v2's
+    system block has the "detailed thinking" line."""
+    if thinking is None:
+        return "off"
+    if thinking not in ("on", "off"):
+        raise DataError(f"'thinking' must be \"on\" or \"off\", got {thinking!r}")
+    if template != "bailing_v2":
+        raise DataError("'thinking' sets the bailing_v2 template's \"detailed thinking\" line; the bailing "
+                        "template has none (data.template bailing_v2, or drop the field)")
+    return thinking
+
+
+def _v2_segments(messages, tools, train_history=True, add_generation_prompt=False, thinking=None):
     """template_v2's (text, trained) pieces as Segments; without ``train_history`` only the last
     trained piece (the final answer and its <|role_end|>) stays trained."""
-    pieces = template_v2.chat_segments(messages, tools, add_generation_prompt=add_generation_prompt)
+    pieces = template_v2.chat_segments(messages, tools, add_generation_prompt=add_generation_prompt,
+                                       thinking=check_thinking(thinking, "bailing_v2"))
     last = max((i for i, (_, trained) in enumerate(pieces) if trained), default=-1)
     return [Segment(text, trained and (train_history or i == last)) for i, (text, trained) in enumerate(pieces)]
 
 
-def chat_segments(messages, add_eos=True, eos_every_turn=False, train_history=True, template="bailing", tools=None):
+def chat_segments(messages, add_eos=True, eos_every_turn=False, train_history=True, template="bailing", tools=None,
+                  thinking=None):
     """The rendered conversation as Segments, in order (see the module docstring for the options)."""
     check_template(template)
     if template == "bailing_v2":
-        return _v2_segments(messages, tools, train_history)
+        return _v2_segments(messages, tools, train_history, thinking=thinking)
+    check_thinking(thinking, template)
     if tools:
         raise DataError("'tools' are rendered by the bailing_v2 template only "
                         "(the bailing template has no tools block)")
@@ -182,13 +198,14 @@ def chat_segments(messages, add_eos=True, eos_every_turn=False, train_history=Tr
     return segs
 
 
-def render_chat(messages, add_eos=True, template="bailing", tools=None, add_generation_prompt=False):
+def render_chat(messages, add_eos=True, template="bailing", tools=None, add_generation_prompt=False, thinking=None):
     """The conversation as the exact string the model sees (whatever its labels are). For bailing_v2,
     exactly what the official Ling 2.0 Jinja template renders (``add_generation_prompt`` appends the
     assistant prefix); the bailing template's user and tool turns always end with it."""
     check_template(template)
     if template == "bailing_v2":
-        return template_v2.render_chat(messages, tools, add_generation_prompt)
+        return template_v2.render_chat(messages, tools, add_generation_prompt, check_thinking(thinking, template))
+    check_thinking(thinking, template)
     # A conversation ending with a user/tool turn renders as a generation prompt.
     ends_with_answer = isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
         and messages[-1].get("role") == "assistant"
@@ -231,26 +248,30 @@ def check_stop_token(tokenizer, template):
                         f"(it ends every turn and stops generation)")
 
 
-def encode_chat(tokenizer, messages, eos_every_turn=False, train_history=True, template="bailing", tools=None):
+def encode_chat(tokenizer, messages, eos_every_turn=False, train_history=True, template="bailing", tools=None,
+                thinking=None):
     """(input_ids, labels) for one SFT conversation; labels are unshifted (the model shifts)."""
     check_template(template)
     if template == "bailing_v2":
         template_v2.validate_messages(messages, tools)
         check_stop_token(tokenizer, template)
-        return _encode_segments(tokenizer, _v2_segments(messages, tools, train_history))
+        return _encode_segments(tokenizer, _v2_segments(messages, tools, train_history, thinking=thinking))
+    check_thinking(thinking, template)
     validate_messages(messages)
     _check_eos(tokenizer)
     return _encode_segments(tokenizer, chat_segments(messages, eos_every_turn=eos_every_turn,
                                                      train_history=train_history))
 
 
-def encode_prompt(tokenizer, messages, template="bailing", tools=None):
+def encode_prompt(tokenizer, messages, template="bailing", tools=None, thinking=None):
     """Token ids of a generation prompt (ends with the assistant prefix), nothing trained."""
     check_template(template)
     if template == "bailing_v2":
         template_v2.validate_messages(messages, tools, require_final_assistant=False)
-        ids, _ = _encode_segments(tokenizer, _v2_segments(messages, tools, add_generation_prompt=True))
+        ids, _ = _encode_segments(tokenizer, _v2_segments(messages, tools, add_generation_prompt=True,
+                                                          thinking=thinking))
         return ids
+    check_thinking(thinking, template)
     validate_messages(messages, require_final_assistant=False)
     ids, _ = _encode_segments(tokenizer, chat_segments(messages))
     return ids

@@ -110,3 +110,66 @@ def test_v2_dpo_pairs_train_only_the_final_answer_not_the_prompts_history():
     # SFT of the same conversation trains the earlier answer too
     _, sft_labels = encode_chat(tok, prompt + [{"role": "assistant", "content": "11"}], template="bailing_v2")
     assert [t for t in sft_labels if t != -100] == tok.encode("7<|role_end|>") + tok.encode("11<|role_end|>")
+
+
+def test_a_record_sets_detailed_thinking_on_in_prepared_data_pairs_and_prompts(tmp_path):
+    """'thinking': 'on' in a record (Ring-2.0 style reasoning data) gives the system line the official
+    template renders with thinking_option='on', in SFT data, both sides of a DPO pair and a generation
+    prompt; only that line changes (the labels train the same text)."""
+    from data.dataset import PreparedDPO, PreparedSFT
+    from data.prepare import prepare
+
+    tok = load_tokenizer(TOKENIZER_DIR)
+    msgs = [{"role": "user", "content": "What is 6*7?"}, {"role": "assistant", "content": "<think>6*7</think>42"}]
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"messages": msgs, "thinking": "on"}) + "\n"
+                                        + json.dumps({"messages": msgs}) + "\n")
+    prepare([str(tmp_path / "sft.jsonl")], tok, tmp_path / "sft", template="bailing_v2")
+    on, off = PreparedSFT(tmp_path / "sft")[0], PreparedSFT(tmp_path / "sft")[1]
+    official_on = render_with_jinja(chat_template(template="bailing_v2"), msgs, thinking_option="on")
+    assert tok.decode(on[0].tolist()) == official_on
+    assert tok.decode(off[0].tolist()) == official_on.replace("detailed thinking on", "detailed thinking off")
+    assert tok.decode(on[0][on[1] != M].tolist()) == tok.decode(off[0][off[1] != M].tolist())
+    pair = {"prompt": msgs[:1], "chosen": "42", "rejected": "41", "thinking": "on"}
+    (tmp_path / "dpo.jsonl").write_text(json.dumps(pair) + "\n")
+    prepare([str(tmp_path / "dpo.jsonl")], tok, tmp_path / "dpo", kind="dpo", template="bailing_v2")
+    chosen_ids = PreparedDPO(tmp_path / "dpo")[0]["chosen"][0]
+    want = encode_dpo_pair(tok, pair, template="bailing_v2")
+    assert chosen_ids.tolist() == want["chosen"][0] and "detailed thinking on" in tok.decode(want["rejected"][0])
+    prompt = tok.decode(encode_prompt(tok, msgs[:1], template="bailing_v2", thinking="on"))
+    assert prompt == render_with_jinja(chat_template(template="bailing_v2"), msgs[:1], add_generation_prompt=True,
+                                       thinking_option="on")
+
+
+def test_fields_the_bailing_template_cannot_render_are_refused_with_their_line(tmp_path):
+    from data.prepare import prepare
+
+    tok = load_tokenizer(TOKENIZER_DIR)
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    for i, (extra, problem) in enumerate([({"thinking": "on"}, "'thinking' is rendered by the bailing_v2 template"),
+                                          ({"tools": [{"name": "f"}]}, "'tools' is rendered by the bailing_v2"),
+                                          ({"thinking": "yes"}, "'thinking' must be \"on\" or \"off\"")]):
+        f = tmp_path / f"{i}.jsonl"
+        f.write_text(json.dumps({"messages": msgs}) + "\n" + json.dumps({"messages": msgs, **extra}) + "\n")
+        with pytest.raises(DataError, match=problem) as e:
+            prepare([str(f)], tok, tmp_path / f"out{i}")
+        assert str(e.value).startswith(f"{f}:2: "), e.value  # the file and the record's line
+        assert not (tmp_path / f"out{i}").exists()
+
+
+def test_llamafactory_style_tools_columns_are_read(tmp_path):
+    """LLaMA-Factory's ShareGPT rows carry "tools" as a JSON string, "" when there are none: an empty one is
+    no tools (the bailing template prepares the row; it was refused before), a filled one is the list."""
+    from data.dataset import PreparedSFT
+    from data.prepare import prepare
+
+    tok = load_tokenizer(TOKENIZER_DIR)
+    conv = [{"from": "human", "value": "weather?"}, {"from": "gpt", "value": "Sunny."}]
+    sigs = [{"name": "get_weather", "parameters": {"type": "object"}}]
+    (tmp_path / "plain.jsonl").write_text(json.dumps({"conversations": conv, "tools": ""}) + "\n")
+    prepare([str(tmp_path / "plain.jsonl")], tok, tmp_path / "plain")
+    assert PreparedSFT(tmp_path / "plain")[0][0].tolist() == encode_chat(tok, [
+        {"role": "user", "content": "weather?"}, {"role": "assistant", "content": "Sunny."}])[0]
+    (tmp_path / "v2.jsonl").write_text(json.dumps({"conversations": conv, "tools": json.dumps(sigs)}) + "\n")
+    prepare([str(tmp_path / "v2.jsonl")], tok, tmp_path / "v2", template="bailing_v2")
+    msgs = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "Sunny."}]
+    assert PreparedSFT(tmp_path / "v2")[0][0].tolist() == encode_chat(tok, msgs, template="bailing_v2", tools=sigs)[0]
