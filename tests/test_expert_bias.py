@@ -52,12 +52,13 @@ def _step_batches(world, accum, seed=1234):
 
 
 @pytest.mark.slow
-def test_two_ranks_two_micro_batches_move_the_bias_by_the_global_counts_and_resume_exactly(tmp_path):
+@pytest.mark.parametrize("ep", [1, 2])  # 2: the routed experts split over the two ranks, the routers replicated
+def test_two_ranks_two_micro_batches_move_the_bias_by_the_global_counts_and_resume_exactly(tmp_path, ep):
     from checkpoints_convert import load_hf
 
     rate = 0.01
     args = ARGS + ["--model.expert_bias_update_rate", str(rate), "--train.steps", "2", "--checkpoint.every", "1",
-                   "--checkpoint.keep_last", "5"]
+                   "--checkpoint.keep_last", "5", "--parallel.ep", str(ep)]
     run_torchrun("sft", args + ["--output-dir", str(tmp_path / "run")])
     # The counts of step 1, recomputed here from the initial model and the rows of all four micro-batches.
     model = load_hf(V2_HF, expert_backend="torch").eval()
