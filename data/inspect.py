@@ -16,7 +16,7 @@ from .dataset import open_prepared
 from .errors import DataError, MissingFileError, run_cli
 from .formats import dpo_conversations, read_jsonl, detect_kind
 from .format_check import format_check
-from .template import EOS_TOKEN, chat_segments, encode_chat, IGNORE_INDEX
+from .template import EOS_TOKEN, TEMPLATES, chat_segments, encode_chat, IGNORE_INDEX
 from .tokenizer import load_tokenizer
 
 _GREEN, _RESET = "\033[32m", "\033[0m"
@@ -73,7 +73,8 @@ def _conversations(rec, kind):
     return list(zip(("chosen", "rejected"), dpo_conversations(rec)))
 
 
-def inspect_jsonl(path, n, tokenizer=None, color=False, out=None, skip_bad=False, eos_every_turn=False):
+def inspect_jsonl(path, n, tokenizer=None, color=False, out=None, skip_bad=False, eos_every_turn=False,
+                  template="bailing"):
     out = out or sys.stdout
     if not os.path.isfile(path):
         raise MissingFileError(f"{path}: no such file")
@@ -87,14 +88,19 @@ def inspect_jsonl(path, n, tokenizer=None, color=False, out=None, skip_bad=False
         meta = f"domain={rec['domain']} tags={','.join(rec['tags'])}" if rec["domain"] or rec["tags"] else ""
         print(f"=== {path}:{lineno} ({kind}) {meta}", file=out)
         # What data.prepare trains: every answer of an SFT conversation, only the final one of a DPO side.
-        how = {"eos_every_turn": eos_every_turn and kind == "sft", "train_history": kind == "sft"}
+        how = {"eos_every_turn": eos_every_turn and kind == "sft", "train_history": kind == "sft",
+               "template": template, "tools": rec.get("tools"), "thinking": rec.get("thinking")}
         for side, msgs in _conversations(rec, kind):
             if side:
                 print(f"--- {side}", file=out)
-            if tokenizer is None:
-                print(mark_segments(chat_segments(msgs, **how), color), file=out)
+            try:
+                segs = chat_segments(msgs, **how) if tokenizer is None else None
+                ids, labels = encode_chat(tokenizer, msgs, **how) if tokenizer is not None else (None, None)
+            except DataError as e:  # a field this template cannot render: the record's file and line
+                raise e.located(path, lineno) from None
+            if segs is not None:
+                print(mark_segments(segs, color), file=out)
             else:
-                ids, labels = encode_chat(tokenizer, msgs, **how)
                 trained = sum(1 for x in labels if x != IGNORE_INDEX)
                 totals["tokens"] += len(ids)
                 totals["trained"] += trained
@@ -144,6 +150,9 @@ def build_parser():
     p.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of stopping")
     p.add_argument("--eos-every-turn", action="store_true",
                    help="JSONL SFT: show the encoding of data.eos_every_turn true (every answer's end trained)")
+    p.add_argument("--template", choices=TEMPLATES, default="bailing",
+                   help="JSONL: the chat template to render with, as data.prepare's --template (default "
+                        "%(default)s; bailing_v2 renders a record's tools and thinking fields)")
     return p
 
 
@@ -157,7 +166,10 @@ def main(argv=None):
             p.error("a prepared directory needs --tokenizer to decode")
         inspect_prepared(args.file, args.n, tok, color)
     else:
-        inspect_jsonl(args.file, args.n, tok, color, skip_bad=args.skip_bad, eos_every_turn=args.eos_every_turn)
+        if args.eos_every_turn and args.template == "bailing_v2":
+            p.error("--eos-every-turn is the bailing template's: bailing_v2 ends every turn with <|role_end|>")
+        inspect_jsonl(args.file, args.n, tok, color, skip_bad=args.skip_bad, eos_every_turn=args.eos_every_turn,
+                      template=args.template)
     return 0
 
 

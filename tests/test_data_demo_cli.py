@@ -156,6 +156,25 @@ def test_inspect_shows_a_label_only_eos_and_dpo_prompts_untrained(tmp_path, caps
     assert "<role>ASSISTANT</role>b<role>HUMAN</role>c<role>ASSISTANT</role>[[d<|endoftext|>]]" in out
 
 
+
+def test_inspect_renders_ling_2_records_with_the_bailing_v2_template(tmp_path, capsys):
+    """--template bailing_v2 shows what data.prepare --template bailing_v2 trains: the record's tools in the
+    system block, its "detailed thinking on", each answer and its <|role_end|> marked; the default template
+    refuses those fields with the record's file and line."""
+    from data import DataError
+
+    rec = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+           "tools": [{"name": "f"}], "thinking": "on"}
+    f = write_jsonl(tmp_path / "v2.jsonl", [rec])
+    for tok in ([], ["--tokenizer", TOKENIZER_DIR]):
+        assert inspect_mod.main([f, "--color", "never", "--template", "bailing_v2", *tok]) == 0
+        out = capsys.readouterr().out
+        assert '{"name": "f"}' in out and "detailed thinking on<|role_end|>" in out, out
+        assert "<role>ASSISTANT</role>[[a<|role_end|>]]" in out, out
+    with pytest.raises(DataError, match=r"v2.jsonl:1: 'thinking' sets the bailing_v2 template's"):
+        inspect_mod.main([f, "--color", "never"])
+
+
 def test_inspect_of_an_empty_or_missing_file_says_so(tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
