@@ -4,9 +4,9 @@ import sys
 
 import numpy as np
 
-from .errors import run_cli
+from .errors import DataError, run_cli
 from .formats import detect_kind, dpo_conversations, read_jsonl
-from .template import encode_chat, IGNORE_INDEX
+from .template import TEMPLATES, encode_chat, IGNORE_INDEX
 from .tokenizer import DEMO_TOKENIZER_DIR, load_tokenizer
 
 
@@ -26,11 +26,11 @@ def histogram_lines(lengths, bins=10, width=40):
     return lines
 
 
-def collect(files, tokenizer, skip_bad=False):
+def collect(files, tokenizer, skip_bad=False, template="bailing"):
     st = {"samples": 0, "domains": {}, "tags": {}, "lengths": [], "tokens": 0, "trained": 0, "bad": []}
     for path in files:
         kind = detect_kind(path)
-        for _, rec in read_jsonl(path, kind=kind, skip_bad=skip_bad, bad=st["bad"]):
+        for line, rec in read_jsonl(path, kind=kind, skip_bad=skip_bad, bad=st["bad"]):
             st["samples"] += 1
             d = rec["domain"] or "(none)"
             st["domains"][d] = st["domains"].get(d, 0) + 1
@@ -38,7 +38,11 @@ def collect(files, tokenizer, skip_bad=False):
                 st["tags"][t] = st["tags"].get(t, 0) + 1
             convs = [rec["messages"]] if kind == "sft" else dpo_conversations(rec)
             for msgs in convs:
-                ids, labels = encode_chat(tokenizer, msgs, train_history=kind == "sft")
+                try:
+                    ids, labels = encode_chat(tokenizer, msgs, train_history=kind == "sft", template=template,
+                                              tools=rec.get("tools"), thinking=rec.get("thinking"))
+                except DataError as e:  # a field this template cannot render: the record's file and line
+                    raise e.located(path, line) from None
                 st["lengths"].append(len(ids))
                 st["tokens"] += len(ids)
                 st["trained"] += sum(1 for x in labels if x != IGNORE_INDEX)
@@ -68,11 +72,13 @@ def report(st, bins=10):
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m data.stats",
                                 description="Counts per domain/tag, token totals and a length histogram for "
-                                            "SFT or DPO JSONL files (tokenized with the bailing template).")
+                                            "SFT or DPO JSONL files (tokenized with the chat template of --template).")
     p.add_argument("files", nargs="+", metavar="FILE", help="JSONL files; SFT/DPO is detected per file")
     p.add_argument("--tokenizer", metavar="DIR", default=DEMO_TOKENIZER_DIR,
                    help="tokenizer directory used for token counts (default: the shipped demo tokenizer)")
     p.add_argument("--bins", type=int, default=10, help="histogram bins (default %(default)s)")
+    p.add_argument("--template", choices=TEMPLATES, default="bailing",
+                   help="the chat template to count with, as data.prepare's --template (default %(default)s)")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records instead of stopping")
     return p
 
@@ -80,7 +86,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     tok = load_tokenizer(args.tokenizer)
-    st = collect(args.files, tok, skip_bad=args.skip_bad)
+    st = collect(args.files, tok, skip_bad=args.skip_bad, template=args.template)
     print(f"tokenizer: {args.tokenizer}")
     print(report(st, args.bins))
     return 0

@@ -173,6 +173,16 @@ def test_inspect_renders_ling_2_records_with_the_bailing_v2_template(tmp_path, c
         assert "<role>ASSISTANT</role>[[a<|role_end|>]]" in out, out
     with pytest.raises(DataError, match=r"v2.jsonl:1: 'thinking' sets the bailing_v2 template's"):
         inspect_mod.main([f, "--color", "never"])
+    # data.stats counts the same tokens data.prepare --template bailing_v2 writes
+    from data import encode_chat, load_tokenizer
+
+    assert stats_mod.main([f, "--template", "bailing_v2", "--tokenizer", TOKENIZER_DIR]) == 0
+    ids, labels = encode_chat(load_tokenizer(TOKENIZER_DIR), rec["messages"], template="bailing_v2",
+                              tools=rec["tools"], thinking="on")
+    trained = sum(lab != -100 for lab in labels)
+    assert f"sequences: 1  tokens: {len(ids)}  trained tokens: {trained}" in capsys.readouterr().out
+    with pytest.raises(DataError, match=r"v2.jsonl:1: 'thinking' sets the bailing_v2 template's"):
+        stats_mod.main([f])
 
 
 def test_inspect_of_an_empty_or_missing_file_says_so(tmp_path, capsys):
