@@ -64,6 +64,15 @@ ceiling() {
       "$out/ceilings.json"
 }
 
+# The device, the versions, the commit and the date, then the two ceilings (check and gpucheck start with it).
+machine_and_ceilings() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
+  python3 -c 'import torch, triton, numpy; print("torch", torch.__version__, "triton", triton.__version__, "numpy", numpy.__version__, "cuda", torch.version.cuda)'
+  python3 -c 'import liger_kernel, importlib.metadata as m; print("liger-kernel", m.version("liger-kernel"))' 2>&1 | tail -1
+  echo "commit ${LINGMOE_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}"; date -u +%FT%TZ
+  timeout 60 python3 benchmarks/ceilings.py --json "$out/ceilings.json"
+}
+
 # Issue 26 (compiled blocks, fewer launches, expert recompute). Predictions written before any GPU run:
 # benchmarks/NOTES.md, "Issue 26". issue26: limits 370 s in all, ~4-5 min expected; issue26mem: 100 s.
 issue26_stage() {
@@ -107,20 +116,12 @@ for stage in "${stages[@]}"; do
   echo "=== stage $stage: $(date -u +%FT%TZ)"
   case "$stage" in
     check)
-      { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
-        python3 -c 'import torch, triton, numpy; print("torch", torch.__version__, "triton", triton.__version__, "numpy", numpy.__version__, "cuda", torch.version.cuda)'
-        python3 -c 'import liger_kernel, importlib.metadata as m; print("liger-kernel", m.version("liger-kernel"))' 2>&1 | tail -1
-        echo "commit ${LINGMOE_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}"; date -u +%FT%TZ
-        timeout 60 python3 benchmarks/ceilings.py --json "$out/ceilings.json"
+      { machine_and_ceilings
         timeout 240 python3 -m pytest -q -rA -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tail -40
       } 2>&1 | tee "$out/check.log"
       ;;
     gpucheck)
-      { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
-        python3 -c 'import torch, triton, numpy; print("torch", torch.__version__, "triton", triton.__version__, "numpy", numpy.__version__, "cuda", torch.version.cuda)'
-        python3 -c 'import liger_kernel, importlib.metadata as m; print("liger-kernel", m.version("liger-kernel"))' 2>&1 | tail -1
-        echo "commit ${LINGMOE_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}"; date -u +%FT%TZ
-        timeout 60 python3 benchmarks/ceilings.py --json "$out/ceilings.json"
+      { machine_and_ceilings
         timeout 200 python3 -m pytest -q -rA -p no:cacheprovider --timeout 100 -m gpu tests 2>&1 | tail -60
       } 2>&1 | tee "$out/gpucheck.log"
       ;;

@@ -16,7 +16,7 @@ conversations, so a DPO pair is normalised and encoded here.
 import json
 
 from .errors import DataError
-from .template import encode_chat, validate_messages, render_tool_call, TOOL_OPEN
+from .template import encode_chat, validate_messages, render_tool_call, thinking_value, TOOL_OPEN
 
 # ShareGPT "from" values seen in the wild, mapped onto our four roles.
 SHAREGPT_ROLES = {
@@ -180,11 +180,7 @@ def normalize_dpo(obj):
 
 def _thinking(obj):
     """{"thinking": "on"|"off"} when the record sets the bailing_v2 template's "detailed thinking" line."""
-    if obj.get("thinking") is None:
-        return {}
-    if obj["thinking"] not in ("on", "off"):
-        raise DataError(f"'thinking' must be \"on\" or \"off\", got {obj['thinking']!r}")
-    return {"thinking": obj["thinking"]}
+    return {} if obj.get("thinking") is None else {"thinking": thinking_value(obj["thinking"])}
 
 
 def dpo_conversations(ex):

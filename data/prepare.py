@@ -26,7 +26,8 @@ from .files import OwnedTempDir, require_space
 from .dataset import FORMAT_NAME, FORMAT_VERSION, MANIFEST, MASK_EOS, MASK_TOKEN, TEMPLATE_VERSION
 from .formats import dpo_conversations, normalize_dpo, normalize_sft, read_jsonl
 from .packing import fit_document
-from .template import chat_segments, check_stop_token, check_template, EOS_TOKEN, IGNORE_INDEX, segment_labels, TEMPLATES
+from .template import (chat_segments, check_fields, check_stop_token, check_template, EOS_TOKEN, IGNORE_INDEX,
+                       segment_labels, TEMPLATES)
 from .tokenizer import load_tokenizer
 
 _CHUNK = 256  # records per encode_batch call; amortizes the Rust call overhead
@@ -258,13 +259,10 @@ def _prepare_into(files, tokenizer, tmp, kind, skip_bad, max_len, overlong, defa
             bad_before, records = len(bad), 0
             chunk = []
             for line, rec in read_jsonl(f, kind=kind, skip_bad=skip_bad, bad=bad):
-                if template != "bailing_v2" and (rec.get("tools") or rec.get("thinking")):
-                    # Fields only the bailing_v2 template renders: refused, not dropped without a word.
-                    field = "tools" if rec.get("tools") else "thinking"
-                    raise DataError(f"'{field}' is rendered by the bailing_v2 template only; this data is "
-                                    f"prepared with the {template} template (choose bailing_v2: data.template in a run, --template "
-                                    f"for python -m data.prepare; or drop the field)"
-                                    ).located(f, line)
+                try:  # fields only the bailing_v2 template renders: refused here, with the line, not dropped
+                    check_fields(template, rec.get("tools"), rec.get("thinking"))
+                except DataError as e:
+                    raise e.located(f, line) from None
                 records += 1
                 chunk.append(rec)
                 if len(chunk) >= _CHUNK:

@@ -147,17 +147,29 @@ def stop_token(template="bailing"):
     return template_v2.ROLE_END if template == "bailing_v2" else EOS_TOKEN
 
 
-def check_thinking(thinking, template):
-    """``thinking`` ("on", "off" or None: the template's default, off) for ``template``: only bailing_v2's
-    system block has the "detailed thinking" line."""
-    if thinking is None:
-        return "off"
-    if thinking not in ("on", "off"):
+def thinking_value(thinking):
+    """A record's "thinking" field: "on", "off", or None (the template's default, off)."""
+    if thinking not in (None, "on", "off"):
         raise DataError(f"'thinking' must be \"on\" or \"off\", got {thinking!r}")
-    if template != "bailing_v2":
+    return thinking or "off"
+
+
+def check_thinking(thinking, template):
+    """The "detailed thinking" line's value for ``template``; only bailing_v2's system block has one."""
+    value = thinking_value(thinking)
+    if thinking is not None and template != "bailing_v2":
         raise DataError("'thinking' sets the bailing_v2 template's \"detailed thinking\" line; the bailing "
                         "template has none (data.template bailing_v2, or drop the field)")
-    return thinking
+    return value
+
+
+def check_fields(template, tools=None, thinking=None):
+    """A record's fields that only some templates render: DataError under one that cannot."""
+    check_template(template)
+    check_thinking(thinking, template)
+    if tools and template != "bailing_v2":
+        raise DataError("'tools' are rendered by the bailing_v2 template only "
+                        "(the bailing template has no tools block)")
 
 
 def _v2_segments(messages, tools, train_history=True, add_generation_prompt=False, thinking=None):
@@ -175,10 +187,7 @@ def chat_segments(messages, add_eos=True, eos_every_turn=False, train_history=Tr
     check_template(template)
     if template == "bailing_v2":
         return _v2_segments(messages, tools, train_history, thinking=thinking)
-    check_thinking(thinking, template)
-    if tools:
-        raise DataError("'tools' are rendered by the bailing_v2 template only "
-                        "(the bailing template has no tools block)")
+    check_fields(template, tools, thinking)
     segs = []
     last = len(messages) - 1
     for i, m in enumerate(messages):

@@ -119,14 +119,14 @@ def _lora_shapes(a_gate_up, b_gate_up, a_down, b_down):
     return all(given)
 
 
-def _lora_forward(x_TH, w_gate_up_E2IH, routing, cfg, save_preact, a_gate_up, b_gate_up, scale):
-    """gate_up with its adapters: u_gu [N, 2R] = x[tok] A^T (one narrow GEMM on the same tables), then
-    the frozen GEMM adds scale * u B^T to g and u before the SwiGLU."""
-    u_gu = gg.rows_product(x_TH, a_gate_up, a_gate_up.stride(2), a_gate_up.stride(1), a_gate_up.shape[1],
-                           routing, cfg, gather=True)
-    lr = gg.LowRank(u_gu, b_gate_up, b_gate_up.stride(2), b_gate_up.stride(1), scale)
-    h_NI, gu_N2I = gg.gate_up_fwd(x_TH, w_gate_up_E2IH, routing, cfg, save_preact=save_preact, lora=lr)
-    return h_NI, gu_N2I, u_gu
+def _times_b(u, b, scale):
+    """scale * u @ B^T for a B stored [E, out, R] (b_gate_up, b_down): its [R, out] view's strides."""
+    return gg.LowRank(u, b, b.stride(2), b.stride(1), scale)
+
+
+def _times_a(v, a, scale):
+    """scale * v @ A for an A stored [E, R, in] (a_gate_up, a_down), read as stored."""
+    return gg.LowRank(v, a, a.stride(1), a.stride(2), scale)
 
 
 @torch.library.custom_op("lingmoe::moe_mlp_fwd", mutates_args=())
@@ -147,19 +147,20 @@ def moe_mlp_fwd(x_TH: torch.Tensor, w_gate_up_E2IH: torch.Tensor, w_down_EHI: to
     cfg = gg.pick_config(T * K, E, x_TH.dtype)
     routing = _tables(tables, block_m)
     tw_N = topk_weights_TK.contiguous().reshape(-1)
-    empty = x_TH.new_empty(0)
     a_gate_up, b_gate_up, a_down, b_down = _unpack(adapters)
     if a_gate_up is not None:
-        h_NI, gu_N2I, u_gu = _lora_forward(x_TH, w_gate_up_E2IH, routing, cfg, save_preact, a_gate_up, b_gate_up,
-                                           lora_scale)
+        # x[tok] A^T and h A^T: narrow GEMMs on the same tables (B_e[k, n] = A[e, n, k])
+        u_gu = gg.rows_product(x_TH, a_gate_up, a_gate_up.stride(2), a_gate_up.stride(1), a_gate_up.shape[1],
+                               routing, cfg, gather=True)
+        h_NI, gu_N2I = gg.gate_up_fwd(x_TH, w_gate_up_E2IH, routing, cfg, save_preact=save_preact,
+                                      lora=_times_b(u_gu, b_gate_up, lora_scale))
         u_down = gg.rows_product(h_NI, a_down, a_down.stride(2), a_down.stride(1), a_down.shape[1], routing, cfg,
                                  gather=False)
-        lr = gg.LowRank(u_down, b_down, b_down.stride(2), b_down.stride(1), lora_scale)
-        o_NH = gg.down_fwd(h_NI, w_down_EHI, tw_N, routing, cfg, lora=lr)
+        o_NH = gg.down_fwd(h_NI, w_down_EHI, tw_N, routing, cfg, lora=_times_b(u_down, b_down, lora_scale))
     else:
         h_NI, gu_N2I = gg.gate_up_fwd(x_TH, w_gate_up_E2IH, routing, cfg, save_preact=save_preact)
         o_NH = gg.down_fwd(h_NI, w_down_EHI, tw_N, routing, cfg)
-        u_gu, u_down = empty, x_TH.new_empty(0)  # distinct: outputs may not alias
+        u_gu, u_down = x_TH.new_empty(0), x_TH.new_empty(0)  # distinct: outputs may not alias
     del h_NI
     y_TH, _ = combine_k(o_NH, T, x_TH.dtype, interpret=gg.interpreter_active())
     if gu_N2I is None:
@@ -205,15 +206,17 @@ def moe_mlp_bwd(dy_TH: torch.Tensor, x_TH: torch.Tensor, w_gate_up_E2IH: torch.T
     lora = _lora_shapes(a_gate_up, b_gate_up, a_down, b_down)
     need_lora = need_lora and lora
     s = lora_scale
+    if lora:
+        I, r = w_down_EHI.shape[2], a_down.shape[1]
     if gu_N2I.shape[0] != T * K:  # recompute: one gate_up GEMM instead of keeping [N, 2I] from the forward
-        lr = gg.LowRank(u_gu, b_gate_up, b_gate_up.stride(2), b_gate_up.stride(1), s) if lora else None
-        _, gu_N2I = gg.gate_up_fwd(x_TH, w_gate_up_E2IH, routing, cfg, save_preact=True, lora=lr)
+        _, gu_N2I = gg.gate_up_fwd(x_TH, w_gate_up_E2IH, routing, cfg, save_preact=True,
+                                   lora=_times_b(u_gu, b_gate_up, s) if lora else None)
     empty = x_TH.new_empty  # a fresh [0] per unneeded output: a custom op's outputs may not alias
     lr_down = v_down = None
     if lora:  # v_down = dy[tok] B_down [N, R]: the adapter's share of dh is scale * v_down A_down
         v_down = gg.rows_product(dy_TH, b_down, b_down.stride(1), b_down.stride(2), b_down.shape[2], routing, cfg,
                                  gather=True)
-        lr_down = gg.LowRank(v_down, a_down, a_down.stride(1), a_down.stride(2), s)
+        lr_down = _times_a(v_down, a_down, s)
     dgu_N2I, dtw_part_NB, hw_NI = gg.down_bwd(dy_TH, w_down_EHI, gu_N2I, tw_N, routing, cfg,
                                               store_hw=need_w_down or need_lora, lora=lr_down)
     del gu_N2I
@@ -231,13 +234,12 @@ def moe_mlp_bwd(dy_TH: torch.Tensor, x_TH: torch.Tensor, w_gate_up_E2IH: torch.T
     del hw_NI, v_down
     lr_gu = v_gu = None
     if lora and (need_x or need_lora):  # v_gu = [dg B_gate | du B_up] [N, 2R]
-        I, r = w_down_EHI.shape[2], a_down.shape[1]
         v_gu = x_TH.new_empty(T * K, 2 * r)
         for part in (0, 1):
             b_part = b_gate_up[:, part * I:(part + 1) * I]
             gg.rows_product(dgu_N2I[:, part * I:(part + 1) * I], b_part, b_part.stride(1), b_part.stride(2), r,
                             routing, cfg, gather=False, out=v_gu[:, part * r:(part + 1) * r])
-        lr_gu = gg.LowRank(v_gu, a_gate_up, a_gate_up.stride(1), a_gate_up.stride(2), s)
+        lr_gu = _times_a(v_gu, a_gate_up, s)
     dx, dtw = empty(0), empty(0)
     if need_x:
         dx_NH = gg.gate_up_bwd_dx(dgu_N2I, w_gate_up_E2IH, routing, cfg, lora=lr_gu)
@@ -253,7 +255,6 @@ def moe_mlp_bwd(dy_TH: torch.Tensor, x_TH: torch.Tensor, w_gate_up_E2IH: torch.T
         # dA_gu[e] = scale sum_r v_gu_r^T x[tok_r]; dB_gate[e] = scale sum_r dg_r^T u_gate_r (and up's alike).
         da_gu = torch.empty_like(a_gate_up)
         gg.rows_wgrad(x_TH, v_gu * s, da_gu.transpose(1, 2), routing, cfg, a_gather=True)
-        I, r = w_down_EHI.shape[2], a_down.shape[1]
         us = u_gu * s
         db_gu = torch.empty_like(b_gate_up)
         for part in (0, 1):

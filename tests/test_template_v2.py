@@ -145,8 +145,8 @@ def test_fields_the_bailing_template_cannot_render_are_refused_with_their_line(t
 
     tok = load_tokenizer(TOKENIZER_DIR)
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    for i, (extra, problem) in enumerate([({"thinking": "on"}, "'thinking' is rendered by the bailing_v2 template"),
-                                          ({"tools": [{"name": "f"}]}, "'tools' is rendered by the bailing_v2"),
+    for i, (extra, problem) in enumerate([({"thinking": "on"}, "'thinking' sets the bailing_v2 template's"),
+                                          ({"tools": [{"name": "f"}]}, "'tools' are rendered by the bailing_v2"),
                                           ({"thinking": "yes"}, "'thinking' must be \"on\" or \"off\"")]):
         f = tmp_path / f"{i}.jsonl"
         f.write_text(json.dumps({"messages": msgs}) + "\n" + json.dumps({"messages": msgs, **extra}) + "\n")
